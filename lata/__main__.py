@@ -1,0 +1,3 @@
+from lata.cli import main
+
+main()

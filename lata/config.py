@@ -1,0 +1,176 @@
+"""Structured configs: the schema of every key a user may set, and its validation.
+
+The dataclasses are registered in Hydra's ConfigStore (``register_configs``) as the schema of
+``conf/config.yaml``, so a misspelt key is refused by OmegaConf when the config is composed.
+``validate`` then checks values (ranges, allowed names) and names the key and what is allowed.
+The same dataclasses are the options of the Python API, so both paths share one set of defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+METHODS = ("ta", "ties", "dare", "dare_ties")
+ANCHORS = ("instruct", "base")
+TOPK_SCOPES = ("tensor", "global")
+WEIGHTINGS = ("uniform", "threshold", "linear_rank", "log_rank", "explicit")
+NORMALIZE = ("none", "mean")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class ModelConfig:
+    """A family of checkpoints: local directories or hub ids.
+
+    ``embedded`` names a family the project builds itself (e.g. ``tiny``); its paths are filled
+    in by the builder and the keys below stay null.
+    """
+
+    name: str = "paths"
+    embedded: Optional[str] = None
+    base: Optional[str] = None
+    instruct: Optional[str] = None
+    experts: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    method: str = "ta"
+    lam: float = 1.0
+    lams: Dict[str, float] = field(default_factory=dict)
+    density: float = 0.2
+    topk_scope: str = "tensor"
+    p: float = 0.9
+    seed: int = 0
+    anchor: str = "instruct"
+
+
+@dataclass
+class WeightingConfig:
+    name: str = "linear_rank"
+    drop: float = 0.5
+    threshold: float = 0.95
+    normalize: str = "none"
+    rest_weight: float = 1.0
+    weights: Optional[List[float]] = None
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "none"
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    output_dir: str = "outputs"
+    cache_dir: str = "${oc.env:LATA_CACHE,${oc.env:HOME,.}/.cache/lata}"
+
+
+@dataclass
+class LataConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    save_model: Optional[str] = None
+    overwrite: bool = False
+    out_dtype: Optional[str] = None
+    device: str = "cpu"
+    shard_size: str = "2GB"
+    progress: bool = True
+    dry_run: bool = False
+
+
+def register_configs() -> None:
+    """Register the schema with Hydra (``defaults: [lata_schema, ...]`` in conf/config.yaml)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="lata_schema", node=LataConfig)
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or not one of the allowed names."""
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{key}={value} is out of range; it must lie in {interval}")
+
+
+def validate_merge(m: MergeConfig) -> None:
+    _one_of("merge.method", m.method, METHODS)
+    _one_of("merge.anchor", m.anchor, ANCHORS)
+    _one_of("merge.topk_scope", m.topk_scope, TOPK_SCOPES)
+    _in_range("merge.density", m.density, 0.0, 1.0, low_open=True, high_open=False)
+    _in_range("merge.p", m.p, 0.0, 1.0, low_open=False, high_open=True)
+
+
+def validate_weighting(w: WeightingConfig) -> None:
+    _one_of("weighting.name", w.name, WEIGHTINGS)
+    _one_of("weighting.normalize", w.normalize, NORMALIZE)
+    _in_range("weighting.drop", w.drop, 0.0, 1.0, low_open=False, high_open=True)
+    if w.name == "explicit" and not w.weights:
+        raise ConfigError("weighting=explicit needs weighting.weights: a list of one number per layer")
+
+
+def validate(cfg: Any) -> None:
+    """Check every value of a composed config; raise ConfigError naming the key."""
+    validate_merge(cfg.merge)
+    validate_weighting(cfg.weighting)
+    if cfg.out_dtype is not None:
+        _one_of("out_dtype", cfg.out_dtype, DTYPES)
+    if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):
+        raise ConfigError(f"device={cfg.device!r} is not allowed; use cpu, cuda, cuda:N or mps")
+    parse_size(cfg.shard_size, key="shard_size")
+    model = cfg.model
+    if model.embedded is None:
+        missing = [k for k in ("base", "instruct") if not getattr(model, k)]
+        if missing:
+            raise ConfigError(f"model.{missing[0]} is not set: give a directory or hub id (++model.{missing[0]}=...)")
+        if not model.experts:
+            raise ConfigError("model.experts is empty: add at least one, e.g. ++model.experts.math=PATH")
+    for name in model.experts:
+        if name in ("base", "instruct"):
+            raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")
+    unknown = sorted(set(cfg.merge.lams) - set(model.experts)) if model.experts else []
+    if unknown:
+        raise ConfigError(
+            f"merge.lams.{unknown[0]} names no expert; experts are: {', '.join(model.experts)}"
+        )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """'2GB' / '500MiB' / 123 -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    number = text.rstrip("KMGIB")
+    unit = text[len(number):]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except (KeyError, ValueError):
+        raise ConfigError(f"{key}={value!r} is not a size; write e.g. 2GB, 500MB or 1GiB") from None
+    if size <= 0:
+        raise ConfigError(f"{key}={value!r} must be positive")
+    return size

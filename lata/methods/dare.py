@@ -1,0 +1,46 @@
+"""DARE drop-and-rescale, alone and followed by TIES' sign election (LATA_SPEC `dare`, `dare_ties`).
+
+Decision: masks are drawn on the CPU from a torch.Generator seeded by sha256(seed, expert,
+tensor), so a merge is identical whatever the device, the tensor order or the thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+from lata.methods.ties import disjoint_mean
+
+
+def mask_seed(seed: int, expert: str, tensor: str) -> int:
+    digest = hashlib.sha256(f"{seed}\x00{expert}\x00{tensor}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def keep_mask(shape: torch.Size | Sequence[int], p: float, seed: int, expert: str, tensor: str) -> torch.Tensor:
+    """m ~ Bernoulli(1 - p) elementwise (True = keep), reproducible from (seed, expert, tensor)."""
+    generator = torch.Generator(device="cpu").manual_seed(mask_seed(seed, expert, tensor))
+    return torch.rand(tuple(shape), generator=generator) < (1.0 - p)
+
+
+def drop_and_rescale(v: torch.Tensor, lam: float, p: float, seed: int, expert: str, tensor: str) -> torch.Tensor:
+    """u = lambda * m * v / (1 - p)."""
+    mask = keep_mask(v.shape, p, seed, expert, tensor).to(v.device)
+    return torch.where(mask, v * (lam / (1.0 - p)), torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def dare(vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str], tensor: str,
+         p: float, seed: int) -> torch.Tensor:
+    """sum_k u_k."""
+    total = torch.zeros_like(vectors[0])
+    for v, lam, expert in zip(vectors, lams, experts):
+        total += drop_and_rescale(v, lam, p, seed, expert, tensor)
+    return total
+
+
+def dare_ties(vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str], tensor: str,
+              p: float, seed: int) -> torch.Tensor:
+    """Sign election and disjoint mean of the u_k."""
+    return disjoint_mean([drop_and_rescale(v, lam, p, seed, e, tensor) for v, lam, e in zip(vectors, lams, experts)])

@@ -1,0 +1,42 @@
+"""PNG plots for what a person would rather look at than read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[float]], path: str | Path,
+                  title: str = "LATA layer analysis") -> Path:
+    """Two aligned heatmaps (experts x layers): similarity s_{l,k} above, weight w_{l,k} below."""
+    experts = list(similarities)
+    num_layers = len(next(iter(similarities.values())))
+    width = max(6.0, 0.45 * num_layers + 2.5)
+    height = 1.2 + 0.9 * len(experts) * 2
+    fig, axes = plt.subplots(2, 1, figsize=(width, height), sharex=True, constrained_layout=True)
+    panels = [("cosine(tau_comp, tau_instr)", similarities, "RdBu_r", (-1, 1)),
+              ("layer weight w", weights, "viridis", (0, max(1.0, max(max(w) for w in weights.values()))))]
+    for ax, (label, data, cmap, (vmin, vmax)) in zip(axes, panels):
+        matrix = [data[k] for k in experts]
+        image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+        ax.set_yticks(range(len(experts)), experts)
+        ax.set_title(label, fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+        if num_layers <= 40:
+            for i, row in enumerate(matrix):
+                for l, value in enumerate(row):
+                    ax.text(l, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if cmap == "viridis" and value < 0.5 * vmax else "black")
+    axes[-1].set_xlabel("layer")
+    axes[-1].set_xticks(range(num_layers))
+    fig.suptitle(title, fontsize=11)
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

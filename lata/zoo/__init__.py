@@ -1,0 +1,1 @@
+"""Small, locally built model families for tests and demos (no network needed)."""

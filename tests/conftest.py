@@ -1,0 +1,53 @@
+"""Shared fixtures: small random-but-structured Llama checkpoint families written to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    kwargs = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=1, vocab_size=48, max_position_embeddings=32, tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def write_family(root: Path, experts=("math", "code"), dtype=torch.float32, seed=0, shard_size=None,
+                 **config_overrides) -> dict:
+    """base, instruct = base + instruction delta, expert_k = instruct + task delta (late layers larger)."""
+    torch.manual_seed(seed)
+    config = tiny_llama_config(**config_overrides)
+    base = LlamaForCausalLM(config).to(dtype)
+    paths = {}
+
+    def save(model, name):
+        path = root / name
+        kwargs = {"max_shard_size": shard_size} if shard_size else {}
+        model.save_pretrained(path, **kwargs)
+        paths[name] = path
+
+    save(base, "base")
+    instruct_state = {k: v + 0.05 * torch.randn_like(v) for k, v in base.state_dict().items()}
+    instruct = LlamaForCausalLM(config).to(dtype)
+    instruct.load_state_dict(instruct_state)
+    save(instruct, "instruct")
+    for i, name in enumerate(experts):
+        state = {}
+        for k, v in instruct_state.items():
+            # task deltas grow with depth, and share some of the instruction direction early on
+            layer = int(k.split(".")[2]) if k.startswith("model.layers.") else 0
+            scale = 0.02 * (1 + layer)
+            state[k] = v + scale * torch.randn_like(v) + (0.5 if layer < 2 else 0.0) * (v - base.state_dict()[k])
+        model = LlamaForCausalLM(config).to(dtype)
+        model.load_state_dict(state)
+        save(model, name)
+    return {"base": paths["base"], "instruct": paths["instruct"], "experts": {e: paths[e] for e in experts}}
+
+
+@pytest.fixture
+def family_dirs(tmp_path) -> dict:
+    return write_family(tmp_path / "family")
