@@ -68,7 +68,7 @@ class MergePlan:
         delta = self.method.delta(self.pure_vectors(name, theta0), [self.lams[k] for k in self.experts],
                                   self.experts, name,
                                   None if self.thresholds is None else [self.thresholds[k] for k in self.experts])
-        return theta0.add_(delta), stored
+        return theta0 + delta, stored  # never in place: ``stored`` may share memory with the file map
 
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,

@@ -30,7 +30,8 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
             for i, row in enumerate(matrix):
                 for l, value in enumerate(row):
                     ax.text(l, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if cmap == "viridis" and value < 0.5 * vmax else "black")
+                            color="white" if (value < 0.5 * vmax if cmap == "viridis" else abs(value) > 0.6)
+                            else "black")
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(range(num_layers))
     fig.suptitle(title, fontsize=11)

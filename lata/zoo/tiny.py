@@ -174,7 +174,8 @@ def _train_tokenizer(texts: Iterable[str], vocab_size: int):
                                   show_progress=False)
     tok.train_from_iterator(list(texts), trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
-                                   pad_token=PAD, model_max_length=SETTINGS["max_position_embeddings"])
+                                   pad_token=PAD,
+                                   model_max_length=SETTINGS["max_position_embeddings"])
 
 
 def _batches(ids: list[list[int]], batch_size: int, steps: int, pad_id: int,

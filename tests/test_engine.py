@@ -1,0 +1,151 @@
+"""The streaming engine against the independent whole-model reference (tests/reference.py)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import reference
+from conftest import write_family
+from lata import Family, MergeConfig, WeightingConfig, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
+
+WEIGHTINGS = ["uniform", "threshold", "linear_rank", "log_rank", "explicit"]
+METHODS = ["ta", "ties", "dare", "dare_ties"]
+EXPLICIT = [0.0, 0.25, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+    return write_family(tmp_path_factory.mktemp("family"))
+
+
+@pytest.fixture(scope="module")
+def family(family_dirs):
+    return Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
+
+
+def assert_state_close(got: dict, expected: dict, rtol=1e-5):
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape, name
+        g, e = got[name].double(), expected[name].double()
+        err = (g - e).norm() / e.norm().clamp(min=1e-12)
+        assert err < rtol, f"{name}: relative error {err:.2e}"
+
+
+def run_engine(family, **options):
+    merge_keys = {"method", "lam", "lams", "density", "topk_scope", "p", "seed", "anchor"}
+    merge = MergeConfig(**{k: v for k, v in options.items() if k in merge_keys})
+    weighting = WeightingConfig(
+        name=options.get("weighting", "uniform"), drop=options.get("drop", 0.5),
+        threshold=options.get("threshold", 0.95), normalize=options.get("normalize", "none"),
+        rest_weight=options.get("rest_weight", 1.0), weights=options.get("explicit"))
+    return merge_state_dict(plan_merge(family, merge, weighting, progress=False))
+
+
+def test_similarities_match_concatenated_layer_vectors(family, family_dirs):
+    plan = plan_merge(family, MergeConfig(), WeightingConfig(), progress=False)
+    base, instruct = reference.load(family_dirs["base"]), reference.load(family_dirs["instruct"])
+    for name, path in family_dirs["experts"].items():
+        expected = reference.similarities(base, instruct, reference.load(path), 4)
+        assert plan.analysis.similarities[name] == pytest.approx(expected, abs=1e-6)
+    # the fixture makes early layers share the instruction direction: similarity falls with depth
+    sims = plan.analysis.similarities["math"]
+    assert sims[0] > sims[3]
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_with_every_weighting(family, family_dirs, method, weighting):
+    options = dict(method=method, weighting=weighting, density=0.3, p=0.4, seed=5, threshold=0.8, explicit=EXPLICIT)
+    assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
+
+
+@pytest.mark.parametrize("options", [
+    dict(method="ta", weighting="linear_rank", normalize="mean"),
+    dict(method="ties", weighting="log_rank", normalize="mean", density=0.5),
+    dict(method="ta", weighting="log_rank", rest_weight=0.5),
+    dict(method="ties", weighting="linear_rank", rest_weight=0.0, density=0.2),
+    dict(method="ta", weighting="linear_rank", anchor="base"),
+    dict(method="dare_ties", weighting="threshold", anchor="base", threshold=0.9, p=0.3),
+    dict(method="ties", weighting="linear_rank", topk_scope="global", density=0.1),
+    dict(method="ties", weighting="uniform", topk_scope="global", density=0.5, lam=0.7),
+    dict(method="ta", weighting="threshold", threshold=0.9, lams={"math": -1.0}),
+    dict(method="ties", weighting="log_rank", lam=0.6, lams={"code": -0.8}, density=0.4),
+    dict(method="dare", weighting="linear_rank", lams={"math": -1.0, "code": 0.3}, p=0.2, drop=0.25),
+])
+def test_options(family, family_dirs, options):
+    assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
+
+
+def test_uniform_ta_with_lambda_one_is_the_sum_of_task_vectors(family, family_dirs):
+    got = run_engine(family, method="ta", weighting="uniform")
+    inst = reference.load(family_dirs["instruct"])
+    experts = [reference.load(p) for p in family_dirs["experts"].values()]
+    for name in inst:
+        expected = inst[name] + sum(e[name] - inst[name] for e in experts)
+        assert torch.allclose(got[name], expected, atol=1e-6)
+
+
+def test_forgetting_subtracts_the_pure_vector(family, family_dirs):
+    got = run_engine(family, method="ta", weighting="uniform", lams={"math": -1.0, "code": 0.0})
+    inst, math_ = reference.load(family_dirs["instruct"]), reference.load(family_dirs["experts"]["math"])
+    for name in inst:
+        assert torch.allclose(got[name], 2 * inst[name] - math_[name], atol=1e-6)
+
+
+def test_save_load_round_trip_and_in_place_merge(family, tmp_path):
+    plan = plan_merge(family, MergeConfig(method="ties", density=0.2), WeightingConfig(name="linear_rank"),
+                      progress=False)
+    expected = merge_state_dict(plan)
+    out = merge_to_dir(plan, tmp_path / "merged", progress=False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.dtype == torch.float32
+    state = model.state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    # in place into an already-loaded instruct model
+    target = AutoModelForCausalLM.from_pretrained(family.instruct.path)
+    merge_into_model(plan, target)
+    for name, tensor in expected.items():
+        assert torch.equal(target.state_dict()[name], tensor), name
+
+
+def test_sharded_inputs_and_outputs_give_identical_results(tmp_path):
+    dirs = write_family(tmp_path / "sharded", shard_size="20KB")
+    assert (dirs["base"] / "model.safetensors.index.json").is_file()
+    fam = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+    plan = plan_merge(fam, MergeConfig(method="ties", density=0.3), WeightingConfig(name="log_rank"),
+                      progress=False)
+    expected = reference.merge(dirs, method="ties", weighting="log_rank", density=0.3)
+    out = merge_to_dir(plan, tmp_path / "out", shard_size="16KB", progress=False)
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and (out / "model.safetensors.index.json").is_file()
+    assert_state_close(reference.load(out), expected)
+
+
+def test_bf16_family_keeps_anchor_dtype_or_out_dtype(tmp_path):
+    dirs = write_family(tmp_path / "bf16", dtype=torch.bfloat16)
+    fam = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+    plan = plan_merge(fam, MergeConfig(method="ta"), WeightingConfig(name="linear_rank"), progress=False)
+    bf16 = merge_to_dir(plan, tmp_path / "bf16out", progress=False)
+    f32 = merge_to_dir(plan, tmp_path / "f32out", out_dtype="float32", progress=False)
+    assert all(t.dtype == torch.bfloat16 for t in reference.load(bf16).values())
+    exact = reference.load(f32)
+    assert all(t.dtype == torch.float32 for t in exact.values())
+    expected = reference.merge(dirs, method="ta", weighting="linear_rank")  # float32 math, cast to bf16
+    for name, tensor in reference.load(bf16).items():
+        assert torch.equal(tensor, exact[name].to(torch.bfloat16)), name
+        assert torch.equal(tensor, expected[name]), name
+    assert AutoModelForCausalLM.from_pretrained(bf16).dtype == torch.bfloat16
+
+
+def test_tied_embeddings_are_merged_once(tmp_path):
+    dirs = write_family(tmp_path / "tied", tie_word_embeddings=True)
+    fam = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+    assert "lm_head.weight" not in fam.tensor_names
+    plan = plan_merge(fam, MergeConfig(method="ta"), WeightingConfig(name="uniform"), progress=False)
+    out = merge_to_dir(plan, tmp_path / "out", progress=False)
+    assert "lm_head.weight" not in reference.load(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.model.embed_tokens.weight, merge_state_dict(plan)["model.embed_tokens.weight"])

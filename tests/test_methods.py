@@ -1,0 +1,101 @@
+"""Merge methods on hand-built tensors, against results worked out by hand."""
+
+import math
+
+import pytest
+import torch
+
+from lata.methods import build_method
+from lata.methods.dare import keep_mask
+from lata.methods.ta import task_arithmetic
+from lata.methods.ties import disjoint_mean, global_threshold, keep_count, tensor_threshold, ties
+
+V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
+V2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])
+
+
+def test_task_arithmetic_with_forgetting():
+    assert task_arithmetic([V1, V2], [1.0, 0.5]).tolist() == [2.0, 0.0, 1.0, -3.5]
+    assert task_arithmetic([V1, V2], [-1.0, 1.0]).tolist() == [-5.0, 3.0, 0.5, 5.0]
+
+
+def test_keep_count_is_ceil_without_float_artefacts():
+    assert keep_count(10, 0.2) == 2
+    assert keep_count(100, 0.07) == 7  # 0.07 * 100 = 7.000000000000001 in floats
+    assert keep_count(10, 0.25) == 3
+    assert keep_count(3, 0.01) == 1
+    assert keep_count(0, 0.5) == 0
+
+
+def test_ties_by_hand():
+    # density 0.5 -> k = 2: V1 keeps 3 and -4; V2 keeps -2 and 2 (|2| ties)
+    # u1 = [3,0,0,-4], u2 = [-2,2,0,0]; gamma = sign([1,2,0,-4]) = [+,+,0,-]
+    merged = build_method("ties", density=0.5).delta([V1, V2], [1.0, 1.0], ["a", "b"], "t")
+    assert merged.tolist() == [3.0, 2.0, 0.0, -4.0]
+
+
+def test_ties_disjoint_mean_averages_agreeing_values_only():
+    u = [torch.tensor([2.0, -1.0, 0.0]), torch.tensor([4.0, 3.0, 0.0]), torch.tensor([-1.0, 5.0, 0.0])]
+    # col0: sum 5 (+) -> mean(2, 4) = 3; col1: sum 7 (+) -> mean(3, 5) = 4; col2: none -> 0
+    assert disjoint_mean(u).tolist() == [3.0, 4.0, 0.0]
+
+
+def test_ties_keeps_values_tied_with_the_kth():
+    v = torch.tensor([1.0, -1.0, 1.0, 0.5])
+    assert tensor_threshold(v, 0.25) == 1.0  # k = 1, but all three |1| are kept
+    assert ties([v], [1.0], [1.0]).tolist() == [1.0, -1.0, 1.0, 0.0]
+
+
+def test_ties_negative_lambda_flips_before_election():
+    merged = build_method("ties", density=1.0).delta([V1, V2], [-1.0, 1.0], ["a", "b"], "t")
+    # u1 = -V1 = [-3, 1, -.5, 4], u2 = [-2, 2, 1, 1]; gamma = [-, +, +, +]
+    assert merged.tolist() == pytest.approx([-2.5, 1.5, 1.0, 2.5])
+
+
+@pytest.mark.parametrize("density", [0.01, 0.1, 0.37, 0.5, 1.0])
+def test_global_threshold_is_exact(density):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(50, 7, generator=g), torch.randn(300, generator=g).round(decimals=1),
+               torch.zeros(20), torch.randn(3, 3, 3, generator=g) * 1e-3]
+    flat = torch.cat([t.flatten() for t in tensors]).abs()
+    k = math.ceil(density * flat.numel())
+    expected = torch.sort(flat, descending=True).values[k - 1].item()
+    assert global_threshold(lambda: iter(tensors), density) == expected
+
+
+def test_dare_mask_drop_fraction_rescale_and_reproducibility():
+    p = 0.3
+    v = torch.ones(200_000)
+    u = build_method("dare", p=p, seed=7).delta([v], [2.0], ["math"], "w")
+    kept = u != 0
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.005  # 4.7 sigma is ~0.005
+    assert torch.allclose(u[kept], torch.full_like(u[kept], 2.0 / (1 - p)))
+    again = build_method("dare", p=p, seed=7).delta([v], [2.0], ["math"], "w")
+    assert torch.equal(u, again)
+    other_tensor = build_method("dare", p=p, seed=7).delta([v], [2.0], ["math"], "w2")
+    other_seed = build_method("dare", p=p, seed=8).delta([v], [2.0], ["math"], "w")
+    assert not torch.equal(u, other_tensor) and not torch.equal(u, other_seed)
+
+
+def test_dare_p_zero_is_task_arithmetic():
+    assert build_method("dare", p=0.0).delta([V1, V2], [1.0, 0.5], ["a", "b"], "t").tolist() == \
+        task_arithmetic([V1, V2], [1.0, 0.5]).tolist()
+
+
+def test_dare_ties_elects_signs_of_dropped_and_rescaled_vectors():
+    p, seed = 0.5, 3
+    v1, v2 = torch.randn(1000), torch.randn(1000)
+    m1, m2 = keep_mask(v1.shape, p, seed, "a", "t"), keep_mask(v2.shape, p, seed, "b", "t")
+    u1, u2 = 1.5 * m1 * v1 / (1 - p), -0.5 * m2 * v2 / (1 - p)
+    expected = torch.zeros(1000)
+    for i in range(1000):
+        gamma = math.copysign(1, u1[i] + u2[i]) if (u1[i] + u2[i]) != 0 else 0
+        agree = [u[i] for u in (u1, u2) if u[i] != 0 and math.copysign(1, u[i]) == gamma]
+        expected[i] = sum(agree) / len(agree) if agree else 0.0
+    got = build_method("dare_ties", p=p, seed=seed).delta([v1, v2], [1.5, -0.5], ["a", "b"], "t")
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="unknown merge method 'foo'"):
+        build_method("foo")
