@@ -51,3 +51,13 @@ def write_family(root: Path, experts=("math", "code"), dtype=torch.float32, seed
 @pytest.fixture
 def family_dirs(tmp_path) -> dict:
     return write_family(tmp_path / "family")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the built tiny family (built once per test session)."""
+    from lata.zoo.tiny import build_tiny_family
+
+    cache = tmp_path_factory.mktemp("lata-cache")
+    build_tiny_family(cache, progress=False)
+    return cache

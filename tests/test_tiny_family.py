@@ -29,8 +29,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory) -> TinyFamily:
-    return build_tiny_family(tmp_path_factory.mktemp("zoo-a"), progress=False)
+def family(tiny_cache) -> TinyFamily:
+    return build_tiny_family(tiny_cache, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,34 @@
+# All set-up lives here: a fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch first, pinned to the CPU wheel: a bare requirement would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test test-full demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## fast tests (CI): everything but the tests marked slow
+test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## every test
+test-full: install
+	$(BIN)/python -m pytest -q
+
+## the main job on the embedded default: build (or reuse) the tiny family, merge it with LATA
+demo: install
+	$(BIN)/lata save_model=outputs/demo/merged overwrite=true hydra.run.dir=outputs/demo
+	@echo "demo outputs: outputs/demo (config.yaml, layer_analysis.{json,csv,png}, merged/)"
+
+clean:
+	rm -rf $(VENV) .pytest_cache outputs/demo

@@ -1,0 +1,96 @@
+"""The `lata` app end to end, as a user runs it (subprocesses, real checkpoints on disk)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import reference
+from conftest import write_family
+
+LATA = [sys.executable, "-m", "lata"]
+
+
+def run_lata(args, tmp_path, env_extra=None, check=True):
+    env = {**os.environ, "LATA_CACHE": str(tmp_path / "cache"), **(env_extra or {})}
+    result = subprocess.run(LATA + args + [f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    return write_family(tmp_path_factory.mktemp("family"))
+
+
+def family_args(d):
+    return ["model=paths", f"++model.base={d['base']}", f"++model.instruct={d['instruct']}",
+            f"++model.experts.math={d['experts']['math']}", f"++model.experts.code={d['experts']['code']}"]
+
+
+def test_issue_command_merges_to_a_loadable_checkpoint(dirs, tmp_path):
+    out = tmp_path / "OUT"
+    run_lata(family_args(dirs) + ["merge=ties", "merge.density=0.2", "weighting=linear_rank", "weighting.drop=0.5",
+                                  "benchmark=none", "logger=none", f"save_model={out}"], tmp_path)
+    expected = reference.merge(dirs, method="ties", weighting="linear_rank", density=0.2, drop=0.5)
+    state = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    for name, tensor in expected.items():
+        err = (state[name] - tensor).norm() / tensor.norm()
+        assert err < 1e-5, name
+    run = tmp_path / "run"
+    analysis = json.loads((run / "layer_analysis.json").read_text())
+    assert analysis["num_layers"] == 4 and set(analysis["similarities"]) == {"math", "code"}
+    assert analysis["weights"]["math"] == reference.weights(analysis["similarities"]["math"], "linear_rank")
+    csv_lines = (run / "layer_analysis.csv").read_text().splitlines()
+    assert csv_lines[0] == "expert,layer,similarity,comp_norm,instr_norm,weight" and len(csv_lines) == 1 + 2 * 4
+    assert (run / "layer_analysis.png").read_bytes()[:4] == b"\x89PNG"
+    assert "merge:\n  method: ties" in (run / "config.yaml").read_text()
+
+
+def test_forgetting_with_a_negative_lambda(dirs, tmp_path):
+    out = tmp_path / "OUT"
+    run_lata(family_args(dirs) + ["merge=ta", "weighting=threshold", "weighting.threshold=0.9",
+                                  "++merge.lams.math=-1.0", "++merge.lams.code=0.0", f"save_model={out}"], tmp_path)
+    expected = reference.merge(dirs, method="ta", weighting="threshold", threshold=0.9, lams={"math": -1.0, "code": 0.0})
+    got = reference.load(out)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+
+
+def test_bad_input_is_one_clear_line_and_writes_nothing(dirs, tmp_path):
+    bad = dict(dirs, experts={"math": tmp_path / "missing", "code": dirs["experts"]["code"]})
+    out = tmp_path / "OUT"
+    result = run_lata(family_args(bad) + [f"save_model={out}"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert f"lata: error: checkpoint directory {tmp_path / 'missing'} does not exist" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "run" / "layer_analysis.json").exists()
+
+
+def test_out_of_range_value_is_refused_with_the_key(dirs, tmp_path):
+    result = run_lata(family_args(dirs) + ["merge=ties", "merge.density=1.5"], tmp_path, check=False)
+    assert result.returncode == 2 and "merge.density=1.5 is out of range" in result.stderr
+
+
+def test_dry_run_reads_headers_only(dirs, tmp_path):
+    run_lata(family_args(dirs) + ["dry_run=true"], tmp_path)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["family"]["num_layers"] == 4 and summary["family"]["model_type"] == "llama"
+    assert not (tmp_path / "run" / "layer_analysis.json").exists()
+
+
+def test_default_app_merges_the_tiny_family(tiny_cache, tmp_path):
+    out = tmp_path / "merged"
+    result = run_lata([f"save_model={out}"], tmp_path, env_extra={"LATA_CACHE": str(tiny_cache)})
+    assert "layer analysis" in result.stderr + result.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.model_type == "llama" and (out / "tokenizer.json").is_file()
+    analysis = json.loads((tmp_path / "run" / "layer_analysis.json").read_text())
+    assert set(analysis["weights"]) == {"math", "code"}
+    assert sorted(analysis["weights"]["math"]) == [0.0, 0.0, 0.5, 1.0]  # linear_rank, drop 0.5, L = 4

@@ -1,0 +1,123 @@
+"""Every config in conf/ composes, validates and builds its objects; bad keys and values are refused."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from lata.cli import config_dir
+from lata.config import ConfigError, register_configs, validate
+from lata.methods import Dare, DareTies, TaskArithmetic, Ties, build_method
+from lata.weighting import layer_weights
+
+CONF = Path(config_dir())
+PATHS = ["model=paths", "++model.base=B", "++model.instruct=I", "++model.experts.math=M"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield
+
+
+def test_conf_groups_exist():
+    assert options("merge") == ["dare", "dare_ties", "ta", "ties"]
+    assert options("weighting") == ["explicit", "linear_rank", "log_rank", "threshold", "uniform"]
+    assert "none" in options("benchmark") and "none" in options("logger")
+    assert {"paths", "tiny"} <= set(options("model"))
+
+
+def test_default_config():
+    cfg = compose(config_name="config")
+    validate(cfg)
+    assert cfg.model.embedded == "tiny" and cfg.merge.method == "ta" and cfg.weighting.name == "linear_rank"
+    assert cfg.save_model is None and cfg.device == "cpu"
+
+
+@pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare_ties"])
+def test_every_merge_config_builds_its_method(method):
+    cfg = compose(config_name="config", overrides=[f"merge={method}"])
+    validate(cfg)
+    built = build_method(**cfg.merge)
+    expected = {"ta": TaskArithmetic(), "ties": Ties(density=0.2, topk_scope="tensor"),
+                "dare": Dare(p=0.9, seed=0), "dare_ties": DareTies(p=0.9, seed=0)}[method]
+    assert built == expected
+
+
+@pytest.mark.parametrize("weighting", ["uniform", "threshold", "linear_rank", "log_rank", "explicit"])
+def test_every_weighting_config_computes_weights(weighting):
+    overrides = [f"weighting={weighting}"] + (["weighting.weights=[0,0,0.5,1]"] if weighting == "explicit" else [])
+    cfg = compose(config_name="config", overrides=overrides)
+    validate(cfg)
+    w = cfg.weighting
+    got = layer_weights([0.99, 0.1, 0.5, 0.7], w.name, drop=w.drop, threshold=w.threshold,
+                        normalize=w.normalize, weights=w.weights)
+    expected = {"uniform": [1, 1, 1, 1], "threshold": [0, 1, 1, 1], "linear_rank": [0, 1, 0.5, 0],
+                "explicit": [0, 0, 0.5, 1]}
+    if weighting in expected:
+        assert got == expected[weighting]
+    else:
+        assert got[0] == 0 and got[3] == 0 and got[1] == 1 and 0.5 < got[2] < 1
+
+
+def test_experiment_config():
+    cfg = compose(config_name="config", overrides=["experiment=tiny_lata_ties"])
+    validate(cfg)
+    assert cfg.merge.method == "ties" and cfg.merge.lams.math == 1.2 and cfg.weighting.name == "linear_rank"
+
+
+def test_issue_command_line_composes():
+    cfg = compose(config_name="config", overrides=PATHS + [
+        "++model.experts.code=C", "merge=ties", "merge.density=0.2", "weighting=linear_rank",
+        "weighting.drop=0.5", "benchmark=none", "logger=none", "save_model=OUT", "++merge.lams.math=-1.0"])
+    validate(cfg)
+    assert dict(cfg.model.experts) == {"math": "M", "code": "C"} and cfg.merge.lams.math == -1.0
+
+
+def test_misspelt_key_is_refused():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError), match="densty"):
+        compose(config_name="config", overrides=["merge.densty=0.3"])
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises((ConfigCompositionException, ValidationError), match="density"):
+        compose(config_name="config", overrides=["merge.density=lots"])
+
+
+def test_unknown_group_option_lists_the_allowed_ones():
+    with pytest.raises(Exception, match="(?s)merge/foo.*ta"):
+        compose(config_name="config", overrides=["merge=foo"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("merge.density=0", r"merge.density=0.0 is out of range; it must lie in \(0.0, 1.0\]"),
+    ("merge.density=1.5", "merge.density=1.5 is out of range"),
+    ("weighting.drop=1.0", r"weighting.drop=1.0 is out of range; it must lie in \[0.0, 1.0\)"),
+    ("merge.p=1.0", "merge.p=1.0 is out of range"),
+    ("merge.method=foo", "merge.method='foo' is not allowed; choose one of: ta, ties, dare, dare_ties"),
+    ("merge.topk_scope=layer", "merge.topk_scope='layer' is not allowed; choose one of: tensor, global"),
+    ("merge.anchor=expert", "merge.anchor='expert' is not allowed; choose one of: instruct, base"),
+    ("weighting.normalize=max", "weighting.normalize='max' is not allowed; choose one of: none, mean"),
+    ("out_dtype=int8", "out_dtype='int8' is not allowed"),
+    ("device=tpu", "device='tpu' is not allowed"),
+    ("shard_size=huge", "shard_size='huge' is not a size"),
+    ("++merge.lams.chemistry=1.0", "merge.lams.chemistry names no expert; experts are: math"),
+])
+def test_out_of_range_values_name_the_key(override, message):
+    cfg = compose(config_name="config", overrides=PATHS + [override])
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+
+
+def test_explicit_without_weights_and_paths_without_base_are_refused():
+    with pytest.raises(ConfigError, match="weighting.weights"):
+        validate(compose(config_name="config", overrides=["weighting=explicit"]))
+    with pytest.raises(ConfigError, match=r"model.base is not set"):
+        validate(compose(config_name="config", overrides=["model=paths"]))
