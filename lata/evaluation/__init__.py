@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the code sandbox, and (later) lm-eval glue. Knows nothing about merging."""
