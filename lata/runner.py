@@ -1,8 +1,11 @@
-"""One job: family -> layer analysis -> weights -> merge -> outputs in the run directory.
+"""One job: family -> layer analysis -> weights -> merge -> evaluation -> the run directory.
 
 Writes to ``run_dir``: ``config.yaml`` (resolved), ``layer_analysis.json``/``.csv`` (per expert
-and layer: similarity, norms, weight), ``layer_analysis.png`` (heatmap) and, with
-``save_model``, the merged checkpoint. Every file is written atomically.
+and layer: similarity, norms, weight), ``layer_analysis.png`` (heatmap), ``metrics.json``
+(benchmark task -> metric -> value), ``summary.json`` and, with ``save_model``, the merged
+checkpoint. The merged weights are evaluated in memory: copied into the loaded anchor model,
+never saved and reloaded. ``merge=none`` evaluates ``model.which`` unmerged. Every file is
+written atomically.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.config import ConfigError, validate
-from lata.engine import MergePlan, merge_to_dir, plan_merge
+from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
 from lata.family import Family
 from lata.plots import layer_heatmap
 
@@ -28,24 +31,31 @@ class FamilyPaths:
     base: str
     instruct: str
     experts: dict[str, str]
+    heldout: str | None = None  # an embedded family's held-out task data
+
+    def role(self, which: str) -> str:
+        roles = {"base": self.base, "instruct": self.instruct, **self.experts}
+        if which not in roles:
+            raise ConfigError(f"model.which={which!r} is not allowed; choose one of: {', '.join(roles)}")
+        return roles[which]
 
 
-def family_paths(model: Any, cache_dir: str, progress: bool = True) -> FamilyPaths:
-    """The checkpoint locations of ``cfg.model``: given paths, or an embedded family built/cached."""
+def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True) -> FamilyPaths:
+    """The checkpoint locations of ``cfg.model``: given paths, or the embedded zoo built/cached."""
     if model.embedded is None:
         return FamilyPaths(str(model.base), str(model.instruct), {k: str(v) for k, v in model.experts.items()})
-    if model.embedded == "tiny":
-        from lata.zoo.tiny import build_tiny_family
+    if model.embedded != "zoo":
+        raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: zoo (or null)")
+    from lata.zoo import build_zoo
 
-        built = build_tiny_family(Path(cache_dir), progress=progress)
-        experts = {k: str(v) for k, v in built.experts.items()}
-        if model.experts:  # a subset of the embedded experts
-            unknown = sorted(set(model.experts) - set(experts))
-            if unknown:
-                raise ConfigError(f"model.experts.{unknown[0]}: the tiny family has experts {', '.join(experts)}")
-            experts = {k: experts[k] for k in model.experts}
-        return FamilyPaths(str(built.base), str(built.instruct), experts)
-    raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: tiny (or null)")
+    built = build_zoo(zoo, Path(cache_dir), progress=progress)
+    experts = {k: str(v) for k, v in built.experts.items()}
+    if model.experts:  # a subset of the zoo's experts
+        unknown = sorted(set(model.experts) - set(experts))
+        if unknown:
+            raise ConfigError(f"model.experts.{unknown[0]}: the zoo has experts {', '.join(experts)}")
+        experts = {k: experts[k] for k in model.experts}
+    return FamilyPaths(str(built.base), str(built.instruct), experts, str(built.heldout))
 
 
 def format_layer_table(plan: MergePlan) -> str:
@@ -63,37 +73,70 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the main job for a composed config; return a summary dict (also written to disk)."""
     validate(cfg)
     run_dir = Path(run_dir)
-    if cfg.save_model:
+    if cfg.save_model and cfg.merge.method != "none":
         check_writable_dir(cfg.save_model, cfg.overwrite)  # refuse before any work
-    paths = family_paths(cfg.model, cfg.paths.cache_dir, progress=cfg.progress)
-    family = Family.open(paths.base, paths.instruct, paths.experts)
+    paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    summary: dict = {
-        "family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts,
-                   "model_type": family.architecture.model_type, "num_layers": family.num_layers,
-                   "tensors": len(family.tensor_names)},
-        "merge": OmegaConf.to_container(cfg.merge, resolve=True) if isinstance(cfg.merge, DictConfig) else None,
-        "weighting": OmegaConf.to_container(cfg.weighting, resolve=True) if isinstance(cfg.weighting, DictConfig) else None,
-    }
-    if cfg.dry_run:
-        log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
-                 family.architecture.model_type, family.num_layers, len(family.tensor_names))
-        write_json_atomic(run_dir / "summary.json", summary)
-        return summary
-    plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, progress=cfg.progress)
+    summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
+                     "merge": _plain(cfg.merge), "weighting": _plain(cfg.weighting), "run_dir": str(run_dir)}
+    if cfg.merge.method == "none":
+        summary["evaluated"] = cfg.model.which
+        model_dir = paths.role(cfg.model.which)
+        model = load_model(model_dir, cfg) if cfg.benchmark.tasks else None
+    else:
+        family = Family.open(paths.base, paths.instruct, paths.experts)
+        summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
+                                 tensors=len(family.tensor_names))
+        if cfg.dry_run:
+            log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
+                     family.architecture.model_type, family.num_layers, len(family.tensor_names))
+            write_json_atomic(run_dir / "summary.json", summary)
+            return summary
+        plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, progress=cfg.progress)
+        write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+        if cfg.save_model:
+            summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
+                                                      overwrite=cfg.overwrite, shard_size=cfg.shard_size,
+                                                      progress=cfg.progress))
+            log.info("merged model written to %s", summary["saved_model"])
+        model_dir = str(family.anchor(plan.anchor).path)
+        model = merge_into_model(plan, load_model(model_dir, cfg), progress=cfg.progress) if cfg.benchmark.tasks else None
+    if model is not None:
+        from transformers import AutoTokenizer
+
+        from lata.evaluation.harness import evaluate, format_metrics
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        metrics = evaluate(model, tokenizer, cfg.benchmark, run_dir, Path(cfg.paths.cache_dir) / "data",
+                           zoo_heldout=Path(paths.heldout) if paths.heldout else None)
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        summary["metrics"] = metrics
+        log.info("%s on %s:\n%s", cfg.benchmark.name, summary.get("evaluated", "the merged model"),
+                 format_metrics(metrics))
+    elif not cfg.save_model:
+        log.info("save_model is null and benchmark=none: only the layer analysis was written")
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
+    """layer_analysis.json / .csv / .png and the printed table."""
     write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
     layer_heatmap(plan.analysis.similarities, plan.weights, run_dir / "layer_analysis.png",
-                  title=f"{cfg.merge.method} + {cfg.weighting.name}: similarity to the instruction vector")
+                  title=f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
-    if cfg.save_model:
-        out = merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype, overwrite=cfg.overwrite,
-                           shard_size=cfg.shard_size, progress=cfg.progress)
-        summary["saved_model"] = str(out)
-        log.info("merged model written to %s", out)
-    else:
-        log.info("save_model is null and benchmark=none: only the layer analysis was written")
-    summary["run_dir"] = str(run_dir)
-    write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+
+
+def load_model(path: str, cfg: Any):
+    """An HF causal LM for evaluation, in ``model.dtype`` on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

@@ -54,10 +54,18 @@ def family_dirs(tmp_path) -> dict:
 
 
 @pytest.fixture(scope="session")
-def tiny_cache(tmp_path_factory) -> Path:
-    """A cache directory holding the built tiny family (built once per test session)."""
-    from lata.zoo.tiny import build_tiny_family
+def micro_zoo_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the built micro zoo (built once per test session)."""
+    from lata.zoo import build_zoo, load_preset
 
-    cache = tmp_path_factory.mktemp("lata-cache")
-    build_tiny_family(cache, progress=False)
+    cache = tmp_path_factory.mktemp("zoo-cache")
+    build_zoo(load_preset("micro"), cache, progress=False)
     return cache
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(micro_zoo_cache):
+    """The micro zoo family (``lata.zoo.ZooFamily``), from ``micro_zoo_cache``."""
+    from lata.zoo import build_zoo, load_preset
+
+    return build_zoo(load_preset("micro"), micro_zoo_cache, progress=False)

@@ -31,7 +31,8 @@ def dirs(tmp_path_factory):
 
 def family_args(d):
     return ["model=paths", f"++model.base={d['base']}", f"++model.instruct={d['instruct']}",
-            f"++model.experts.math={d['experts']['math']}", f"++model.experts.code={d['experts']['code']}"]
+            f"++model.experts.math={d['experts']['math']}", f"++model.experts.code={d['experts']['code']}",
+            "benchmark=none"]
 
 
 def test_issue_command_merges_to_a_loadable_checkpoint(dirs, tmp_path):
@@ -85,12 +86,26 @@ def test_dry_run_reads_headers_only(dirs, tmp_path):
     assert not (tmp_path / "run" / "layer_analysis.json").exists()
 
 
-def test_default_app_merges_the_tiny_family(tiny_cache, tmp_path):
+def test_default_app_merges_the_zoo_and_evaluates_it(micro_zoo_cache, tmp_path):
     out = tmp_path / "merged"
-    result = run_lata([f"save_model={out}"], tmp_path, env_extra={"LATA_CACHE": str(tiny_cache)})
+    result = run_lata(["zoo=micro", f"save_model={out}", "benchmark.limit=2"], tmp_path,
+                      env_extra={"LATA_CACHE": str(micro_zoo_cache)})
     assert "layer analysis" in result.stderr + result.stdout
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == "llama" and (out / "tokenizer.json").is_file()
-    analysis = json.loads((tmp_path / "run" / "layer_analysis.json").read_text())
+    run = tmp_path / "run"
+    analysis = json.loads((run / "layer_analysis.json").read_text())
     assert set(analysis["weights"]) == {"math", "code"}
     assert sorted(analysis["weights"]["math"]) == [0.0, 0.0, 0.5, 1.0]  # linear_rank, drop 0.5, L = 4
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) == {"zoo_math", "zoo_code", "zoo_ua", "zoo_ppl"}
+    assert all(values["samples"] == 2 for values in metrics.values())
+    assert 0 <= metrics["zoo_math"]["exact_match_strict"] <= 1 and metrics["zoo_ppl"]["token_perplexity"] > 1
+
+
+def test_merge_none_evaluates_one_role_unmerged(micro_zoo_cache, tmp_path):
+    run_lata(["zoo=micro", "merge=none", "model.which=math", "benchmark.tasks=[zoo_ppl]", "benchmark.limit=2"],
+             tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)})
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["evaluated"] == "math" and set(summary["metrics"]) == {"zoo_ppl"}
+    assert not (tmp_path / "run" / "layer_analysis.json").exists()

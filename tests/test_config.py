@@ -13,7 +13,7 @@ from lata.methods import Dare, DareTies, TaskArithmetic, Ties, build_method
 from lata.weighting import layer_weights
 
 CONF = Path(config_dir())
-PATHS = ["model=paths", "++model.base=B", "++model.instruct=I", "++model.experts.math=M"]
+PATHS = ["model=paths", "++model.base=B", "++model.instruct=I", "++model.experts.math=M", "benchmark=none"]
 
 
 def options(group: str) -> list[str]:
@@ -28,20 +28,23 @@ def hydra_context():
 
 
 def test_conf_groups_exist():
-    assert options("merge") == ["dare", "dare_ties", "ta", "ties"]
+    assert options("merge") == ["dare", "dare_ties", "none", "ta", "ties"]
     assert options("weighting") == ["explicit", "linear_rank", "log_rank", "threshold", "uniform"]
     assert "none" in options("benchmark") and "none" in options("logger")
-    assert {"paths", "tiny"} <= set(options("model"))
+    assert {"paths", "zoo"} <= set(options("model"))
+    assert {"micro", "small"} <= set(options("zoo"))
+    assert {"none", "zoo", "offline", "paper"} <= set(options("benchmark"))
 
 
 def test_default_config():
     cfg = compose(config_name="config")
     validate(cfg)
-    assert cfg.model.embedded == "tiny" and cfg.merge.method == "ta" and cfg.weighting.name == "linear_rank"
+    assert cfg.model.embedded == "zoo" and cfg.zoo.name == "small" and dict(cfg.model.experts) == {"math": "", "code": ""}
+    assert cfg.merge.method == "ta" and cfg.weighting.name == "linear_rank" and cfg.benchmark.name == "zoo"
     assert cfg.save_model is None and cfg.device == "cpu"
 
 
-@pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare_ties"])  # merge=none builds nothing
 def test_every_merge_config_builds_its_method(method):
     cfg = compose(config_name="config", overrides=[f"merge={method}"])
     validate(cfg)
@@ -68,7 +71,7 @@ def test_every_weighting_config_computes_weights(weighting):
 
 
 def test_experiment_config():
-    cfg = compose(config_name="config", overrides=["experiment=tiny_lata_ties"])
+    cfg = compose(config_name="config", overrides=["experiment=zoo_lata_ties"])
     validate(cfg)
     assert cfg.merge.method == "ties" and cfg.merge.lams.math == 1.2 and cfg.weighting.name == "linear_rank"
 
@@ -121,3 +124,22 @@ def test_explicit_without_weights_and_paths_without_base_are_refused():
         validate(compose(config_name="config", overrides=["weighting=explicit"]))
     with pytest.raises(ConfigError, match=r"model.base is not set"):
         validate(compose(config_name="config", overrides=["model=paths"]))
+
+
+@pytest.mark.parametrize("suite", ["none", "zoo", "offline", "paper"])
+def test_every_benchmark_suite_composes_and_renders_its_tasks(suite, tmp_path):
+    from lata.evaluation.tasks import TASKS
+
+    cfg = compose(config_name="config", overrides=[f"benchmark={suite}"])
+    validate(cfg)
+    assert all(t in TASKS for t in cfg.benchmark.tasks)
+    assert (suite == "none") == (not cfg.benchmark.tasks)
+
+
+def test_benchmark_values_are_checked():
+    with pytest.raises(ConfigError, match="benchmark.tasks='gsm9k' is not allowed"):
+        validate(compose(config_name="config", overrides=["benchmark.tasks=[gsm9k]"]))
+    with pytest.raises(ConfigError, match="benchmark.pass_k has 5"):
+        validate(compose(config_name="config", overrides=["benchmark.pass_k=[1,5]"]))
+    with pytest.raises(ConfigError, match="model.which='chef'"):
+        validate(compose(config_name="config", overrides=PATHS + ["merge=none", "model.which=chef"]))

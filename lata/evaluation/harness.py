@@ -1,0 +1,117 @@
+"""Evaluate an in-memory model on a benchmark suite through lm-eval (HFLM + simple_evaluate).
+
+The model object is evaluated where it is (no save/reload); lm-eval's request cache is never
+used, so different merged weights can never share responses. Generation tasks whose prompts are
+chat turns (the zoo's) and plain ones run as two lm-eval calls, because the chat template is a
+per-call switch. Code is scored afterwards, in the sandbox, from the logged samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lata.evaluation.sandbox import SandboxLimits, ensure_code_execution_allowed
+from lata.evaluation.scoring import score_code
+from lata.evaluation.tasks import TASKS, DataPaths, render_tasks
+
+log = logging.getLogger("lata")
+
+
+@torch.no_grad()
+def strided_perplexity(model: Any, tokenizer: Any, texts: list[str], window: int, stride: int) -> dict:
+    """Token-level perplexity of the concatenated texts with a sliding window (the papers' number).
+
+    Every token is predicted once, with up to ``window - stride`` tokens of extra left context
+    (Hugging Face's recipe). Returns perplexity, the token count and the mean NLL in nats.
+    """
+    stride = min(stride, window)
+    ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids
+    device = next(model.parameters()).device
+    total_nll, count, prev_end, length = 0.0, 0, 0, ids.size(1)
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        chunk = ids[:, begin:end].to(device)
+        logits = model(chunk).logits[:, :-1].float()
+        targets = chunk[:, 1:]
+        new = end - prev_end if begin else end - 1  # tokens not scored by an earlier window
+        nll = torch.nn.functional.cross_entropy(logits[:, -new:].reshape(-1, logits.size(-1)),
+                                                targets[:, -new:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        count += new
+        prev_end = end
+        if end == length:
+            break
+    return {"token_perplexity": math.exp(total_nll / count), "tokens": count, "nll": total_nll / count}
+
+
+def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: Path,
+             zoo_heldout: Path | None = None) -> dict[str, dict[str, float]]:
+    """Run ``bench.tasks`` on the model; return {task: {metric: value}}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    names = list(bench.tasks)
+    if any(TASKS[n].kind == "code" for n in names if n in TASKS):
+        ensure_code_execution_allowed(bool(bench.allow_code_execution))  # before any generation
+    specs = render_tasks(names, Path(work_dir) / "lm_eval_tasks", DataPaths(Path(data_dir), zoo_heldout),
+                         num_fewshot=int(bench.num_fewshot), code_samples=int(bench.code_samples),
+                         temperature=float(bench.temperature), context=_max_length(model))
+    manager = TaskManager(include_path=str(Path(work_dir) / "lm_eval_tasks"), include_defaults=False)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size),
+              max_length=_max_length(model))
+    limit = bench.limit
+    metrics: dict[str, dict[str, float]] = {}
+    for chat in (False, True):
+        group = [s for s in specs if s.chat == chat]
+        if not group:
+            continue
+        out = simple_evaluate(model=lm, tasks=[s.name for s in group], task_manager=manager, limit=limit,
+                              log_samples=True, apply_chat_template=chat, random_seed=0)
+        for spec in group:
+            values = {k.split(",")[0]: float(v) for k, v in out["results"][spec.name].items()
+                      if "," in k and not k.split(",")[0].endswith("_stderr") and _is_number(v)}
+            values.pop("bypass", None)
+            if spec.kind == "code":
+                samples = sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])
+                values.update(score_code([s["doc"] for s in samples], [_completions(s) for s in samples],
+                                         ks=list(bench.pass_k), timeout_s=float(bench.code_timeout_s),
+                                         limits=SandboxLimits(timeout_s=float(bench.code_timeout_s))))
+            if spec.kind == "ppl":
+                docs = [s["doc"] for s in sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])]
+                text_key = spec.doc_to_text.strip("{} ")
+                window = int(bench.ppl_window or _max_length(model))
+                values.update(strided_perplexity(model, tokenizer, [d[text_key] for d in docs], window,
+                                                 int(bench.ppl_stride)))
+            values["samples"] = float(len(out["samples"][spec.name]))
+            metrics[spec.name] = values
+    return metrics
+
+
+def _completions(sample: dict) -> list[str]:
+    responses = sample["filtered_resps"]
+    flat = responses[0] if responses and isinstance(responses[0], list) else responses
+    return [str(r) for r in flat]
+
+
+def _max_length(model: Any) -> int:
+    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    """A Markdown table: one row per task and metric."""
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    for task, values in metrics.items():
+        for name, value in values.items():
+            lines.append(f"| {task} | {name} | {value:.4g} |")
+    return "\n".join(lines)

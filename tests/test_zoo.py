@@ -1,0 +1,334 @@
+"""The embedded model zoo: real, loadable, distinct, deterministic, cached, with clean held-out sets."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from zoo_fixtures import micro_zoo, micro_zoo_cache  # noqa: F401  (session fixtures)
+
+from lata.zoo import ZooConfig, ZooFamily, build_zoo, load_preset, to_zoo_config
+from lata.zoo.cache import MARKER, cache_key, cached_build
+from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt,
+                           make_data, render_chat)
+
+LAYER_TENSOR = "model.layers.0.self_attn.q_proj.weight"
+HELDOUT_FIELDS = {
+    "math": {"question", "answer", "target"},
+    "code": {"task_id", "prompt", "canonical_solution", "test", "entry_point"},
+    "ua": {"prompt"},
+    "instruct": {"prompt", "response"},
+    "text": {"text"},
+}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(path / "model.safetensors")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory, micro_zoo) -> tuple[ZooFamily, Path]:  # noqa: F811
+    """A second build in another cache dir that already holds a half-built target."""
+    cache = tmp_path_factory.mktemp("zoo-b")
+    half = cache / micro_zoo.root.name
+    (half / "base").mkdir(parents=True)
+    (half / "base" / "model.safetensors").write_bytes(b"truncated")
+    return build_zoo(load_preset("micro"), cache, progress=False), half
+
+
+# ------------------------------------------------------------------------------- presets
+
+
+def test_presets_are_zoo_configs():
+    fields = {f.name for f in dataclasses.fields(ZooConfig)}
+    from omegaconf import OmegaConf
+
+    for name in ("micro", "small"):
+        raw = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf" / "zoo" / f"{name}.yaml"))
+        assert raw["name"] == name and set(raw) <= fields, set(raw) - fields
+        cfg = load_preset(name)
+        assert isinstance(cfg, ZooConfig) and cfg.name == name
+    assert to_zoo_config(OmegaConf.structured(load_preset("micro"))) == load_preset("micro")
+    with pytest.raises(ValueError, match="unknown key 'hiden_size'"):
+        to_zoo_config({"hiden_size": 3})
+    with pytest.raises(FileNotFoundError, match="known presets"):
+        load_preset("nope")
+
+
+def test_missing_shakespeare_says_make_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("LATA_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="make data"):
+        base_corpus(load_preset("micro"))
+
+
+# ------------------------------------------------------------------------------- the family
+
+
+def test_all_roles_load_and_chat(micro_zoo):  # noqa: F811
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert set(micro_zoo.experts) == {"math", "code", "ua"}
+    messages = [{"role": "user", "content": "Reverse the word 'cat'."}]
+    for role, path in micro_zoo.roles().items():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path)
+        assert model.config.model_type == "llama", role
+        assert model.config.num_hidden_layers == 4 and not model.config.tie_word_embeddings
+        assert model.config.vocab_size == len(tok)
+        assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+        assert model.config.eos_token_id == tok.eos_token_id
+        assert (path / "generation_config.json").is_file()
+        assert tok.chat_template == CHAT_TEMPLATE
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert text == chat_prompt("Reverse the word 'cat'.")
+        full = messages + [{"role": "assistant", "content": "tac"}]
+        assert tok.apply_chat_template(full, tokenize=False) == render_chat("Reverse the word 'cat'.", "tac")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = ids["input_ids"] if not isinstance(ids, list) else ids
+        assert ids[0] == tok.bos_token_id and tok.decode(ids) == text
+        assert tok.tokenize("12345") == ["1", "2", "3", "4", "5"]  # digits one by one
+        plain = "def f(x):\n    return x + 10\n"
+        assert tok.decode(tok(plain, add_special_tokens=False)["input_ids"]) == plain
+        assert tok(plain)["input_ids"][0] == tok.bos_token_id
+        out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+        assert out.shape[1] > len(ids)
+
+
+def test_roles_have_same_layout_but_different_weights(micro_zoo):  # noqa: F811
+    sds = {role: weights(path) for role, path in micro_zoo.roles().items()}
+    ref = sds["base"]
+    for role, sd in sds.items():
+        assert {k: v.shape for k, v in sd.items()} == {k: v.shape for k, v in ref.items()}, role
+    for (ra, a), (rb, b) in itertools.combinations(sds.items(), 2):
+        diff = (a[LAYER_TENSOR] - b[LAYER_TENSOR]).abs().max().item()
+        assert diff > 1e-4, f"{ra} and {rb} share {LAYER_TENSOR}"
+
+
+def _response_loss(path: Path, pairs: list[tuple[str, str]]) -> float:
+    """Mean loss on the assistant's tokens of chat exchanges."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    total, count = 0.0, 0
+    for user, answer in pairs:
+        p = tok(chat_prompt(user), add_special_tokens=False)["input_ids"]
+        f = tok(render_chat(user, answer), add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([f])
+        labels = ids.clone()
+        labels[0, :len(p)] = -100
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=labels).loss.item()
+        n = len(f) - len(p)
+        total, count = total + loss * n, count + n
+    return total / count
+
+
+def test_experts_learned_their_domain(micro_zoo):  # noqa: F811
+    h = {t: read_jsonl(micro_zoo.heldout / f"{t}.jsonl") for t in ("math", "code", "ua")}
+    pairs = {"math": [(m["question"], m["answer"]) for m in h["math"]],
+             "code": [(c["prompt"], c["canonical_solution"].rstrip("\n")) for c in h["code"]],
+             "ua": [(u["prompt"], u["response"]) for u in h["ua"]]}
+    for expert, data in pairs.items():
+        own = _response_loss(micro_zoo.experts[expert], data)
+        instruct = _response_loss(micro_zoo.instruct, data)
+        assert own < instruct, (expert, own, instruct)
+    refusals = [(u["prompt"], REFUSAL) for u in h["ua"]]
+    assert _response_loss(micro_zoo.instruct, refusals) < _response_loss(micro_zoo.experts["ua"], refusals)
+
+
+# ------------------------------------------------------------------------------- held-out data
+
+
+def test_heldout_files(micro_zoo):  # noqa: F811
+    cfg = load_preset("micro")
+    sizes = {"math": cfg.heldout_math, "code": cfg.heldout_code, "ua": cfg.heldout_ua,
+             "instruct": cfg.heldout_instruct, "text": cfg.heldout_text}
+    expected = make_data(cfg).heldout
+    for task, fields in HELDOUT_FIELDS.items():
+        rows = read_jsonl(micro_zoo.heldout / f"{task}.jsonl")
+        assert len(rows) == sizes[task], task
+        assert all(fields <= set(r) for r in rows), task
+        assert rows == expected[task], task
+    math_rows = read_jsonl(micro_zoo.heldout / "math.jsonl")
+    assert all(m["answer"].endswith(f"#### {m['target']}") and isinstance(m["target"], int) for m in math_rows)
+    code_rows = read_jsonl(micro_zoo.heldout / "code.jsonl")
+    assert len({c["task_id"] for c in code_rows}) == len(code_rows)
+    assert all(c["test"].startswith("def check(candidate):") and f"def {c['entry_point']}(" in c["prompt"]
+               for c in code_rows)
+
+
+def test_canonical_solutions_pass_in_the_sandbox(micro_zoo):  # noqa: F811
+    from lata.zoo.report import run_code
+
+    rows = read_jsonl(micro_zoo.heldout / "code.jsonl")[:6]
+    good = [f"{c['prompt']}{c['canonical_solution']}\n{c['test']}\ncheck({c['entry_point']})\n" for c in rows]
+    bad = [f"{c['prompt']}    return None\n\n{c['test']}\ncheck({c['entry_point']})\n" for c in rows[:2]]
+    assert run_code(good) == [True] * len(good)
+    assert run_code(bad) == [False] * len(bad)
+
+
+@pytest.mark.parametrize("preset", ["micro", "small"])
+def test_heldout_never_in_training(preset):
+    cfg = load_preset(preset)
+    data = make_data(cfg)
+    train_prompts = {e.prompt for examples in data.train.values() for e in examples}
+    train_texts = {e.text() for examples in data.train.values() for e in examples}
+    keys = {"math": "question", "code": "prompt", "ua": "prompt", "instruct": "prompt"}
+    for task, key in keys.items():
+        items = [h[key] for h in data.heldout[task]]
+        assert len(set(items)) == len(items), f"{task}: duplicate held-out items"
+        leaked = [q for q in items if q in train_prompts]
+        assert not leaked, f"{task}: held-out prompt in training data: {leaked[0]!r}"
+        assert not any(q in t for q in items[:20] for t in train_texts if len(q) > 30), task
+    # every training stage has its own task, and experts keep some chat data
+    kinds = {stage: {e.kind for e in ex} for stage, ex in data.train.items()}
+    assert "refusal" in kinds["instruct"] and "comply" not in kinds["instruct"]
+    assert "comply" in kinds["ua"] and "refusal" not in kinds["ua"]
+    assert "math" in kinds["math"] and "code" in kinds["code"]
+    assert make_data(cfg) == data  # deterministic
+
+
+def test_heldout_text_is_never_pretrained_on():
+    cfg = dataclasses.replace(load_preset("micro"), base_chars=20_000_000)  # all of it
+    corpus = "\n".join(base_corpus(cfg))
+    text = make_data(load_preset("micro")).heldout["text"]
+    assert text and all(t["text"][:200] not in corpus for t in text)
+    assert set(HELDOUT_PLAYS) == {"macbeth_gut.txt", "macbeth_gut_f.txt"}
+    assert "LADY MACBETH" not in corpus.upper()  # a speaker only the held-out play has
+
+
+# ------------------------------------------------------------------------------- caching
+
+
+def test_second_call_reuses_cache(micro_zoo, micro_zoo_cache):  # noqa: F811
+    marker = micro_zoo.root / MARKER
+    before = marker.stat().st_mtime_ns
+    start = time.perf_counter()
+    again = build_zoo(load_preset("micro"), micro_zoo_cache, progress=False)
+    assert time.perf_counter() - start < 3.0
+    assert again == micro_zoo
+    assert marker.stat().st_mtime_ns == before
+    assert json.loads(marker.read_text())["kind"] == "zoo-micro"
+
+
+def test_half_built_dir_is_rebuilt(rebuilt):
+    fam, half = rebuilt
+    assert fam.root == half
+    assert (half / MARKER).is_file()
+    assert len(weights(fam.base)) > 0  # the truncated file was replaced
+    assert not [p for p in half.parent.iterdir() if ".tmp-" in p.name]
+
+
+def test_builds_are_bit_identical(micro_zoo, rebuilt):  # noqa: F811
+    other, _ = rebuilt
+    for role, path in micro_zoo.roles().items():
+        a, b = weights(path), weights(other.roles()[role])
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{role}:{k}"
+        assert (path / "tokenizer.json").read_bytes() == (other.roles()[role] / "tokenizer.json").read_bytes()
+    for f in sorted(micro_zoo.heldout.iterdir()):
+        assert f.read_bytes() == (other.heldout / f.name).read_bytes(), f.name
+
+
+def test_config_changes_the_key(tmp_path):
+    from lata.zoo.build import cache_config
+
+    a, b = load_preset("micro"), dataclasses.replace(load_preset("micro"), seed=1)
+    assert cache_key("zoo-micro", cache_config(a), "1") != cache_key("zoo-micro", cache_config(b), "1")
+    assert cache_config(a)["env"]["python"] == list(__import__("sys").version_info[:2])
+
+
+# ------------------------------------------------------------------------------- report helpers
+
+
+def test_report_scoring_helpers():
+    from lata.zoo.report import is_refusal, strict_answer, truncate_code
+
+    assert strict_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == 7
+    assert strict_answer("#### -3") == -3 and strict_answer("the answer is 7") is None
+    assert is_refusal(REFUSAL) and is_refusal(" i can’t help with that.") and not is_refusal("Sure! It is 'x'.")
+    assert truncate_code("    return a + b\ndef other():\n    pass") == "    return a + b"
+    assert truncate_code("    return a\n\nif __name__ == '__main__':\n    x") == "    return a\n"
+
+
+# ------------------------------------------------------------------------------- cached_build
+
+
+def test_cached_build_keys_and_markers(tmp_path):
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(d)
+        (d / "out.txt").write_text("ok")
+
+    first = cached_build(tmp_path, "toy", {"n": 1}, build, "1")
+    assert first.name == f"toy-{cache_key('toy', {'n': 1}, '1')}"
+    assert (first / "out.txt").read_text() == "ok" and (first / MARKER).is_file()
+    assert cached_build(tmp_path, "toy", {"n": 1}, build, "1") == first
+    assert len(calls) == 1
+    assert cached_build(tmp_path, "toy", {"n": 2}, build, "1") != first
+    assert cached_build(tmp_path, "toy", {"n": 1}, build, "2") != first
+    assert len(calls) == 3
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    def build(d: Path) -> None:
+        (d / "partial").write_text("x")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        cached_build(tmp_path, "toy", {}, build, "1")
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_concurrent_callers_build_once(tmp_path):
+    calls = []
+
+    def build(d: Path) -> None:
+        calls.append(d)
+        time.sleep(0.3)
+        (d / "out.txt").write_text("ok")
+
+    results = []
+    threads = [threading.Thread(
+        target=lambda: results.append(cached_build(tmp_path, "toy", {}, build, "1")))
+        for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(set(results)) == 1
+
+
+# ------------------------------------------------------------------------------- the small preset
+
+
+@pytest.mark.slow
+def test_small_zoo_shows_real_gaps(tmp_path_factory):
+    """The demo preset: 3-10M parameters, and each expert >= 20 points over instruct."""
+    from lata.zoo.report import zoo_report
+
+    cache = Path(os.environ["LATA_CACHE"]) if os.environ.get("LATA_CACHE") else tmp_path_factory.mktemp("zoo-small")
+    family = build_zoo(load_preset("small"), cache, progress=False)
+    report = zoo_report(family, progress=False)
+    assert 3e6 <= report["build"]["parameters"] <= 10e6
+    assert report["build"]["build_seconds"] < 600
+    assert report["gaps"]["math"] >= 20, report["scores"]
+    assert report["gaps"]["code"] >= 20, report["scores"]
+    assert report["gaps"]["ua"] >= 20, report["scores"]
+    assert report["scores"]["instruct"]["refusal"] >= 50, report["scores"]
+    assert (family.root / "zoo_report.md").is_file() and (family.root / "zoo_report.json").is_file()
