@@ -26,26 +26,24 @@ log = logging.getLogger("lata")
 def strided_perplexity(model: Any, tokenizer: Any, texts: list[str], window: int, stride: int) -> dict:
     """Token-level perplexity of the concatenated texts with a sliding window (the papers' number).
 
-    Every token is predicted once, with up to ``window - stride`` tokens of extra left context
-    (Hugging Face's recipe). Returns perplexity, the token count and the mean NLL in nats.
+    Every token but the first is predicted exactly once, ``stride`` new tokens per window, each
+    with at least ``window - stride`` tokens of left context (Hugging Face's recipe, without its
+    off-by-one at window borders). Returns perplexity, the token count and the mean NLL in nats.
     """
-    stride = min(stride, window)
+    stride = max(1, min(stride, window - 1))  # each window keeps at least one token of context
     ids = tokenizer("\n\n".join(texts), return_tensors="pt").input_ids
     device = next(model.parameters()).device
-    total_nll, count, prev_end, length = 0.0, 0, 0, ids.size(1)
-    for begin in range(0, length, stride):
-        end = min(begin + window, length)
-        chunk = ids[:, begin:end].to(device)
-        logits = model(chunk).logits[:, :-1].float()
-        targets = chunk[:, 1:]
-        new = end - prev_end if begin else end - 1  # tokens not scored by an earlier window
-        nll = torch.nn.functional.cross_entropy(logits[:, -new:].reshape(-1, logits.size(-1)),
-                                                targets[:, -new:].reshape(-1), reduction="sum")
+    total_nll, count, done, length = 0.0, 0, 1, ids.size(1)  # the first token is never predicted
+    while done < length:
+        end = min(done + stride, length)
+        chunk = ids[:, max(0, end - window):end].to(device)
+        new = end - done
+        logits = model(chunk).logits[:, -new - 1:-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)),
+                                                chunk[:, -new:].reshape(-1), reduction="sum")
         total_nll += float(nll)
         count += new
-        prev_end = end
-        if end == length:
-            break
+        done = end
     return {"token_perplexity": math.exp(total_nll / count), "tokens": count, "nll": total_nll / count}
 
 
