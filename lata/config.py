@@ -27,7 +27,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 class ModelConfig:
     """A family of checkpoints: local directories or hub ids.
 
-    ``embedded`` names a family the project builds itself (e.g. ``tiny``); its paths are filled
+    ``embedded`` names a family the project builds itself (``zoo``); its paths are filled
     in by the builder and the keys below stay null.
     """
 
