@@ -170,13 +170,11 @@ def test_heldout_files(micro_zoo):  # noqa: F811
 
 
 def test_canonical_solutions_pass_in_the_sandbox(micro_zoo):  # noqa: F811
-    from lata.zoo.report import run_code
+    from lata.evaluation.scoring import score_code
 
-    rows = read_jsonl(micro_zoo.heldout / "code.jsonl")[:6]
-    good = [f"{c['prompt']}{c['canonical_solution']}\n{c['test']}\ncheck({c['entry_point']})\n" for c in rows]
-    bad = [f"{c['prompt']}    return None\n\n{c['test']}\ncheck({c['entry_point']})\n" for c in rows[:2]]
-    assert run_code(good) == [True] * len(good)
-    assert run_code(bad) == [False] * len(bad)
+    rows = read_jsonl(micro_zoo.heldout / "code.jsonl")
+    assert score_code(rows, [[c["canonical_solution"]] for c in rows], ks=[1]) == {"pass@1": 1.0}
+    assert score_code(rows[:2], [["    return None\n"]] * 2, ks=[1]) == {"pass@1": 0.0}
 
 
 @pytest.mark.parametrize("preset", ["micro", "small"])
@@ -255,10 +253,12 @@ def test_config_changes_the_key(tmp_path):
 
 
 def test_report_scoring_helpers():
-    from lata.zoo.report import is_refusal, strict_answer, truncate_code
+    from lata.evaluation.metrics import strict_answer
+    from lata.evaluation.scoring import is_refusal
+    from lata.zoo.report import truncate_code
 
-    assert strict_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == 7
-    assert strict_answer("#### -3") == -3 and strict_answer("the answer is 7") is None
+    assert strict_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == "7"
+    assert strict_answer("#### -3") == "-3" and strict_answer("the answer is 7") is None
     assert is_refusal(REFUSAL) and is_refusal(" i can’t help with that.") and not is_refusal("Sure! It is 'x'.")
     assert truncate_code("    return a + b\ndef other():\n    pass") == "    return a + b"
     assert truncate_code("    return a\n\nif __name__ == '__main__':\n    x") == "    return a\n"

@@ -126,8 +126,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
     TaskSpec("shakespeare_ppl", "ppl", "{{text}}", lambda p: _json_files(export_shakespeare(p.export_dir))),
     # the embedded zoo's held-out tasks (chat prompts)
     TaskSpec("zoo_math", "math", "{{question}}", lambda p: p.zoo("math"), "{{answer}}", ("</s>",), 48, chat=True),
-    TaskSpec("zoo_code", "code", "{{prompt}}", lambda p: p.zoo("code"), "{{canonical_solution}}", ("</s>",), 64,
-             chat=True),
+    TaskSpec("zoo_code", "code", "{{prompt}}", lambda p: p.zoo("code"), "{{canonical_solution}}",
+             ("</s>", *CODE_STOP), 64, chat=True),
     TaskSpec("zoo_ua", "refusal", "{{prompt}}", lambda p: p.zoo("ua"), "", ("</s>",), 32, chat=True),
     TaskSpec("zoo_ppl", "ppl", "{{text}}", lambda p: p.zoo("text")),
 ]}
