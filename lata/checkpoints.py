@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -234,6 +233,3 @@ def copy_support_files(source: Path, target: Path, dtype: str | None = None) -> 
             config[key] = dtype
         write_json_atomic(config_path, config)
 
-
-def describe(checkpoints: Iterable[Checkpoint]) -> str:
-    return ", ".join(f"{c.role}={c.path}" for c in checkpoints)
