@@ -143,6 +143,13 @@ def validate_merge(m: MergeConfig, allowed: tuple[str, ...] = METHODS) -> None:
     _in_range("merge.p", m.p, 0.0, 1.0, low_open=False, high_open=True)
 
 
+def validate_lams(lams: Dict[str, float], experts: List[str]) -> None:
+    """Every ``merge.lams.<name>`` must name an expert of the family."""
+    unknown = sorted(set(lams) - set(experts))
+    if unknown:
+        raise ConfigError(f"merge.lams.{unknown[0]} names no expert; experts are: {', '.join(experts)}")
+
+
 def validate_weighting(w: WeightingConfig) -> None:
     _one_of("weighting.name", w.name, WEIGHTINGS)
     _one_of("weighting.normalize", w.normalize, NORMALIZE)
@@ -189,11 +196,8 @@ def validate(cfg: Any) -> None:
     for name in model.experts:
         if name in ("base", "instruct"):
             raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")
-    unknown = sorted(set(cfg.merge.lams) - set(model.experts)) if model.experts else []
-    if unknown:
-        raise ConfigError(
-            f"merge.lams.{unknown[0]} names no expert; experts are: {', '.join(model.experts)}"
-        )
+    if model.experts:
+        validate_lams(cfg.merge.lams, list(model.experts))
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

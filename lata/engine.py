@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, check_writable_dir
 from lata.checkpoints import TORCH_DTYPES, ShardedWriter, copy_support_files, torch_dtype_of
-from lata.config import MergeConfig, WeightingConfig, parse_size, validate_merge, validate_weighting
+from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
+                         validate_weighting)
 from lata.family import Family
 from lata.methods import MergeMethod, build_method
 from lata.methods.ties import global_threshold
@@ -78,9 +79,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     weighting = weighting if weighting is not None else WeightingConfig()
     validate_merge(merge)
     validate_weighting(weighting)
-    unknown = sorted(set(merge.lams) - set(family.experts))
-    if unknown:
-        raise ValueError(f"merge.lams.{unknown[0]} names no expert; experts are: {', '.join(family.experts)}")
+    validate_lams(merge.lams, family.expert_names)
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress)
     sims = analysis.similarities
