@@ -28,13 +28,13 @@ log = logging.getLogger("lata")
 
 @dataclass(frozen=True)
 class FamilyPaths:
-    base: str
+    base: str | None  # None: a lone instruct model (model=smollm2), evaluated with merge=none only
     instruct: str
     experts: dict[str, str]
     heldout: str | None = None  # an embedded family's held-out task data
 
     def role(self, which: str) -> str:
-        roles = {"base": self.base, "instruct": self.instruct, **self.experts}
+        roles = {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts}
         if which not in roles:
             raise ConfigError(f"model.which={which!r} is not allowed; choose one of: {', '.join(roles)}")
         return roles[which]
@@ -44,8 +44,12 @@ def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True) ->
     """The checkpoint locations of ``cfg.model``: given paths, or the embedded zoo built/cached."""
     if model.embedded is None:
         return FamilyPaths(str(model.base), str(model.instruct), {k: str(v) for k, v in model.experts.items()})
+    if model.embedded == "smollm2":
+        from lata.pretrained import smollm2_checkpoint
+
+        return FamilyPaths(None, str(smollm2_checkpoint(Path(cache_dir), progress=progress)), {})
     if model.embedded != "zoo":
-        raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: zoo (or null)")
+        raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: zoo, smollm2 (or null)")
     from lata.zoo import build_zoo
 
     built = build_zoo(zoo, Path(cache_dir), progress=progress)
@@ -84,6 +88,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         model_dir = paths.role(cfg.model.which)
         model = load_model(model_dir, cfg) if cfg.benchmark.tasks else None
     else:
+        if paths.base is None or not paths.experts:
+            raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
+                              "it can only be evaluated (merge=none)")
         family = Family.open(paths.base, paths.instruct, paths.experts)
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))

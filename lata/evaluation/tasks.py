@@ -25,6 +25,12 @@ STRICT_REGEX = r"#### *(-?[\d,]*\.?\d+)"
 CODE_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```"]
 
 
+# The one number per task kind that tables, plots and objectives use ("higher is better" for all
+# but ppl). Every other metric a task reports stays in metrics.json as well.
+PRIMARY_METRIC = {"math": "exact_match_strict", "code": "pass@1", "refusal": "compliance", "ppl": "token_perplexity"}
+LOWER_IS_BETTER = {"token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll"}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -35,6 +41,10 @@ class TaskSpec:
     until: tuple[str, ...] = ()
     max_gen_toks: int = 256
     chat: bool = False  # prompts are chat turns (the zoo's models); applied by the harness
+
+    @property
+    def primary_metric(self) -> str:
+        return PRIMARY_METRIC[self.kind]
 
 
 @dataclass
@@ -182,3 +192,21 @@ def render_tasks(names: list[str], directory: Path, paths: DataPaths, num_fewsho
     for spec in specs:
         write_text_atomic(directory / f"{spec.name}.yaml", task_yaml(spec, paths, num_fewshot, code_samples, temperature, context))
     return specs
+
+
+def primary_metric(task: str) -> str:
+    """The headline metric of a task in metrics.json (unknown tasks: by name, e.g. ``*_ppl``)."""
+    if task in TASKS:
+        return TASKS[task].primary_metric
+    return PRIMARY_METRIC["ppl"] if task.endswith("ppl") else PRIMARY_METRIC["math"]
+
+
+def mean_task_score(metrics: dict[str, dict[str, float]], tasks: list[str] | None = None) -> float | None:
+    """Mean of the primary metrics of the scored tasks (every kind but ppl), or of ``tasks``.
+
+    The single "task score" of a run for tables, plots and hyper-parameter search; None when
+    the run has no scored task.
+    """
+    names = tasks if tasks is not None else [t for t in metrics if not primary_metric(t) in LOWER_IS_BETTER]
+    values = [metrics[t][primary_metric(t)] for t in names if t in metrics and primary_metric(t) in metrics[t]]
+    return sum(values) / len(values) if values else None
