@@ -21,6 +21,8 @@ TOPK_SCOPES = ("tensor", "global")
 WEIGHTINGS = ("uniform", "threshold", "linear_rank", "log_rank", "explicit")
 NORMALIZE = ("none", "mean")
 DTYPES = ("float32", "float16", "bfloat16")
+LOGGERS = ("none", "wandb")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
 
 
 @dataclass
@@ -82,7 +84,14 @@ class BenchmarkConfig:
 
 @dataclass
 class LoggerConfig:
+    """Where a job's results go besides its run directory (lata.logger): none | wandb."""
+
     name: str = "none"
+    project: str = "lata"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto | online | offline | disabled; auto: online only when an API key is configured
+    tags: List[str] = field(default_factory=list)
+    dir: Optional[str] = None  # where W&B writes its files; null = the run directory (<run_dir>/wandb/)
 
 
 @dataclass
@@ -90,6 +99,16 @@ class PathsConfig:
     root_dir: str = "."
     output_dir: str = "outputs"
     cache_dir: str = "${oc.env:LATA_CACHE,${oc.env:HOME,.}/.cache/lata}"
+    results_dir: str = "${oc.env:LATA_RESULTS,outputs/results}"  # finished points, for resume
+
+
+@dataclass
+class ObjectiveConfig:
+    """What ``hparams_search=optuna`` maximises (lata.sweep.objective)."""
+
+    tasks: Optional[List[str]] = None  # tasks whose primary metrics are averaged; null = every scored task
+    ppl_task: Optional[str] = None  # null = the suite's perplexity task
+    ppl_ceiling: Optional[float] = None  # points above it score below every feasible point
 
 
 @dataclass
@@ -101,6 +120,7 @@ class LataConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     save_model: Optional[str] = None
     overwrite: bool = False
     out_dtype: Optional[str] = None
@@ -108,6 +128,7 @@ class LataConfig:
     shard_size: str = "2GB"
     progress: bool = True
     dry_run: bool = False
+    resume: bool = True
 
 
 def register_configs() -> None:
@@ -172,11 +193,17 @@ def validate_benchmark(b: BenchmarkConfig) -> None:
             raise ConfigError(f"benchmark.pass_k has {k}: each k must lie in [1, benchmark.code_samples={b.code_samples}]")
 
 
+def validate_logger(logger: Any) -> None:
+    _one_of("logger.name", logger.name, LOGGERS)
+    _one_of("logger.mode", logger.mode, LOGGER_MODES)
+
+
 def validate(cfg: Any) -> None:
     """Check every value of a composed config; raise ConfigError naming the key."""
     validate_merge(cfg.merge, APP_METHODS)
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
+    validate_logger(cfg.logger)
     if cfg.out_dtype is not None:
         _one_of("out_dtype", cfg.out_dtype, DTYPES)
     if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):

@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.config import ConfigError, validate
+from lata import sweep
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
-from lata.family import Family
 from lata.plots import layer_heatmap
 
 log = logging.getLogger("lata")
@@ -74,24 +74,41 @@ def format_layer_table(plan: MergePlan) -> str:
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
-    """Run the main job for a composed config; return a summary dict (also written to disk)."""
+    """Run the main job for a composed config; return a summary dict (also written to disk).
+
+    Within one process (a multirun with the basic launcher) families, layer analyses and the
+    evaluation model are reused between points (lata.sweep); a point whose results are stored
+    already is restored instead of recomputed when ``resume`` is true.
+    """
     validate(cfg)
     run_dir = Path(run_dir)
-    if cfg.save_model and cfg.merge.method != "none":
+    merging = cfg.merge.method != "none"
+    if cfg.save_model and merging:
         check_writable_dir(cfg.save_model, cfg.overwrite)  # refuse before any work
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)
+    if merging and (paths.base is None or not paths.experts):
+        raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
+                          "it can only be evaluated (merge=none)")
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    key = None
+    if not cfg.dry_run:
+        roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts} if merging
+                 else {cfg.model.which: paths.role(cfg.model.which)})
+        key = sweep.point_key(cfg, roles)
+        stored = sweep.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
+        if stored is not None and (not cfg.save_model or not merging or Path(cfg.save_model).is_dir()):
+            log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
+            return sweep.restore(stored, run_dir)
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
-                     "merge": _plain(cfg.merge), "weighting": _plain(cfg.weighting), "run_dir": str(run_dir)}
-    if cfg.merge.method == "none":
+                     "merge": _plain(cfg.merge), "weighting": _plain(cfg.weighting), "run_dir": str(run_dir),
+                     "point": key}
+    if not merging:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
-        model = load_model(model_dir, cfg) if cfg.benchmark.tasks else None
+        model = (sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=False)
+                 if cfg.benchmark.tasks else None)
     else:
-        if paths.base is None or not paths.experts:
-            raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
-                              "it can only be evaluated (merge=none)")
-        family = Family.open(paths.base, paths.instruct, paths.experts)
+        family = sweep.open_family(paths.base, paths.instruct, paths.experts)
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
         if cfg.dry_run:
@@ -99,7 +116,9 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                      family.architecture.model_type, family.num_layers, len(family.tensor_names))
             write_json_atomic(run_dir / "summary.json", summary)
             return summary
-        plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, progress=cfg.progress)
+        analysis = sweep.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress)
+        plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
+                          progress=cfg.progress)
         write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
         if cfg.save_model:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
@@ -107,7 +126,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                                       progress=cfg.progress))
             log.info("merged model written to %s", summary["saved_model"])
         model_dir = str(family.anchor(plan.anchor).path)
-        model = merge_into_model(plan, load_model(model_dir, cfg), progress=cfg.progress) if cfg.benchmark.tasks else None
+        model = None
+        if cfg.benchmark.tasks:
+            model = sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)
+            try:
+                merge_into_model(plan, model, progress=cfg.progress)
+            except BaseException:
+                sweep.forget_model()  # possibly half-written
+                raise
     if model is not None:
         from transformers import AutoTokenizer
 
@@ -123,6 +149,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     elif not cfg.save_model:
         log.info("save_model is null and benchmark=none: only the layer analysis was written")
     write_json_atomic(run_dir / "summary.json", summary)
+    if key is not None:
+        sweep.store(cfg.paths.results_dir, key, run_dir)
     return summary
 
 
@@ -134,15 +162,6 @@ def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
                   title=f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
-
-
-def load_model(path: str, cfg: Any):
-    """An HF causal LM for evaluation, in ``model.dtype`` on ``device``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = "auto" if cfg.model.dtype == "auto" else getattr(torch, cfg.model.dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device).eval()
 
 
 def _plain(node: Any) -> Any:

@@ -16,7 +16,8 @@ LATA = [sys.executable, "-m", "lata"]
 
 
 def run_lata(args, tmp_path, env_extra=None, check=True):
-    env = {**os.environ, "LATA_CACHE": str(tmp_path / "cache"), **(env_extra or {})}
+    env = {**os.environ, "LATA_CACHE": str(tmp_path / "cache"), "LATA_RESULTS": str(tmp_path / "results"),
+           **(env_extra or {})}
     result = subprocess.run(LATA + args + [f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
                             capture_output=True, text=True, env=env, timeout=300)
     if check:

@@ -1,0 +1,214 @@
+"""What makes a sweep cheap and resumable: reuse within a process, caches and results on disk.
+
+A Hydra multirun with the basic launcher runs every point in one process, so this module keeps,
+for the life of the process:
+  * each family's checkpoints open (memory-mapped: read from disk once, then from the page cache);
+  * each family's layer analysis (pass 1), computed once; also on disk under
+    ``paths.cache_dir/analysis/<key>.json`` for multi-process launchers (joblib, submitit), keyed
+    by the content fingerprints of base, instruct and experts (the layer weights are derived from
+    it per point: they cost microseconds, so the weighting is not part of the key);
+  * one loaded evaluation model, into which each point copies its merged weights in place.
+
+Decision: the task vectors are not held in memory between points; each point streams them again
+from the (page-cached) checkpoints, which keeps memory bounded by one tensor per expert whatever
+the model size.
+
+Results: every finished point is also stored under ``paths.results_dir/<point key>/``, keyed by
+what determines its numbers (checkpoint contents, merge, weighting, benchmark, evaluation dtype).
+With ``resume=true`` (the default) a point whose results exist is not recomputed: its files are
+copied into the new run directory. A killed sweep therefore loses only the point it was on;
+re-running the same command finishes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lata.analysis import LayerAnalysis, layer_similarities
+from lata.atomic import atomic_directory, write_json_atomic
+from lata.checkpoints import resolve
+from lata.evaluation.tasks import mean_task_score, primary_metric
+from lata.family import Family
+
+log = logging.getLogger("lata")
+
+STORE_VERSION = 1
+RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png")
+_SAMPLES, _BLOCK = 16, 1 << 16
+
+_families: dict[tuple, Family] = {}
+_analyses: dict[str, LayerAnalysis] = {}
+_fingerprints: dict[tuple, str] = {}
+_model: dict[str, Any] = {}  # {"key": (dir, dtype, device), "model": nn.Module}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+def fingerprint(path_or_id: str | os.PathLike) -> str:
+    """A content fingerprint of a checkpoint: sha256 over each safetensors file's name, size,
+    header (every tensor's name, dtype, shape and offsets) and 16 evenly spaced 64 KiB blocks.
+
+    Decision: a sampled hash, not a full one. It changes whenever shapes or headers change and,
+    for retrained weights, whenever any sampled block does; hashing all of a 70B family would cost
+    minutes per sweep. Memoised per process by (path, size, mtime).
+    """
+    folder = resolve(path_or_id)
+    files = sorted(folder.glob("*.safetensors"))
+    stamp = (str(folder.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if stamp not in _fingerprints:
+        digest = hashlib.sha256()
+        for file in files:
+            size = file.stat().st_size
+            digest.update(f"{file.name}:{size}".encode())
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(header_len))
+                for i in range(_SAMPLES):
+                    f.seek((size * i) // _SAMPLES)
+                    digest.update(f.read(_BLOCK))
+        _fingerprints[stamp] = digest.hexdigest()
+    return _fingerprints[stamp]
+
+
+def _key(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- in-process reuse
+
+def open_family(base: str, instruct: str, experts: dict[str, str]) -> Family:
+    """The family, opened once per process."""
+    key = (base, instruct, tuple(experts.items()))
+    if key not in _families:
+        _families[key] = Family.open(base, instruct, experts)
+    return _families[key]
+
+
+def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",
+                    progress: bool = True) -> LayerAnalysis:
+    """Pass 1 for ``family``: from this process, else from the disk cache, else computed and stored."""
+    roles = {"base": family.base.path, "instruct": family.instruct.path,
+             **{f"expert:{k}": c.path for k, c in family.experts.items()}}
+    key = _key({"v": STORE_VERSION, **{role: fingerprint(path) for role, path in roles.items()}})
+    if key in _analyses:
+        return _analyses[key]
+    file = Path(cache_dir) / "analysis" / f"{key}.json"
+    if file.is_file():
+        analysis = LayerAnalysis(**json.loads(file.read_text()))
+        log.info("layer analysis reused from %s", file)
+    else:
+        analysis = layer_similarities(family, device=device, progress=progress)
+        write_json_atomic(file, asdict(analysis))
+        log.info("layer analysis computed and cached in %s", file)
+    _analyses[key] = analysis
+    return analysis
+
+
+def evaluation_model(model_dir: str, dtype: str, device: str, *, reusable: bool):
+    """A loaded causal LM for ``model_dir``.
+
+    ``reusable=True`` (merge points): the process's cached model is returned when it was loaded
+    from the same directory, dtype and device; the caller overwrites every checkpoint tensor in
+    place. ``reusable=False`` (unmerged reference rows): always a fresh load, and the cached model
+    is dropped first, so no state can leak between points and at most one model is held.
+    """
+    key = (str(model_dir), dtype, str(device))
+    if reusable and _model.get("key") == key:
+        return _model["model"]
+    _model.clear()
+    log.info("loading %s for evaluation (dtype %s, device %s)", model_dir, dtype, device)
+    model = _load(model_dir, dtype, device)
+    if reusable:
+        _model.update(key=key, model=model)
+    return model
+
+
+def forget_model() -> None:
+    """Drop the cached model (after a failure that may have left it half-written)."""
+    _model.clear()
+
+
+def _load(path: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+
+
+# --------------------------------------------------------------------------- results store
+
+def point_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
+    """What determines a point's numbers: checkpoint contents, merge, weighting, benchmark, dtype."""
+    merge = _plain(cfg.merge)
+    unmerged = merge["method"] == "none"
+    return _key({
+        "v": STORE_VERSION,
+        "checkpoints": {role: fingerprint(path) for role, path in checkpoints.items()},
+        "merge": {"method": "none", "which": cfg.model.which} if unmerged else merge,
+        "weighting": None if unmerged else _plain(cfg.weighting),
+        "benchmark": {k: v for k, v in _plain(cfg.benchmark).items() if k != "name"},
+        "dtype": cfg.model.dtype,
+    })
+
+
+def stored_result(results_dir: str | os.PathLike, key: str) -> Path | None:
+    folder = Path(results_dir) / key
+    return folder if (folder / "summary.json").is_file() else None
+
+
+def restore(stored: Path, run_dir: Path) -> dict:
+    """Copy a stored point's files into ``run_dir``; return its summary (marked as resumed)."""
+    summary = json.loads((stored / "summary.json").read_text())
+    for name in RESULT_FILES[1:]:
+        if (stored / name).is_file():
+            shutil.copyfile(stored / name, run_dir / name)
+    summary.update(resumed_from=summary.get("run_dir"), run_dir=str(run_dir))
+    write_json_atomic(run_dir / "summary.json", summary)
+    return summary
+
+
+def store(results_dir: str | os.PathLike, key: str, run_dir: Path) -> None:
+    """Copy a finished point's files into the store, atomically (the point counts as done after)."""
+    with atomic_directory(Path(results_dir) / key, overwrite=True) as tmp:
+        for name in RESULT_FILES:
+            if (run_dir / name).is_file():
+                shutil.copyfile(run_dir / name, tmp / name)
+
+
+# --------------------------------------------------------------------------- objective
+
+def objective(metrics: dict[str, dict[str, float]] | None, spec: Any) -> float | None:
+    """The value a hyper-parameter search maximises: the mean task score (``objective.tasks``, or
+    every scored task), subject to ``objective.ppl_ceiling`` on ``objective.ppl_task``.
+
+    Decision: a point above the ceiling scores ``-1 - (ppl / ceiling - 1)``, below every feasible
+    point (task scores lie in [0, 1]) yet still ordered, so the search is pulled back towards it.
+    """
+    if not metrics:
+        return None
+    score = mean_task_score(metrics, list(spec.tasks) if spec.tasks else None)
+    if score is None:
+        return None
+    if spec.ppl_ceiling is not None:
+        ppl_task = spec.ppl_task or next((t for t in metrics if primary_metric(t) == "token_perplexity"), None)
+        if ppl_task is None or ppl_task not in metrics:
+            raise ValueError(f"objective.ppl_ceiling is set but the suite has no perplexity task "
+                             f"(objective.ppl_task={spec.ppl_task!r})")
+        ppl = metrics[ppl_task][primary_metric(ppl_task)]
+        if ppl > spec.ppl_ceiling:
+            return -1.0 - (ppl / spec.ppl_ceiling - 1.0)
+    return float(score)
+
+
+def _plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

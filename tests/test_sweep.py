@@ -1,0 +1,156 @@
+"""Sweeps: reuse within a process, launchers, resume after a kill, Optuna search, objective."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+from conftest import write_family
+from lata import sweep
+from lata.config import ObjectiveConfig
+
+LATA = [sys.executable, "-m", "lata"]
+POINT = ["zoo=micro", "benchmark.tasks=[zoo_ppl]", "benchmark.limit=2", "progress=false"]
+
+
+def lata_multirun(args, cache, results, sweep_dir, check=True, **popen):
+    env = {**os.environ, "LATA_CACHE": str(cache), "LATA_RESULTS": str(results)}
+    cmd = LATA + ["-m", *args, f"hydra.sweep.dir={sweep_dir}"]
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return result.stdout + result.stderr
+
+
+def job_metrics(sweep_dir: Path) -> dict[str, float]:
+    """{override string: token perplexity} over a sweep's job directories."""
+    out = {}
+    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()):
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        key = " ".join(o for o in overrides if o.startswith(("merge.", "weighting=")))
+        out[key] = json.loads((job / "metrics.json").read_text())["zoo_ppl"]["token_perplexity"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def basic_sweep(micro_zoo_cache, tmp_path_factory):
+    """lam x weighting with the basic launcher: every point in one process."""
+    root = tmp_path_factory.mktemp("basic")
+    log = lata_multirun(POINT + ["merge.lam=0.5,1.0", "weighting=uniform,linear_rank"], micro_zoo_cache,
+                        root / "results", root / "sweep")
+    return root, log
+
+
+def test_basic_sweep_computes_analysis_once_and_reuses_one_model(basic_sweep):
+    root, log = basic_sweep
+    metrics = job_metrics(root / "sweep")
+    assert len(metrics) == 4 and len(set(metrics.values())) == 4  # every point evaluated, all different
+    assert log.count("loading ") == 1 and log.count("for evaluation") == 1
+    assert log.count("layer analysis computed") + log.count("layer analysis reused") == 1
+    assert len(list((root / "results").iterdir())) == 4
+
+
+def test_in_place_points_match_a_fresh_process(basic_sweep, micro_zoo_cache, tmp_path):
+    """The last point of the sweep ran in a model that held three other merges before it."""
+    root, _ = basic_sweep
+    lata_multirun(POINT + ["merge.lam=1.0", "weighting=linear_rank"], micro_zoo_cache, tmp_path / "results",
+                  tmp_path / "sweep")
+    fresh = job_metrics(tmp_path / "sweep")
+    assert fresh == {"merge.lam=1.0 weighting=linear_rank": job_metrics(root / "sweep")["merge.lam=1.0 weighting=linear_rank"]}
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers_give_the_basic_launchers_numbers(launcher, basic_sweep, micro_zoo_cache, tmp_path):
+    root, _ = basic_sweep
+    lata_multirun(POINT + [f"hydra/launcher={launcher}", "merge.lam=0.5,1.0", "weighting=uniform"],
+                  micro_zoo_cache, tmp_path / "results", tmp_path / "sweep")
+    expected = {k: v for k, v in job_metrics(root / "sweep").items() if "uniform" in k}
+    assert job_metrics(tmp_path / "sweep") == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_killed_sweep_resumes_where_it_stopped(micro_zoo_cache, tmp_path):
+    args = POINT + ["merge.lam=0.2,0.4,0.6,0.8"]
+    results = tmp_path / "results"
+    proc = lata_multirun(args, micro_zoo_cache, results, tmp_path / "killed", start_new_session=True)
+    stored = lambda: sorted(p.name for p in results.glob("*/summary.json")) if results.is_dir() else []
+    deadline = time.time() + 300
+    while time.time() < deadline and not stored():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-sweep: the next point has started
+    proc.wait()
+    done = stored()
+    assert 1 <= len(done) < 4, done
+    log = lata_multirun(args, micro_zoo_cache, results, tmp_path / "resumed")
+    assert log.count("skipped (resume=false recomputes)") == len(done)
+    assert len(job_metrics(tmp_path / "resumed")) == 4 and len(stored()) == 4
+    assert not [p for p in results.iterdir() if p.name.startswith(".")]  # no half-written point survives
+
+
+def test_optuna_search_returns_the_best_trial(micro_zoo_cache, tmp_path):
+    env = {**os.environ, "LATA_CACHE": str(micro_zoo_cache), "LATA_RESULTS": str(tmp_path / "results")}
+    result = subprocess.run(LATA + ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "zoo=micro",
+                                    "benchmark.tasks=[zoo_ppl,zoo_ua]", "benchmark.limit=2", "progress=false",
+                                    "objective.ppl_ceiling=1e9", f"hydra.sweep.dir={tmp_path / 'search'}"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
+    trials = [json.loads((tmp_path / "search" / str(i) / "summary.json").read_text()) for i in range(3)]
+    values = [sweep.objective(t["metrics"], ObjectiveConfig(ppl_ceiling=1e9)) for t in trials]
+    assert best["best_value"] == max(values)
+    assert set(best["best_params"]) == {"merge.lam", "weighting.drop"}
+    assert len({t["merge"]["lam"] for t in trials}) == 3
+
+
+# --------------------------------------------------------------------------- in-process units
+
+def test_objective_is_the_mean_task_score_under_a_perplexity_ceiling():
+    metrics = {"zoo_math": {"exact_match_strict": 0.2}, "zoo_code": {"pass@1": 0.6},
+               "zoo_ppl": {"token_perplexity": 30.0}}
+    assert sweep.objective(metrics, ObjectiveConfig()) == pytest.approx(0.4)
+    assert sweep.objective(metrics, ObjectiveConfig(tasks=["zoo_code"])) == pytest.approx(0.6)
+    assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=40.0)) == pytest.approx(0.4)
+    assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=20.0)) == pytest.approx(-1.5)  # -1 - (30/20 - 1)
+    assert sweep.objective(None, ObjectiveConfig()) is None
+    with pytest.raises(ValueError, match="objective.ppl_ceiling"):
+        sweep.objective({"zoo_math": {"exact_match_strict": 1.0}}, ObjectiveConfig(ppl_ceiling=10.0))
+
+
+def test_fingerprint_follows_the_content(tmp_path):
+    dirs = write_family(tmp_path / "family", experts=("math",))
+    math = dirs["experts"]["math"]
+    before = sweep.fingerprint(math)
+    assert sweep.fingerprint(math) == before and sweep.fingerprint(dirs["instruct"]) != before
+    file = next(math.glob("*.safetensors"))
+    state = load_file(file)
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name] = state[name] + 1.0  # every block of this tensor changes
+    save_file(state, file, metadata={"format": "pt"})
+    assert sweep.fingerprint(math) != before
+
+
+def test_point_key_covers_what_changes_the_numbers(tmp_path):
+    dirs = write_family(tmp_path / "family", experts=("math",))
+    roles = {"base": dirs["base"], "instruct": dirs["instruct"], "math": dirs["experts"]["math"]}
+    cfg = OmegaConf.create({"merge": {"method": "ta", "lam": 1.0}, "weighting": {"name": "uniform"},
+                            "benchmark": {"name": "zoo", "tasks": ["zoo_ppl"], "limit": 2},
+                            "model": {"which": "instruct", "dtype": "auto"}})
+    key = sweep.point_key(cfg, roles)
+    changed = [("merge.lam", 0.5), ("weighting.name", "log_rank"), ("benchmark.limit", 3), ("model.dtype", "bfloat16")]
+    for path, value in changed:
+        other = cfg.copy()
+        OmegaConf.update(other, path, value)
+        assert sweep.point_key(other, roles) != key, path
+    renamed = cfg.copy()
+    renamed.benchmark.name = "custom"  # the suite's name does not change the numbers
+    assert sweep.point_key(renamed, roles) == key
+    assert sweep.point_key(cfg, {**roles, "math": dirs["instruct"]}) != key
