@@ -43,10 +43,15 @@ test-full: install
 zoo: install
 	$(BIN)/python -m lata.zoo --preset small
 
-## the main job on the embedded default: build (or reuse) the small zoo, merge math + code, evaluate
+## the main job on the embedded default, its reference rows, a small lambda x weighting sweep, the report
+DEMO_LIMIT ?= 40
 demo: install
-	$(BIN)/lata save_model=outputs/demo/merged overwrite=true hydra.run.dir=outputs/demo
-	@echo "demo outputs: outputs/demo (config.yaml, layer_analysis.{json,csv,png}, metrics.json, merged/)"
+	$(BIN)/lata benchmark.limit=$(DEMO_LIMIT) save_model=outputs/demo/main/merged overwrite=true hydra.run.dir=outputs/demo/main
+	$(BIN)/lata -m merge=none model.which=instruct,math,code benchmark.limit=$(DEMO_LIMIT) hydra.sweep.dir=outputs/demo/references
+	$(BIN)/lata -m merge.lam=0.4,0.7,1.0 weighting=uniform,linear_rank benchmark.limit=$(DEMO_LIMIT) hydra.sweep.dir=outputs/demo/sweep
+	$(BIN)/lata-report outputs/demo
+	@echo "demo outputs: outputs/demo/main (config.yaml, layer_analysis.{json,csv,png}, metrics.json, merged/),"
+	@echo "  outputs/demo/references, outputs/demo/sweep; results.csv, results.md and plots in outputs/demo"
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs/demo

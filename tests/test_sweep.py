@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -58,6 +59,12 @@ def test_basic_sweep_computes_analysis_once_and_reuses_one_model(basic_sweep):
     assert log.count("loading ") == 1 and log.count("for evaluation") == 1
     assert log.count("layer analysis computed") + log.count("layer analysis reused") == 1
     assert len(list((root / "results").iterdir())) == 4
+    # the report written at the end of the multirun: one row per point, the jobs' numbers
+    report = pd.read_csv(root / "sweep" / "results.csv")
+    assert len(report) == 4
+    by_point = {f"merge.lam={r.lam} weighting={r.weighting}": r["zoo_ppl/token_perplexity"] for _, r in report.iterrows()}
+    assert by_point == pytest.approx(metrics, rel=1e-12)
+    assert (root / "sweep" / "lambda_zoo_ppl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_in_place_points_match_a_fresh_process(basic_sweep, micro_zoo_cache, tmp_path):
