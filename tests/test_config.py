@@ -143,3 +143,27 @@ def test_benchmark_values_are_checked():
         validate(compose(config_name="config", overrides=["benchmark.pass_k=[1,5]"]))
     with pytest.raises(ConfigError, match="model.which='chef'"):
         validate(compose(config_name="config", overrides=PATHS + ["merge=none", "model.which=chef"]))
+
+
+@pytest.mark.parametrize("launcher, target", [
+    ("joblib", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("submitit_local", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher"),
+    ("submitit_slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_launchers_compose(launcher, target):
+    cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+
+
+def test_optuna_search_composes_as_a_multirun_over_lam_and_drop():
+    cfg = compose(config_name="config", overrides=["hparams_search=optuna", "objective.ppl_ceiling=60"],
+                  return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert dict(cfg.hydra.sweeper.params) == {"merge.lam": "interval(0.1, 1.5)", "weighting.drop": "interval(0.0, 0.9)"}
+    assert cfg.hydra.sweeper.direction == "maximize" and cfg.objective.ppl_ceiling == 60.0
+    assert cfg.hydra.callbacks.report._target_ == "lata.cli.SweepReport"
+
+
+def test_smollm2_is_an_evaluation_only_model_on_the_offline_suite():
+    cfg = compose(config_name="config", overrides=["model=smollm2"])
+    assert cfg.model.embedded == "smollm2" and cfg.merge.method == "none" and cfg.benchmark.name == "offline"
