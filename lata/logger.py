@@ -32,6 +32,7 @@ from lata.config import LOGGERS
 
 log = logging.getLogger("lata")
 
+
 def log_job(logger_cfg: Any, *, run_dir: Path, config: dict, summary: dict, group: str | None = None,
             job_name: str | None = None) -> None:
     """Mirror one finished job (its ``summary`` and the files in ``run_dir``) to the logger.
