@@ -7,27 +7,52 @@ dtype, to the sink. Memory holds one tensor per expert at a time, never a whole 
 
 With anchor=instruct, theta_k - theta_0 is the task vector tau_k; with anchor=base it is the
 complex vector tau_comp_k, exactly as LATA_SPEC defines them.
+
+How a tensor is processed (the levers, each measured with benchmarks/scale.py; README "Scale"):
+- Inputs are zero-copy views of the checkpoints' memory maps. Each tensor's pages are released
+  from the process once it is merged (they stay in the page cache), so resident memory is
+  bounded by a few tensors instead of growing with every input read; a read-ahead thread
+  (``prefetch``) asks the kernel for the next tensors' bytes while this one is computed.
+- Tensors are processed in slices of ``chunk_size`` elements with float32 temporaries that fit
+  in cache and are reused (no whole-tensor float32 copies). The method sees the whole tensor
+  once in ``prepare`` (TIES thresholds, DARE masks) and is elementwise after that, so neither
+  the slicing nor the number of slice workers (``threads``) changes a single bit.
+- Compute runs with one torch thread per worker (``lata.analysis.torch_threads``).
+- An expert whose scale lambda_k * w_{l,k} is 0 for a tensor (a layer LATA dropped) contributes
+  a zero vector to every method; it is not read at all, and a tensor no expert touches is
+  theta_0 itself.
+- ``merge_to_dir`` plans the shards from the headers and writes each tensor as soon as it is
+  merged, from a writer thread (``write_behind``), with O_DIRECT where possible (``direct_io``),
+  reusing output buffers once written: no output shard is ever held in memory.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-from lata.analysis import LayerAnalysis, layer_similarities
+from lata.analysis import (LayerAnalysis, SliceWorkers, as_float32, layer_similarities, thread_buffer, torch_threads,
+                           tune_malloc)
 from lata.atomic import atomic_directory, check_writable_dir
-from lata.checkpoints import TORCH_DTYPES, ShardedWriter, copy_support_files, torch_dtype_of
+from lata.checkpoints import (TORCH_DTYPES, Prefetcher, StreamingShardWriter, copy_support_files,
+                              torch_dtype_of)
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
                          validate_weighting)
 from lata.family import Family
 from lata.methods import MergeMethod, build_method
 from lata.methods.ties import global_threshold
 from lata.weighting import layer_weights
+
+CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries
+DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
+PREFETCH_BYTES = 512 << 20  # how far the read-ahead thread runs ahead of the merge
 
 
 @dataclass
@@ -43,14 +68,45 @@ class MergePlan:
     analysis: LayerAnalysis
     device: str = "cpu"
     thresholds: dict[str, float] | None = None  # TIES global scope: expert -> |v| threshold
+    #: a read-ahead thread asks the kernel for the next tensors' bytes (never changes the result)
+    prefetch: bool = True
+    #: merge_to_dir writes from a writer thread, overlapping the next tensor's merge (same bytes)
+    write_behind: bool = True
+    #: elements per slice of a large tensor; None: CPU_CHUNK on the CPU, DEVICE_CHUNK elsewhere
+    chunk_size: int | None = None
+    #: merge_to_dir writes with O_DIRECT where the file system allows it (same bytes either way)
+    direct_io: bool = True
+    #: slice worker threads, each computing with one torch thread (see lata.analysis.SliceWorkers)
+    threads: int = 1
+    _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
+    _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _workers: SliceWorkers | None = field(default=None, init=False, repr=False, compare=False)
+    _pool: "_BufferPool | None" = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def experts(self) -> list[str]:
         return self.family.expert_names
 
+    @property
+    def chunk(self) -> int:
+        if self.chunk_size is not None:
+            return max(1, int(self.chunk_size))
+        return CPU_CHUNK if torch.device(self.device).type == "cpu" else DEVICE_CHUNK
+
     def weight(self, expert: str, name: str) -> float:
         layer = self.family.layer_of(name)
         return self.rest_weight if layer is None else self.weights[expert][layer]
+
+    def active_experts(self, name: str) -> list[str]:
+        """The experts whose pure vector of tensor ``name`` is not zero: lambda_k * w_{l,k} != 0."""
+        return [k for k in self.experts if self.weight(k, name) != 0 and self.lams[k] != 0]
+
+    def reads(self, name: str) -> list[tuple]:
+        """(checkpoint, tensor) pairs that merging ``name`` reads."""
+        anchor = self.family.anchor(self.anchor)
+        if not _is_float(anchor, name):
+            return [(anchor, name)]
+        return [(anchor, name)] + [(self.family.experts[k], name) for k in self.active_experts(name)]
 
     def pure_vectors(self, name: str, theta0: torch.Tensor) -> list[torch.Tensor]:
         """v_k = w_{l,k} (theta_k - theta_0) for one tensor, float32 on the plan's device."""
@@ -61,15 +117,103 @@ class MergePlan:
         return vectors
 
     def merged_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta_0 + delta in float32 on device, the stored theta_0) for one tensor."""
-        stored = self.family.anchor(self.anchor).get(name)
+        """(theta_0 + delta on the CPU, the stored theta_0) for one tensor.
+
+        The merged tensor is in the dtype being written (inside ``iter_merged``) or float32.
+        """
+        anchor = self.family.anchor(self.anchor)
+        stored = anchor.get(name)
+        try:
+            with torch_threads(1, self.device):
+                return self._merged(name, stored)
+        finally:
+            for ckpt, n in self.reads(name):
+                ckpt.release([n])
+
+    def _merged(self, name: str, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if not stored.is_floating_point():
-            return stored, stored
-        theta0 = stored.to(self.device, torch.float32)
-        delta = self.method.delta(self.pure_vectors(name, theta0), [self.lams[k] for k in self.experts],
-                                  self.experts, name,
-                                  None if self.thresholds is None else [self.thresholds[k] for k in self.experts])
-        return theta0 + delta, stored  # never in place: ``stored`` may share memory with the file map
+            return stored.clone(), stored
+        dtype = self._target or torch.float32
+        out = self._pool.take(stored.shape, dtype) if self._pool is not None else torch.empty(stored.shape, dtype=dtype)
+        active = self.active_experts(name)
+        if not active:  # every pure vector is 0: theta = theta_0
+            out.copy_(stored)
+            return out, stored
+        self._merge_into(name, stored, active, out)
+        return out, stored
+
+    def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor) -> None:
+        """out[...] = theta_0 + delta, slice by slice."""
+        device = self.device
+        views = [self.family.experts[k].get(name).reshape(-1) for k in active]
+        ws = [self.weight(k, name) for k in active]
+        lams = [self.lams[k] for k in active]
+        thresholds = None if self.thresholds is None else [self.thresholds[k] for k in active]
+        theta0 = stored.reshape(-1)
+        vectors = _TensorVectors(self, stored.shape, theta0, views, ws)
+        state = self.method.prepare(vectors, lams, active, name, thresholds)
+        flat_out = out.view(-1)
+        direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
+
+        def work(start: int, stop: int) -> None:
+            buffer = thread_buffer("merge", len(views) + 1, stop - start, device)
+            t0 = as_float32(theta0[start:stop], buffer[0], device)
+            vs = [_pure(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
+            delta = self.method.delta_chunk(vs, lams, active, name, state, start, stop)
+            if direct:
+                torch.add(delta, t0, out=flat_out[start:stop])  # theta_0 + delta
+            else:
+                flat_out[start:stop].copy_(delta.add_(t0))  # theta_0 + delta, cast to the output dtype
+
+        self.workers.map(work, theta0.numel(), self.chunk)
+
+    @property
+    def workers(self) -> SliceWorkers:
+        return self._workers if self._workers is not None else SliceWorkers(1)
+
+    def scratch(self, n: int) -> torch.Tensor:
+        """A float32 buffer of n elements on the device, reused from tensor to tensor."""
+        if self._scratch is None or self._scratch.numel() < n or self._scratch.device != torch.device(self.device):
+            self._scratch = None
+            self._scratch = torch.empty(n, dtype=torch.float32, device=self.device)
+        return self._scratch[:n]
+
+
+class _TensorVectors:
+    """The pure vectors of one tensor for ``MergeMethod.prepare``, computed slice by slice."""
+
+    def __init__(self, plan: MergePlan, shape: torch.Size, theta0: torch.Tensor, views, ws):
+        self.plan, self.shape, self.theta0, self.views, self.ws = plan, shape, theta0, views, ws
+
+    def magnitudes(self, i: int) -> torch.Tensor:
+        n, device = self.theta0.numel(), self.plan.device
+        out = self.plan.scratch(n)
+
+        def work(start: int, stop: int) -> None:
+            buffer = thread_buffer("magnitudes", 2, stop - start, device)
+            t0 = as_float32(self.theta0[start:stop], buffer[0], device)
+            v = _pure(self.views[i][start:stop], t0, self.ws[i], device, buffer[1])
+            torch.abs(v, out=out[start:stop])
+
+        self.plan.workers.map(work, n, self.plan.chunk)
+        return out
+
+
+def _pure(theta_k: torch.Tensor, theta0: torch.Tensor, w: float, device: str,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """v = w * (theta_k - theta_0) for one slice, float32 on ``device`` (into ``out`` if given)."""
+    if out is None:
+        out = theta_k.to(device, torch.float32).sub(theta0)
+    elif theta_k.dtype == torch.float32 and theta_k.device == torch.device(device):
+        torch.sub(theta_k, theta0, out=out)
+    else:
+        out.copy_(theta_k).sub_(theta0)
+    return out.mul_(w) if w != 1.0 else out  # x * 1.0 is x: skipping it changes nothing
+
+
+def _is_float(ckpt, name: str) -> bool:
+    dtype = ckpt.torch_dtype(name)
+    return dtype is None or dtype.is_floating_point
 
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
@@ -101,34 +245,119 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         device=device,
     )
     if plan.method.needs_global_thresholds:
-        plan.thresholds = {k: global_threshold(_expert_vectors(plan, k), merge.density) for k in family.experts}
+        tune_malloc()
+        with torch_threads(1, device):
+            plan.thresholds = {k: global_threshold(_expert_vectors(plan, k), merge.density) for k in family.experts}
     return plan
 
 
 def _expert_vectors(plan: MergePlan, expert: str):
-    """A re-iterable stream of expert k's pure vectors, tensor by tensor (for global top-k)."""
+    """A re-iterable stream of expert k's pure vectors, slice by slice (for global top-k).
+
+    A tensor whose weight w_{l,k} is 0 is a zero vector: it is counted (as an int), not read.
+    """
     anchor, ckpt = plan.family.anchor(plan.anchor), plan.family.experts[expert]
 
     def stream():
-        for name in plan.family.tensor_names:
-            theta0 = anchor.get(name)
-            if theta0.is_floating_point():
-                theta0 = theta0.to(plan.device, torch.float32)
-                yield (ckpt.get(name).to(plan.device, torch.float32) - theta0).mul_(plan.weight(expert, name))
+        names = [n for n in plan.family.tensor_names if _is_float(anchor, n)]
+        reads = [[(anchor, n), (ckpt, n)] if plan.weight(expert, n) != 0 else [] for n in names]
+        with Prefetcher(reads, PREFETCH_BYTES, enabled=plan.prefetch) as prefetcher:
+            for i, name in enumerate(names):
+                prefetcher.advance(i)
+                w = plan.weight(expert, name)
+                if w == 0:
+                    yield _numel(anchor.shape(name))
+                    continue
+                theta0, theta_k = anchor.get(name).reshape(-1), ckpt.get(name).reshape(-1)
+                n, step = theta0.numel(), plan.chunk
+                for start in range(0, n, step):
+                    t0 = theta0[start:start + step].to(plan.device, torch.float32)
+                    yield _pure(theta_k[start:start + step], t0, w, plan.device)
+                anchor.release([name])
+                ckpt.release([name])
 
     return stream
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _BufferPool:
+    """Output buffers handed back by the writer once written, reused for later tensors of the
+    same shape and dtype (fresh large allocations cost a page fault per page). A shape's buffers
+    are dropped when no tensor still to come has it."""
+
+    def __init__(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+        self._left: dict[tuple, int] = {}
+        for _, shape, dtype in entries:
+            key = (tuple(shape), dtype)
+            self._left[key] = self._left.get(key, 0) + 1
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        with self._lock:
+            self._left[key] = self._left.get(key, 1) - 1
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype)
+
+    def give(self, tensor: torch.Tensor) -> None:
+        key = (tuple(tensor.shape), tensor.dtype)
+        with self._lock:
+            if self._left.get(key, 0) > 0:
+                self._free.setdefault(key, []).append(tensor)
+            else:
+                self._free.pop(key, None)
+
+
+@contextmanager
+def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
+    """Within the block, merged tensors come out in ``target`` (None: the anchor's dtype) and
+    the read-ahead thread and the slice workers run."""
+    tune_malloc()
+    previous = plan._target
+    reads = [plan.reads(n) for n in names]
+    prefetcher = Prefetcher(reads, PREFETCH_BYTES, enabled=plan.prefetch)
+    plan._workers = SliceWorkers(plan.threads, device=plan.device)
+    try:
+        yield prefetcher
+    finally:
+        prefetcher.close()
+        plan._workers.close()
+        plan._workers = None
+        plan._target = previous
+        plan._scratch = None
+
+
+def _output_dtype(plan: MergePlan, name: str, target: torch.dtype | None) -> torch.dtype:
+    anchor = plan.family.anchor(plan.anchor)
+    stored = anchor.torch_dtype(name)
+    if stored is None:
+        stored = anchor.get(name).dtype
+    return (target or stored) if stored.is_floating_point else stored
 
 
 def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True
                 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor on CPU) in the output dtype: ``out_dtype`` or the anchor's."""
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
-    for name in tqdm(plan.family.tensor_names, desc=f"merge ({plan.method.name})", disable=not progress,
-                     leave=False):
-        merged, stored = plan.merged_tensor(name)
-        if merged.is_floating_point():
-            merged = merged.to("cpu", target or stored.dtype)
-        yield name, merged
+    names = plan.family.tensor_names
+    with _writing(plan, target, names) as prefetcher:
+        for i, name in enumerate(tqdm(names, desc=f"merge ({plan.method.name})", disable=not progress,
+                                      leave=False)):
+            prefetcher.advance(i)
+            plan._target = _output_dtype(plan, name, target)
+            merged, stored = plan.merged_tensor(name)
+            if merged.is_floating_point():
+                merged = merged.to("cpu", target or stored.dtype)
+            yield name, merged
 
 
 def merge_state_dict(plan: MergePlan, out_dtype: str | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
@@ -141,15 +370,27 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
     """Write the merged model as a sharded safetensors HF checkpoint, atomically.
 
     Config, generation config and tokenizer come from the anchor model. The checkpoint is built
-    in a temporary sibling directory and renamed to ``out_dir`` only when whole.
+    in a temporary sibling directory and renamed to ``out_dir`` only when whole. Shards are
+    planned from the headers and each tensor is written as soon as it is merged.
     """
     max_bytes = parse_size(shard_size, key="shard_size")
     anchor = plan.family.anchor(plan.anchor)
+    target = TORCH_DTYPES[out_dtype] if out_dtype else None
+    entries = [(n, anchor.shape(n), _output_dtype(plan, n, target)) for n in plan.family.tensor_names]
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardedWriter(tmp, max_bytes)
-        for name, tensor in iter_merged(plan, out_dtype, progress):
-            writer.add(name, tensor)
-        writer.finish()
+        pool = _BufferPool(entries)
+        writer = StreamingShardWriter(tmp, entries, max_bytes, threaded=plan.write_behind, direct=plan.direct_io,
+                                      on_written=pool.give)
+        plan._pool = pool
+        try:
+            for name, tensor in iter_merged(plan, out_dtype, progress):
+                writer.add(name, tensor)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            plan._pool = None
         copy_support_files(anchor.path, tmp, dtype=out_dtype or _anchor_dtype_name(plan))
     return Path(out_dir)
 

@@ -2,39 +2,82 @@
 
 theta = theta_0 + delta. No I/O, no config objects: the engine hands each method the float32
 pure vectors of one tensor. ``build_method`` turns merge options into a method object.
+
+Every method is elementwise once it has seen the whole tensor: ``prepare`` takes what needs the
+whole tensor (TIES: each expert's magnitude threshold; DARE: the seeded masks) and
+``delta_chunk`` computes the delta of any slice of the flattened tensor from the vectors' values
+in that slice. The engine streams large tensors through ``delta_chunk`` in slices (bounded
+memory, cache-sized work); ``delta`` is the same on the whole tensor at once, and gives the
+same values whatever the slicing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
-from lata.methods.dare import dare, dare_ties
-from lata.methods.ta import task_arithmetic
-from lata.methods.ties import tensor_threshold, ties
+from lata.methods.dare import keep_mask, rescale_kept
+from lata.methods.ta import task_arithmetic_
+from lata.methods.ties import disjoint_mean, keep_count, kth_largest, ties
+
+
+class TensorVectors(Protocol):
+    """The pure vectors v_k of one tensor, as the engine offers them to ``prepare``."""
+
+    shape: torch.Size
+
+    def magnitudes(self, i: int) -> torch.Tensor:
+        """|v_i| flattened, float32; a scratch buffer the caller may reorder (reused by the next call)."""
+
+
+class _WholeVectors:
+    """``TensorVectors`` over already-computed whole tensors (``MergeMethod.delta``)."""
+
+    def __init__(self, vectors: Sequence[torch.Tensor]):
+        self.vectors = list(vectors)
+        self.shape = self.vectors[0].shape
+
+    def magnitudes(self, i: int) -> torch.Tensor:
+        return self.vectors[i].detach().reshape(-1).abs().float()
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """Base: ``delta(vectors, lams, experts, tensor, thresholds)`` for one tensor."""
+    """Base: ``prepare`` + ``delta_chunk``; ``delta(vectors, lams, experts, tensor, thresholds)`` for one tensor."""
 
     name = "base"
     #: per-expert whole-model magnitude thresholds the engine must compute first (TIES global)
     needs_global_thresholds = False
 
+    def prepare(self, vectors: TensorVectors, lams: Sequence[float], experts: Sequence[str], tensor: str,
+                thresholds: Sequence[float] | None = None) -> Any:
+        """What ``delta_chunk`` needs from the whole tensor (nothing, by default)."""
+        return None
+
+    def delta_chunk(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
+                    tensor: str, state: Any, start: int, stop: int) -> torch.Tensor:
+        """The delta of elements [start, stop) of the flattened tensor, from the vectors' slices.
+
+        The vectors are scratch: the method may overwrite them (and return one of them).
+        """
+        raise NotImplementedError
+
     def delta(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
               tensor: str, thresholds: Sequence[float] | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        shape = vectors[0].shape
+        state = self.prepare(_WholeVectors(vectors), lams, experts, tensor, thresholds)
+        flat = [v.reshape(-1).clone() for v in vectors]  # delta_chunk may overwrite them
+        return self.delta_chunk(flat, lams, experts, tensor, state, 0, flat[0].numel()).view(shape)
 
 
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
     name = "ta"
 
-    def delta(self, vectors, lams, experts, tensor, thresholds=None):
-        return task_arithmetic(vectors, lams)
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return task_arithmetic_(vectors, lams)
 
 
 @dataclass(frozen=True)
@@ -47,12 +90,17 @@ class Ties(MergeMethod):
     def needs_global_thresholds(self) -> bool:  # type: ignore[override]
         return self.topk_scope == "global"
 
-    def delta(self, vectors, lams, experts, tensor, thresholds=None):
+    def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         if self.topk_scope == "tensor":
-            thresholds = [tensor_threshold(v, self.density) for v in vectors]
-        elif thresholds is None:
+            n = vectors.shape.numel()
+            return [kth_largest(vectors.magnitudes(i), keep_count(n, self.density), scratch=True)
+                    for i in range(len(experts))]
+        if thresholds is None:
             raise ValueError("TIES with topk_scope=global needs the whole-model thresholds")
-        return ties(vectors, lams, thresholds)
+        return list(thresholds)
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return ties(vectors, lams, state)
 
 
 @dataclass(frozen=True)
@@ -61,16 +109,25 @@ class Dare(MergeMethod):
     seed: int = 0
     name = "dare"
 
-    def delta(self, vectors, lams, experts, tensor, thresholds=None):
-        return dare(vectors, lams, experts, tensor, self.p, self.seed)
+    def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        return [keep_mask(vectors.shape, self.p, self.seed, e, tensor).reshape(-1) for e in experts]
+
+    def _contributions(self, vectors, lams, masks, start, stop):
+        return [rescale_kept(v, m[start:stop], lam, self.p) for v, lam, m in zip(vectors, lams, masks)]
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        total = torch.zeros_like(vectors[0])
+        for u in self._contributions(vectors, lams, state, start, stop):
+            total += u
+        return total
 
 
 @dataclass(frozen=True)
 class DareTies(Dare):
     name = "dare_ties"
 
-    def delta(self, vectors, lams, experts, tensor, thresholds=None):
-        return dare_ties(vectors, lams, experts, tensor, self.p, self.seed)
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return disjoint_mean(self._contributions(vectors, lams, state, start, stop))
 
 
 def build_method(method: str, *, density: float = 0.2, topk_scope: str = "tensor", p: float = 0.9,

@@ -27,7 +27,12 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, seed: int, expert: st
 
 def drop_and_rescale(v: torch.Tensor, lam: float, p: float, seed: int, expert: str, tensor: str) -> torch.Tensor:
     """u = lambda * m * v / (1 - p)."""
-    mask = keep_mask(v.shape, p, seed, expert, tensor).to(v.device)
+    return rescale_kept(v, keep_mask(v.shape, p, seed, expert, tensor), lam, p)
+
+
+def rescale_kept(v: torch.Tensor, mask: torch.Tensor, lam: float, p: float) -> torch.Tensor:
+    """u = lambda * m * v / (1 - p) for a given mask m (any slice of the tensor with its mask)."""
+    mask = mask.to(v.device).view(v.shape)
     return torch.where(mask, v * (lam / (1.0 - p)), torch.zeros((), dtype=v.dtype, device=v.device))
 
 

@@ -8,8 +8,24 @@ import torch
 
 
 def task_arithmetic(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> torch.Tensor:
-    """sum_k lambda_k v_k, accumulated in the vectors' dtype (float32 in the engine)."""
-    total = torch.zeros_like(vectors[0])
+    """sum_k lambda_k v_k, accumulated in the vectors' dtype (float32 in the engine).
+
+    Each product and each sum is one rounded float operation (no fused multiply-add), so the
+    result is the same however the tensor is cut into chunks or threads.
+    """
+    total = None
     for lam, v in zip(lams, vectors):
-        total.add_(v, alpha=lam)
+        if total is None:
+            total = v * lam if lam != 1.0 else v.clone()
+        else:
+            total.add_(v * lam if lam != 1.0 else v)
+    return total
+
+
+def task_arithmetic_(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> torch.Tensor:
+    """``task_arithmetic`` computed in place in the vectors (scratch buffers): the same values."""
+    total = None
+    for lam, v in zip(lams, vectors):
+        term = v.mul_(lam) if lam != 1.0 else v
+        total = term if total is None else total.add_(term)
     return total

@@ -3,9 +3,16 @@
 Decisions the spec leaves open:
 - k = ceil(density * n) is taken with a 1e-9 relative tolerance, so float artefacts such as
   0.07 * 100 = 7.000000000000001 keep 7 values, not 8; at least one value is kept when n > 0.
+- The per-tensor threshold (the k-th largest |v|) is exact: a selection (introselect) on the
+  tensor's magnitudes. On the CPU it runs in numpy (``ndarray.partition``, in place on the
+  engine's scratch buffer), about 10x faster than ``torch.kthvalue`` there; on other devices
+  ``torch.kthvalue``. Both return the same value.
 - The global (whole-model) threshold is found exactly, with two streaming passes of 65,536-bin
   histograms over the float32 bit patterns of |v| (non-negative floats order like their bits):
   memory is constant, and no expert is ever held whole.
+- Once the thresholds are known, trim, election and mean are elementwise, written with
+  arithmetic (threshold, copysign, relu, sign) rather than boolean masks: the same values,
+  several times faster on the CPU, and the same in any slicing of the tensor.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 _BINS = 1 << 16
 
@@ -25,10 +34,25 @@ def keep_count(n: int, density: float) -> int:
     return max(1, math.ceil(density * n * (1 - 1e-9)))
 
 
+def kth_largest(values: torch.Tensor, k: int, *, scratch: bool = False) -> float:
+    """The k-th largest of a tensor's values (1 <= k <= n), exactly.
+
+    ``scratch=True`` allows reordering ``values`` in place (no copy).
+    """
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is out of range for {n} values")
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        array = flat.numpy() if scratch and flat.is_contiguous() else flat.numpy().copy()
+        array.partition(n - k)
+        return float(array[n - k])
+    return float(torch.kthvalue(flat, n - k + 1).values)
+
+
 def kth_largest_magnitude(v: torch.Tensor, k: int) -> float:
     """The k-th largest |value| of a tensor."""
-    flat = v.detach().abs().flatten()
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    return kth_largest(v.detach().abs().float(), k, scratch=True)
 
 
 def tensor_threshold(v: torch.Tensor, density: float) -> float:
@@ -40,11 +64,18 @@ def _magnitude_bits(v: torch.Tensor) -> torch.Tensor:
     return v.detach().float().abs().contiguous().view(torch.int32).flatten()
 
 
-def global_threshold(tensors: Callable[[], Iterable[torch.Tensor]], density: float) -> float:
-    """Exact k-th largest |value| over every tensor that ``tensors()`` yields (called twice)."""
+def global_threshold(tensors: Callable[[], Iterable[torch.Tensor | int]], density: float) -> float:
+    """Exact k-th largest |value| over every tensor that ``tensors()`` yields (called twice).
+
+    An ``int`` item stands for that many zeros (a tensor whose pure vector is 0, never read).
+    """
     high = torch.zeros(_BINS, dtype=torch.int64)
     n = 0
     for v in tensors():
+        if isinstance(v, int):
+            high[0] += v
+            n += v
+            continue
         bits = _magnitude_bits(v)
         high += torch.bincount((bits >> 16).long(), minlength=_BINS).cpu()
         n += bits.numel()
@@ -54,6 +85,10 @@ def global_threshold(tensors: Callable[[], Iterable[torch.Tensor]], density: flo
     hi, rank = _bin_holding(high, k)
     low = torch.zeros(_BINS, dtype=torch.int64)
     for v in tensors():
+        if isinstance(v, int):
+            if hi == 0:
+                low[0] += v
+            continue
         bits = _magnitude_bits(v)
         in_bin = bits[(bits >> 16) == hi]
         low += torch.bincount((in_bin & 0xFFFF).long(), minlength=_BINS).cpu()
@@ -69,25 +104,49 @@ def _bin_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return _BINS - 1 - i, k - above
 
 
+def _largest_below(threshold: float) -> float:
+    """The largest float32 strictly below ``threshold`` (|v| > it exactly when |v| >= threshold)."""
+    return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+
+
 def trim(v: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Keep the values with |v| >= threshold, zero the rest."""
-    return torch.where(v.abs() >= threshold, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    """Keep the values with |v| >= threshold, zero the rest (a new tensor)."""
+    if v.dtype != torch.float32 or np.float32(threshold) != threshold:
+        return torch.where(v.abs() >= threshold, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    kept = F.threshold_(v.abs(), _largest_below(threshold), 0.0)  # |v| where |v| > below(t), else 0
+    return kept.copysign_(v)
 
 
 def disjoint_mean(us: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sign election and disjoint mean of already-scaled contributions u_k.
 
     gamma = sign(sum_k u_k); the mean over the k with sign(u_k) = gamma and u_k != 0; 0 where
-    no contribution agrees.
+    no contribution agrees. Written without masks: u_k agrees exactly when relu(u_k * gamma) > 0
+    (gamma is -1, 0 or 1, so the product is exact), and the mean is gamma * sum_k relu(u_k *
+    gamma) / max(count, 1), the same sum as that of the agreeing u_k with the sign taken out.
     """
-    stacked = torch.stack(list(us))
-    gamma = torch.sign(stacked.sum(0))
-    agree = (torch.sign(stacked) == gamma) & (stacked != 0)
-    count = agree.sum(0)
-    total = torch.where(agree, stacked, torch.zeros((), dtype=stacked.dtype, device=stacked.device)).sum(0)
-    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+    us = list(us)
+    gamma = us[0] + us[1] if len(us) > 1 else us[0].clone()
+    for u in us[2:]:
+        gamma.add_(u)
+    gamma.sign_()
+    total = count = None
+    for u in us:
+        agreeing = torch.mul(u, gamma).relu_()
+        if total is None:
+            total, count = agreeing, torch.sign(agreeing)
+        else:
+            total.add_(agreeing)
+            count.add_(torch.sign(agreeing))
+    return total.mul_(gamma).div_(count.clamp_(min=1.0))
 
 
 def ties(vectors: Sequence[torch.Tensor], lams: Sequence[float], thresholds: Sequence[float]) -> torch.Tensor:
     """TIES merge of one tensor given each expert's magnitude threshold (tensor or global scope)."""
-    return disjoint_mean([lam * trim(v, t) for v, lam, t in zip(vectors, lams, thresholds)])
+    us = []
+    for v, lam, t in zip(vectors, lams, thresholds):
+        u = trim(v, t)
+        if lam != 1.0:
+            u.mul_(lam)
+        us.append(u)
+    return disjoint_mean(us)

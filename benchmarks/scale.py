@@ -1,0 +1,455 @@
+"""Scale benchmark: time and peak memory of LATA merges of multi-GB checkpoints, against mergekit.
+
+    python benchmarks/scale.py --size 135m --mergekit /path/to/mergekit-yaml --check
+    python benchmarks/scale.py --size 1.1b --mergekit /path/to/mergekit-yaml --mergekit-methods ta
+    python benchmarks/scale.py --size 1.1b --cold --weightings linear_rank
+
+1. Writes (once, reused afterwards) a Llama-shaped family under ``--work-dir/<size>/``: base
+   (random, initialiser-like), instruct = base + small noise, and two experts = instruct + a
+   share of the instruction vector that fades with depth + low-rank task deltas that grow with
+   depth + noise, so layer similarities are meaningful (early layers instruction-like).
+2. Measures the I/O floor in a fresh process: read every input file once (plain reads) and
+   write one output of the merged model's size, once through the page cache and once with
+   O_DIRECT; the floor takes the faster write. Warm cache by default (every run starts after
+   an untimed read of all inputs); ``--cold`` instead evicts the inputs from the page cache
+   (posix_fadvise DONTNEED on our own files, no root needed) before the floor and every run.
+3. Runs every merge in a fresh subprocess, alternating mergekit and lata per method, and reads
+   wall time, CPU time and peak resident memory (ru_maxrss from wait4: the process and its
+   children, file-backed mapped pages included) for each; prints the ratios lata/mergekit.
+
+Each lata run goes through the ``lata`` CLI (``--via cli``, the default: model=paths,
+benchmark=none, save_model=..., a fresh cache so the layer analysis is computed every time) or
+through the library in ``python -c`` (``--via library``). mergekit runs ``mergekit-yaml``
+(installed in its own virtual environment) with ``merge_method: task_arithmetic`` / ``ties``,
+``base_model`` = instruct, weight 1 (= lambda) and the same density, arithmetic in float32
+(``dtype: float32``), output in the inputs' dtype, ``--lazy-unpickle``, one output shard size
+equal to lata's. ``--check`` compares lata's uniform-weighted output with mergekit's.
+``--omp-threads N`` sets OMP_NUM_THREADS/MKL_NUM_THREADS for every run of both tools.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHAPES = {
+    # SmolLM2-135M: hidden 576, intermediate 1536, 30 layers, 9 heads, 3 kv heads, vocab 49152, tied
+    "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, dtype="float32"),
+    # TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000
+    "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, dtype="bfloat16"),
+    # a small shape for trying the script itself
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, dtype="float32"),
+}
+ROLES = ("base", "instruct", "math", "code")
+EXPERTS = ("math", "code")
+ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+GENERATOR_VERSION = 1
+
+
+# --------------------------------------------------------------------------- the family
+
+def tensor_specs(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
+    h, i, L = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = shape["num_key_value_heads"] * (h // shape["num_attention_heads"])
+    specs = [("model.embed_tokens.weight", (shape["vocab_size"], h))]
+    for l in range(L):
+        p = f"model.layers.{l}."
+        specs += [(p + "input_layernorm.weight", (h,)), (p + "post_attention_layernorm.weight", (h,)),
+                  (p + "self_attn.q_proj.weight", (h, h)), (p + "self_attn.k_proj.weight", (kv, h)),
+                  (p + "self_attn.v_proj.weight", (kv, h)), (p + "self_attn.o_proj.weight", (h, h)),
+                  (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                  (p + "mlp.down_proj.weight", (h, i))]
+    specs.append(("model.norm.weight", (h,)))
+    if not shape["tie_word_embeddings"]:
+        specs.append(("lm_head.weight", (shape["vocab_size"], h)))
+    return specs
+
+
+def llama_config(shape: dict) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": shape["hidden_size"], "intermediate_size": shape["intermediate_size"],
+        "num_hidden_layers": shape["num_hidden_layers"], "num_attention_heads": shape["num_attention_heads"],
+        "num_key_value_heads": shape["num_key_value_heads"], "vocab_size": shape["vocab_size"],
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "tie_word_embeddings": shape["tie_word_embeddings"], "torch_dtype": shape["dtype"],
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
+    }
+
+
+def _layer_of(name: str) -> int | None:
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+
+def family_tensors(name: str, shape: tuple[int, ...], num_layers: int, seed: int):
+    """float32 tensors of one parameter for base, instruct, math, code (deterministic per tensor)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    layer = _layer_of(name)
+    depth = 0.5 if layer is None else layer / max(1, num_layers - 1)  # 0 = first block, 1 = last
+    if len(shape) == 1:  # norms
+        base = 1.0 + 0.05 * torch.randn(shape, generator=g)
+    else:
+        base = 0.02 * torch.randn(shape, generator=g)
+    instr = 0.002 * torch.randn(shape, generator=g)
+    instruct = base + instr
+    out = {"base": base, "instruct": instruct}
+    for k in EXPERTS:
+        # the instruction direction, strong early; a low-rank task delta, strong late; noise
+        share = 0.6 * (1.0 - depth)
+        scale = 0.0005 + 0.003 * depth
+        if len(shape) == 2:
+            rank = 4
+            a = torch.randn(shape[0], rank, generator=g)
+            b = torch.randn(rank, shape[1], generator=g)
+            task = (a @ b) * (scale / math.sqrt(rank))
+        else:
+            task = scale * torch.randn(shape, generator=g)
+        task += 0.0005 * torch.randn(shape, generator=g)
+        out[k] = instruct + share * instr + task
+    return out
+
+
+def write_family(root: Path, size: str) -> dict[str, Path]:
+    """The four checkpoints under ``root`` (skipped when a complete copy with the same recipe exists)."""
+    import torch
+
+    shape = SHAPES[size]
+    stamp = root / "family.json"
+    recipe = {"size": size, "shape": shape, "version": GENERATOR_VERSION}
+    dirs = {r: root / r for r in ROLES}
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return dirs
+    if root.exists():
+        shutil.rmtree(root)
+    dtype = getattr(torch, shape["dtype"])
+    specs = tensor_specs(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    files = {}
+    for role, d in dirs.items():
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(llama_config(shape), indent=2))
+        files[role] = open(d / "model.safetensors", "wb")
+        _write_header(files[role], [(n, s, ST_DTYPE[shape["dtype"]], itemsize) for n, s in specs])
+    t0 = time.perf_counter()
+    for i, (name, tshape) in enumerate(specs):
+        tensors = family_tensors(name, tshape, shape["num_hidden_layers"], seed=1000 + i)
+        for role in ROLES:
+            files[role].write(tensors[role].to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+    for f in files.values():
+        f.close()
+    os.sync()
+    stamp.write_text(json.dumps(recipe))
+    print(f"wrote the {size} family to {root} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return dirs
+
+
+def _write_header(f, entries) -> None:
+    """A safetensors header for tensors written afterwards in this order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, st_dtype, itemsize in entries:
+        n = math.prod(shape) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    f.write(struct.pack("<Q", len(raw)) + raw)
+
+
+# --------------------------------------------------------------------------- running and measuring
+
+@dataclass
+class Result:
+    label: str
+    wall_s: float
+    maxrss_mb: float
+    cpu_s: float
+    load_before: float
+    rc: int
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop our own files' clean pages from the page cache (cold-cache runs)."""
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def measure(label: str, argv: list[str], log: Path, env: dict | None = None) -> Result:
+    """Run ``argv`` as a fresh process; wall time and its (and its children's) peak RSS."""
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    result = Result(label, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, load, proc.returncode)
+    state = "ok" if result.rc == 0 else f"FAILED rc={result.rc} (see {log})"
+    print(f"  {label:<34} {wall:8.2f} s  {result.maxrss_mb:8.0f} MB peak RSS  {result.cpu_s:7.1f} s CPU  "
+          f"(load {load:.2f}) {state}", flush=True)
+    return result
+
+
+FLOOR = r"""
+import mmap, os, sys, time
+mode, out, nbytes, inputs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+buf = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT needs
+view = memoryview(buf)
+t0 = time.perf_counter()
+for path in inputs:
+    with open(path, 'rb', buffering=0) as f:
+        while f.readinto(view):
+            pass
+t1 = time.perf_counter()
+fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (os.O_DIRECT if mode == 'direct' else 0), 0o644)
+left = nbytes - nbytes % 4096 if mode == 'direct' else nbytes
+while left:
+    left -= os.write(fd, view[:min(left, len(view))])
+os.close(fd)
+t2 = time.perf_counter()
+print(f'{t1 - t0:.3f} {t2 - t1:.3f}')
+"""
+
+
+def floor(inputs: list[Path], out: Path, nbytes: int, mode: str) -> tuple[float, float]:
+    """(read s, write s): read every input once (plain reads), write ``nbytes`` (``mode``:
+    buffered, through the page cache, or direct, O_DIRECT) in a fresh process."""
+    t = subprocess.run([sys.executable, "-c", FLOOR, mode, str(out), str(nbytes), *map(str, inputs)],
+                       capture_output=True, text=True, check=True).stdout.split()
+    out.unlink()
+    return float(t[0]), float(t[1])
+
+
+def warm(inputs: list[Path]) -> None:
+    """Read every input once (untimed), so each run starts with them in the page cache."""
+    buf = bytearray(16 << 20)
+    for path in inputs:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def startup(argv: list[str], log: Path, env: dict | None = None) -> float:
+    """Wall time of a command that starts the tool and merges nothing."""
+    t0 = time.perf_counter()
+    with open(log, "w") as out:
+        subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    return time.perf_counter() - t0
+
+
+LIBRARY = r"""
+import sys
+from lata import Family, MergeConfig, WeightingConfig, plan_merge, merge_to_dir
+base, instruct, math_, code, out, method, weighting, density = sys.argv[1:9]
+family = Family.open(base, instruct, {"math": math_, "code": code})
+plan = plan_merge(family, MergeConfig(method=method, density=float(density)), WeightingConfig(name=weighting),
+                  progress=False)
+merge_to_dir(plan, out, overwrite=True, progress=False)
+"""
+
+
+def lata_argv(via: str, dirs: dict, out: Path, method: str, weighting: str, density: float, run_dir: Path,
+              shard_size: str) -> list[str]:
+    if via == "library":
+        return [sys.executable, "-c", LIBRARY, *(str(dirs[r]) for r in ROLES), str(out), method, weighting,
+                str(density)]
+    return [sys.executable, "-m", "lata", "model=paths", f"++model.base={dirs['base']}",
+            f"++model.instruct={dirs['instruct']}", f"++model.experts.math={dirs['math']}",
+            f"++model.experts.code={dirs['code']}", f"merge={method}", f"weighting={weighting}",
+            *([f"merge.density={density}"] if method == "ties" else []), "benchmark=none",
+            f"save_model={out}", "overwrite=true", "progress=false", f"shard_size={shard_size}",
+            f"hydra.run.dir={run_dir}"]
+
+
+def mergekit_config(dirs: dict, method: str, density: float, dtype: str) -> dict:
+    params = {"weight": 1.0, **({"density": density} if method == "ties" else {})}
+    config = {
+        "merge_method": "task_arithmetic" if method == "ta" else "ties",
+        "base_model": str(dirs["instruct"]),
+        "models": [{"model": str(dirs[k]), "parameters": dict(params)} for k in EXPERTS],
+        "dtype": "float32",  # arithmetic in float32, as lata does
+        "out_dtype": dtype,
+    }
+    if method == "ties":
+        config["parameters"] = {"normalize": True}  # the disjoint mean
+    return config
+
+
+def mergekit_argv(exe: str, config: Path, out: Path, shard_params: int) -> list[str]:
+    return [exe, str(config), str(out), "--lazy-unpickle", "--no-copy-tokenizer", "--no-write-model-card",
+            "--quiet", f"--out-shard-size={shard_params}"]
+
+
+def compare_outputs(a: Path, b: Path) -> float:
+    """Largest |a - b| over every tensor of two checkpoints (read one tensor at a time)."""
+    from safetensors import safe_open
+
+    def index(d: Path) -> dict[str, Path]:
+        idx = {}
+        for f in sorted(d.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                idx.update({n: f for n in h.keys()})
+        return idx
+
+    ia, ib = index(a), index(b)
+    worst = 0.0
+    for name in sorted(set(ia) & set(ib)):
+        with safe_open(str(ia[name]), "pt") as ha, safe_open(str(ib[name]), "pt") as hb:
+            x, y = ha.get_tensor(name).float(), hb.get_tensor(name).float()
+        worst = max(worst, float((x - y).abs().max()))
+    missing = set(ia) ^ set(ib)
+    if missing:
+        print(f"  tensors in only one output: {sorted(missing)[:3]}")
+    return worst
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SHAPES), default="135m")
+    ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lata-scale",
+                    help="where the families and outputs go (not the repository; 1.1b needs ~12 GB)")
+    ap.add_argument("--mergekit", help="path to mergekit-yaml (in its own virtual environment)")
+    ap.add_argument("--methods", default="ta,ties", help="comma-separated: ta, ties")
+    ap.add_argument("--mergekit-methods", help="the methods mergekit also runs (default: all of --methods)")
+    ap.add_argument("--weightings", default="uniform,linear_rank", help="lata weightings to time")
+    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--via", choices=["cli", "library"], default="cli")
+    ap.add_argument("--shard-size", default="2GB", help="lata shard_size (mergekit gets the same in parameters)")
+    ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before each run")
+    ap.add_argument("--check", action="store_true", help="compare lata (uniform) and mergekit outputs")
+    ap.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every run (both tools)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.omp_threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.omp_threads)
+
+    import torch
+
+    shape = SHAPES[args.size]
+    root = args.work_dir / args.size
+    dirs = write_family(root, args.size)
+    inputs = sorted(p for r in ROLES for p in dirs[r].glob("*.safetensors"))
+    in_bytes = sum(p.stat().st_size for p in inputs)
+    itemsize = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
+    out_bytes = sum(math.prod(s) for _, s in tensor_specs(shape)) * itemsize
+    from lata.config import parse_size
+    shard_params = parse_size(args.shard_size) // itemsize
+    print(f"{args.size}: {len(tensor_specs(shape))} tensors, {shape['dtype']}, inputs {in_bytes / 1e9:.2f} GB "
+          f"in {len(inputs)} files, output {out_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads); "
+          f"cache: {'cold' if args.cold else 'warm'}",
+          flush=True)
+
+    runs_dir = args.work_dir / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    floors: list[tuple[float, float, float]] = []
+    methods = [m for m in args.methods.split(",") if m]
+    weightings = [w for w in args.weightings.split(",") if w]
+    outs = {}
+    fresh_env = lambda tag: {**os.environ, "LATA_CACHE": str(runs_dir / f"cache-{tag}"),
+                             "LATA_RESULTS": str(runs_dir / f"cache-{tag}" / "results")}
+    starts = {"lata": startup([*lata_argv("cli", dirs, runs_dir / "unused", "ta", "uniform", args.density,
+                                          runs_dir / "hydra-dry", args.shard_size), "dry_run=true"],
+                              runs_dir / "startup-lata.log", env=fresh_env("dry-run"))}
+    if args.mergekit:
+        starts["mergekit"] = startup([args.mergekit, "--help"], runs_dir / "startup-mergekit.log")
+    print("startup, nothing merged: " + ", ".join(f"{k} {v:.2f} s" for k, v in starts.items())
+          + "  (lata: CLI dry run, headers only" + ("; mergekit: --help)" if args.mergekit else ")"), flush=True)
+    for rep in range(args.repeats):
+        if args.cold:
+            evict(inputs)
+        r1, w1 = floor(inputs, runs_dir / "floor.bin", out_bytes, "buffered")
+        if args.cold:
+            evict(inputs)
+        r2, w2 = floor(inputs, runs_dir / "floor.bin", out_bytes, "direct")
+        floors.append((min(r1, r2), w1, w2))
+        print(f"[{rep + 1}/{args.repeats}] floor: read {in_bytes / 1e9:.2f} GB in {min(r1, r2):.2f} s "
+              f"({in_bytes / 1e9 / min(r1, r2):.2f} GB/s); write {out_bytes / 1e9:.2f} GB in {w1:.2f} s buffered, "
+              f"{w2:.2f} s O_DIRECT", flush=True)
+        for method in methods:
+            jobs = []
+            mk_methods = (args.mergekit_methods or args.methods).split(",")
+            if args.mergekit and method in mk_methods:
+                cfg = runs_dir / f"mergekit-{method}.yaml"
+                cfg.write_text(json.dumps(mergekit_config(dirs, method, args.density, shape["dtype"]), indent=2))
+                out = runs_dir / f"out-mergekit-{method}"
+                jobs.append((f"mergekit {method}", "mergekit", out, mergekit_argv(args.mergekit, cfg, out, shard_params)))
+            for weighting in weightings:
+                out = runs_dir / f"out-lata-{method}-{weighting}"
+                jobs.append((f"lata {method} + {weighting}", f"lata-{weighting}", out,
+                             lata_argv(args.via, dirs, out, method, weighting, args.density,
+                                       runs_dir / f"hydra-{method}-{weighting}", args.shard_size)))
+            for label, tag, out, cmd in jobs:
+                if out.exists():
+                    shutil.rmtree(out)
+                env = None
+                if tag != "mergekit":  # a fresh cache: the layer analysis is computed in every run, not reused
+                    shutil.rmtree(runs_dir / f"cache-{tag}-{method}", ignore_errors=True)
+                    env = fresh_env(f"{tag}-{method}")
+                os.sync()  # the previous run's writeback is not charged to this one
+                if args.cold:
+                    evict(inputs)
+                else:
+                    warm(inputs)
+                res = measure(label, cmd, runs_dir / f"{tag}-{method}.log", env=env)
+                res.label = f"{method}: " + ("mergekit" if tag == "mergekit" else f"lata {tag[5:]}")
+                results.append(res)
+                outs[(method, tag)] = out
+            if args.check and args.mergekit and (method, "lata-uniform") in outs:
+                diff = compare_outputs(outs[(method, "lata-uniform")], outs[(method, "mergekit")])
+                print(f"  {method}: max |lata uniform - mergekit| = {diff:.3g}", flush=True)
+            for key in [k for k in outs if k[0] == method]:
+                shutil.rmtree(outs.pop(key), ignore_errors=True)
+
+    read_s = min(f[0] for f in floors)
+    write_buffered, write_direct = min(f[1] for f in floors), min(f[2] for f in floors)
+    floor_s = read_s + min(write_buffered, write_direct)
+    print(f"\nsummary: {args.size} ({shape['dtype']}), {'cold' if args.cold else 'warm'} cache, best of {args.repeats}; "
+          f"floor {floor_s:.2f} s = read {read_s:.2f} + write {min(write_buffered, write_direct):.2f} "
+          f"(buffered {write_buffered:.2f}, O_DIRECT {write_direct:.2f}); load average before the runs "
+          f"{min(r.load_before for r in results):.2f}-{max(r.load_before for r in results):.2f}")
+    best: dict[str, Result] = {}
+    for r in results:
+        if r.rc == 0 and (r.label not in best or r.wall_s < best[r.label].wall_s):
+            best[r.label] = r
+    print(f"{'run':<26} {'wall s':>8} {'CPU s':>7} {'peak RSS MB':>12} {'x floor':>8} {'time/mk':>8} {'RSS/mk':>7}")
+    for label, r in best.items():
+        method = label.split(":")[0]
+        mk = best.get(f"{method}: mergekit")
+        ratio_t = f"{r.wall_s / mk.wall_s:.2f}" if mk else "-"
+        ratio_m = f"{r.maxrss_mb / mk.maxrss_mb:.2f}" if mk else "-"
+        print(f"{label:<26} {r.wall_s:8.2f} {r.cpu_s:7.1f} {r.maxrss_mb:12.0f} {r.wall_s / floor_s:8.2f} "
+              f"{ratio_t:>8} {ratio_m:>7}")
+    failed = [r.label for r in results if r.rc != 0]
+    if failed:
+        print(f"FAILED: {', '.join(failed)}")
+    if args.json:
+        args.json.write_text(json.dumps({"size": args.size, "cache": "cold" if args.cold else "warm",
+                                         "omp_threads": args.omp_threads,
+                                         "floor": {"read_s": read_s, "write_buffered_s": write_buffered,
+                                                   "write_direct_s": write_direct},
+                                         "startup_s": starts, "runs": [r.__dict__ for r in results]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

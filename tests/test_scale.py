@@ -1,0 +1,219 @@
+"""The streaming engine's schedule never changes the result.
+
+Read-ahead and write-behind threads on or off, torch thread counts, slice sizes, shard sizes
+and O_DIRECT writes are all scheduling: every merged tensor must come out bit-identical.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import reference
+from conftest import write_family
+from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
+from lata.analysis import layer_similarities
+from lata.checkpoints import Checkpoint, ShardedWriter, StreamingShardWriter
+from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
+
+CASES = [
+    dict(method="ta", weighting="linear_rank"),
+    dict(method="ties", weighting="linear_rank", density=0.3),
+    dict(method="ties", weighting="log_rank", density=0.2, topk_scope="global"),
+    dict(method="dare", weighting="uniform", p=0.4, seed=3),
+    dict(method="dare_ties", weighting="threshold", p=0.3, seed=1, threshold=0.8),
+]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    # wide enough that the larger tensors span many slices of the small chunk sizes used here
+    return write_family(tmp_path_factory.mktemp("scale"), hidden_size=32, intermediate_size=96, vocab_size=200)
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory):
+    return write_family(tmp_path_factory.mktemp("scale-bf16"), dtype=torch.bfloat16, hidden_size=32,
+                        intermediate_size=96, vocab_size=200)
+
+
+def open_family(d):
+    return Family.open(d["base"], d["instruct"], d["experts"])
+
+
+def make_plan(d, case):
+    merge = MergeConfig(**{k: v for k, v in case.items() if k in ("method", "density", "topk_scope", "p", "seed")})
+    weighting = WeightingConfig(name=case["weighting"], threshold=case.get("threshold", 0.95))
+    return plan_merge(open_family(d), merge, weighting, progress=False)
+
+
+def with_threads(n, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def assert_identical(got: dict, expected: dict):
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c['weighting']}")
+@pytest.mark.parametrize("family", ["f32", "bf16"])
+def test_schedule_does_not_change_the_merge(dirs, bf16_dirs, case, family):
+    d = dirs if family == "f32" else bf16_dirs
+    baseline = with_threads(1, lambda: _state(make_plan(d, case), prefetch=False, chunk_size=1 << 20))
+    assert_state_matches_reference(baseline, d, case)
+    # (torch threads, slice workers, read-ahead, slice size)
+    for threads, workers, prefetch, chunk in [(2, 1, True, None), (1, 2, True, 7), (2, 2, False, 64),
+                                              (2, 3, True, 1000)]:
+        plan = with_threads(threads, lambda: make_plan(d, case))
+        got = with_threads(threads, lambda: _state(plan, prefetch=prefetch, chunk_size=chunk, workers=workers))
+        assert_identical(got, baseline)
+
+
+def _state(plan, prefetch, chunk_size, workers=1):
+    plan.prefetch, plan.chunk_size, plan.threads = prefetch, chunk_size, workers
+    return merge_state_dict(plan)
+
+
+def assert_state_matches_reference(got, d, case):
+    expected = reference.merge(d, **case)
+    for name, tensor in expected.items():
+        g, e = got[name].double(), tensor.double()
+        # bfloat16 outputs: float32 rounding differences may move a value by one bfloat16 step
+        rtol = 1e-5 if tensor.dtype == torch.float32 else 1e-2
+        assert (g - e).norm() / e.norm().clamp(min=1e-12) < rtol, name
+
+
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: c["method"])
+def test_shard_size_threads_and_direct_io_give_identical_checkpoints(dirs, tmp_path, case):
+    expected = merge_state_dict(make_plan(dirs, case))
+    for i, (shard_size, overlap, direct, chunk) in enumerate(
+            [("2GB", True, True, None), ("8KB", True, True, 100), ("30KB", False, False, None),
+             ("1KB", True, False, 33)]):
+        plan = make_plan(dirs, case)
+        plan.prefetch = plan.write_behind = overlap
+        plan.direct_io, plan.chunk_size = direct, chunk
+        out = merge_to_dir(plan, tmp_path / f"out{i}", shard_size=shard_size, progress=False)
+        shards = sorted(out.glob("*.safetensors"))
+        assert (len(shards) > 1) == (shard_size != "2GB")
+        assert_identical(reference.load(out), expected)
+
+
+def test_direct_io_and_threaded_writer_write_the_same_bytes(dirs, tmp_path):
+    plan = make_plan(dirs, CASES[1])
+    outs = []
+    for i, (direct, threaded) in enumerate([(True, True), (False, False)]):
+        plan.direct_io, plan.write_behind = direct, threaded
+        outs.append(merge_to_dir(plan, tmp_path / f"o{i}", shard_size="20KB", progress=False))
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir())
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs a tmpfs (which refuses O_DIRECT)")
+def test_direct_io_falls_back_where_the_file_system_refuses_it(dirs, tmp_path):
+    import tempfile
+
+    plan = make_plan(dirs, CASES[0])
+    expected = merge_state_dict(plan)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        out = merge_to_dir(plan, Path(shm) / "out", progress=False)
+        assert_identical(reference.load(out), expected)
+
+
+def test_streaming_writer_shards_like_the_buffered_writer(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(s, generator=g) for i, s in enumerate([5, 300, 7, 1000, 1, 64, 64, 2000])}
+    tensors["ids"] = torch.arange(10)
+    tensors["half"] = torch.randn(33, generator=g).to(torch.bfloat16)
+    for max_bytes in [1, 1000, 5000, 1 << 30]:
+        a, b = tmp_path / f"a{max_bytes}", tmp_path / f"b{max_bytes}"
+        a.mkdir()
+        b.mkdir()
+        old = ShardedWriter(a, max_bytes)
+        for n, t in tensors.items():
+            old.add(n, t)
+        old.finish()
+        new = StreamingShardWriter(b, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], max_bytes,
+                                   direct=True)
+        for n, t in tensors.items():
+            new.add(n, t)
+        new.finish()
+        assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+        for path in b.glob("*.safetensors"):
+            with safe_open(str(path), "pt") as h, safe_open(str(a / path.name), "pt") as h_old:
+                assert sorted(h.keys()) == sorted(h_old.keys())
+                for n in h.keys():
+                    assert torch.equal(h.get_tensor(n), tensors[n])
+
+
+def test_streaming_writer_refuses_an_unplanned_tensor(tmp_path):
+    writer = StreamingShardWriter(tmp_path, [("a", (2,), torch.float32)], 1 << 20)
+    with pytest.raises(CheckpointError, match="expected tensor 'a'"):
+        writer.add("b", torch.zeros(2))
+    writer.abort()
+
+
+def test_thread_count_does_not_change_the_similarities(dirs):
+    family = open_family(dirs)
+    one = with_threads(1, lambda: layer_similarities(family, progress=False, prefetch=False))
+    two = with_threads(2, lambda: layer_similarities(family, progress=False))
+    workers = layer_similarities(family, progress=False, threads=3)
+    assert one.similarities == two.similarities == workers.similarities
+
+
+def test_finite_check_fast_path(dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+    import shutil
+
+    d = {k: (Path(shutil.copytree(v, tmp_path / k)) if k != "experts" else
+             {e: Path(shutil.copytree(p, tmp_path / e)) for e, p in v.items()}) for k, v in dirs.items()}
+    path = d["experts"]["code"] / "model.safetensors"
+    state = load_file(str(path))
+    state["model.embed_tokens.weight"][0, :4] = torch.tensor([3e38, 3e38, -3e38, 3e38])  # finite; the sum overflows
+    save_file(state, str(path), metadata={"format": "pt"})
+    plan_merge(open_family(d), MergeConfig(), WeightingConfig(), progress=False)  # not refused
+    state["model.embed_tokens.weight"][5, 5] = float("-inf")
+    save_file(state, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"tensor 'model.embed_tokens.weight' in .*code/model.safetensors "
+                                              r"\(expert 'code'\) contains Inf"):
+        plan_merge(open_family(d), MergeConfig(), WeightingConfig(), progress=False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 1000, 300_000])
+def test_kth_largest_is_exact(n):
+    g = torch.Generator().manual_seed(n)
+    values = [torch.rand(n, generator=g), torch.randn(n, generator=g).round(decimals=1).abs(), torch.zeros(n)]
+    for v in values:
+        for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
+            expected = float(torch.sort(v, descending=True).values[k - 1])
+            assert kth_largest(v, k) == expected
+            assert kth_largest_magnitude(-v, k) == expected
+            assert float(torch.kthvalue(v, n - k + 1).values) == expected
+
+
+def test_trim_keeps_values_tied_with_the_threshold_and_signed_zeros():
+    v = torch.tensor([1.0, -1.0, 0.999999, -0.0, 2.0, -3.0, 0.0])
+    assert trim(v, 1.0).tolist() == [1.0, -1.0, 0.0, 0.0, 2.0, -3.0, 0.0]
+    assert trim(v, 0.0).tolist() == v.tolist()
+    assert trim(v.double(), 1.0).tolist() == [1.0, -1.0, 0.0, 0.0, 2.0, -3.0, 0.0]
+
+
+def test_released_tensors_stay_readable(dirs):
+    ckpt = Checkpoint(dirs["base"])
+    name = "model.embed_tokens.weight"
+    before = ckpt.get(name).clone()
+    view = ckpt.get(name)
+    ckpt.prefetch([name])
+    ckpt.release([name])
+    assert torch.equal(view, before)
+    ckpt.close()
