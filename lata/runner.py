@@ -17,11 +17,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lata import sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.config import ConfigError, validate
-from lata import sweep
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
-from lata.plots import layer_heatmap
 
 log = logging.getLogger("lata")
 
@@ -156,6 +155,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
 def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
     """layer_analysis.json / .csv / .png and the printed table."""
+    from lata.plots import layer_heatmap  # matplotlib: imported only when a plot is drawn
     write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
     layer_heatmap(plan.analysis.similarities, plan.weights, run_dir / "layer_analysis.png",
