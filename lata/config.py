@@ -210,6 +210,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"device={cfg.device!r} is not allowed; use cpu, cuda, cuda:N or mps")
     parse_size(cfg.shard_size, key="shard_size")
     model = cfg.model
+    if model.embedded == "smollm2" and cfg.merge.method != "none":
+        raise ConfigError(f"model=smollm2 is a single instruct model with no base or experts: it can only be "
+                          f"evaluated (merge=none), not merged with merge={cfg.merge.method}")
     if model.embedded is None:
         missing = [k for k in ("base", "instruct") if not getattr(model, k)]
         if missing:
