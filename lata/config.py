@@ -106,7 +106,7 @@ class PathsConfig:
 class ObjectiveConfig:
     """What ``hparams_search=optuna`` maximises (lata.sweep.objective)."""
 
-    tasks: Optional[List[str]] = None  # tasks whose primary metrics are averaged; null = every scored task
+    tasks: Optional[List[str]] = None  # tasks whose primary metrics are averaged; null = math and code tasks
     ppl_task: Optional[str] = None  # null = the suite's perplexity task
     ppl_ceiling: Optional[float] = None  # points above it score below every feasible point
 

@@ -107,12 +107,12 @@ def test_optuna_search_returns_the_best_trial(micro_zoo_cache, tmp_path):
     env = {**os.environ, "LATA_CACHE": str(micro_zoo_cache), "LATA_RESULTS": str(tmp_path / "results")}
     result = subprocess.run(LATA + ["hparams_search=optuna", "hydra.sweeper.n_trials=3", "zoo=micro",
                                     "benchmark.tasks=[zoo_ppl,zoo_ua]", "benchmark.limit=2", "progress=false",
-                                    "objective.ppl_ceiling=1e9", f"hydra.sweep.dir={tmp_path / 'search'}"],
+                                    "objective.tasks=[zoo_ua]", "objective.ppl_ceiling=1e9", f"hydra.sweep.dir={tmp_path / 'search'}"],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
     trials = [json.loads((tmp_path / "search" / str(i) / "summary.json").read_text()) for i in range(3)]
-    values = [sweep.objective(t["metrics"], ObjectiveConfig(ppl_ceiling=1e9)) for t in trials]
+    values = [sweep.objective(t["metrics"], ObjectiveConfig(tasks=["zoo_ua"], ppl_ceiling=1e9)) for t in trials]
     assert best["best_value"] == max(values)
     assert set(best["best_params"]) == {"merge.lam", "weighting.drop"}
     assert len({t["merge"]["lam"] for t in trials}) == 3
@@ -122,11 +122,12 @@ def test_optuna_search_returns_the_best_trial(micro_zoo_cache, tmp_path):
 
 def test_objective_is_the_mean_task_score_under_a_perplexity_ceiling():
     metrics = {"zoo_math": {"exact_match_strict": 0.2}, "zoo_code": {"pass@1": 0.6},
-               "zoo_ppl": {"token_perplexity": 30.0}}
+               "zoo_ua": {"compliance": 1.0}, "zoo_ppl": {"token_perplexity": 30.0}}
     assert sweep.objective(metrics, ObjectiveConfig()) == pytest.approx(0.4)
     assert sweep.objective(metrics, ObjectiveConfig(tasks=["zoo_code"])) == pytest.approx(0.6)
     assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=40.0)) == pytest.approx(0.4)
     assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=20.0)) == pytest.approx(-1.5)  # -1 - (30/20 - 1)
+    assert sweep.objective(metrics, ObjectiveConfig(tasks=["zoo_ua"])) == pytest.approx(1.0)
     assert sweep.objective(None, ObjectiveConfig()) is None
     with pytest.raises(ValueError, match="objective.ppl_ceiling"):
         sweep.objective({"zoo_math": {"exact_match_strict": 1.0}}, ObjectiveConfig(ppl_ceiling=10.0))

@@ -28,6 +28,7 @@ CODE_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```"]
 # The one number per task kind that tables, plots and objectives use ("higher is better" for all
 # but ppl). Every other metric a task reports stays in metrics.json as well.
 PRIMARY_METRIC = {"math": "exact_match_strict", "code": "pass@1", "refusal": "compliance", "ppl": "token_perplexity"}
+TASK_SCORE_KINDS = ("math", "code")  # the kinds averaged into a run's task score by default
 LOWER_IS_BETTER = {"token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll"}
 
 
@@ -202,11 +203,13 @@ def primary_metric(task: str) -> str:
 
 
 def mean_task_score(metrics: dict[str, dict[str, float]], tasks: list[str] | None = None) -> float | None:
-    """Mean of the primary metrics of the scored tasks (every kind but ppl), or of ``tasks``.
+    """Mean of the primary metrics of the math and code tasks (exact match, pass@1), or of ``tasks``.
 
     The single "task score" of a run for tables, plots and hyper-parameter search; None when
-    the run has no scored task.
+    the run has no such task. Decision: refusal compliance is left out by default, since more
+    compliance with forbidden requests is not better at a task (name it in ``tasks`` to count it).
     """
-    names = tasks if tasks is not None else [t for t in metrics if not primary_metric(t) in LOWER_IS_BETTER]
+    scored = {PRIMARY_METRIC[k] for k in TASK_SCORE_KINDS}
+    names = tasks if tasks is not None else [t for t in metrics if primary_metric(t) in scored]
     values = [metrics[t][primary_metric(t)] for t in names if t in metrics and primary_metric(t) in metrics[t]]
     return sum(values) / len(values) if values else None
