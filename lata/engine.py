@@ -41,13 +41,13 @@ from tqdm.auto import tqdm
 from lata.analysis import (LayerAnalysis, SliceWorkers, as_float32, layer_similarities, thread_buffer, torch_threads,
                            tune_malloc)
 from lata.atomic import atomic_directory, check_writable_dir
-from lata.checkpoints import (TORCH_DTYPES, Prefetcher, StreamingShardWriter, copy_support_files,
-                              torch_dtype_of)
+from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
                          validate_weighting)
 from lata.family import Family
 from lata.methods import MergeMethod, build_method
 from lata.methods.ties import global_threshold
+from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
 
 CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries

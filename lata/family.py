@@ -95,7 +95,7 @@ class Family:
             differing = sorted((ref_names ^ names) - tied)
             if differing:
                 first = differing[0]
-                where = f"{other.role} lacks" if first in ref_names else f"base lacks"
+                where = f"{other.role} lacks" if first in ref_names else "base lacks"
                 raise CheckpointError(
                     f"{other.role} ({other.path}) does not match base ({reference.path}): {where} tensor "
                     f"'{first}' (layers: base {ref_layers}, {other.role} {_count_layers(arch, other.names)})"

@@ -1,7 +1,6 @@
 """Bad input: a clear error naming the file/tensor/key, raised before anything is written."""
 
 import json
-import shutil
 
 import pytest
 import torch

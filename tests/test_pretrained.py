@@ -8,7 +8,6 @@ import importlib.metadata
 import json
 import math
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -14,7 +14,8 @@ import reference
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
-from lata.checkpoints import Checkpoint, ShardedWriter, StreamingShardWriter
+from lata.checkpoints import Checkpoint
+from lata.shards import ShardedWriter, StreamingShardWriter
 from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
 
 CASES = [

@@ -1,0 +1,289 @@
+"""Writing a checkpoint's tensors into size-bounded safetensors shards.
+
+``StreamingShardWriter`` (what the engine uses) plans every shard from the tensors' headers and
+writes each tensor as soon as it is merged, from a writer thread, with ``O_DIRECT`` where the
+file system allows it; memory holds no shard. ``ShardedWriter`` buffers up to one shard and is
+kept as the simple reference the streaming writer is tested against (same shard layout).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import queue
+import struct
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lata.atomic import write_json_atomic
+from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError
+
+
+class ShardedWriter:
+    """Writes tensors into size-bounded safetensors shards inside a (temporary) directory.
+
+    Tensors are buffered until a shard reaches ``max_shard_bytes`` and then written, so memory
+    holds at most one shard. ``finish`` names the shards as Hugging Face does and writes the
+    index; the caller renames the directory into place (see ``lata.atomic``).
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        self._buffer[name] = tensor.detach().to("cpu").contiguous()
+        self._buffer_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._buffer)))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        self._flush()
+        count = len(self._shards)
+        if count == 0:
+            raise CheckpointError("no tensors were written")
+        if count == 1:
+            final = [self._shards[0][0].rename(self.directory / SINGLE_FILE)]
+            return final
+        weight_map, final = {}, []
+        for i, (path, names) in enumerate(self._shards):
+            target = self.directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(target)
+            final.append(target)
+            weight_map.update({n: target.name for n in names})
+        write_json_atomic(self.directory / INDEX_FILE,
+                          {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return final
+
+
+class StreamingShardWriter:
+    """Writes tensors straight into safetensors shards planned up front from their headers.
+
+    Every (name, shape, dtype) is known before the first tensor arrives, so each shard's header
+    is written first and each tensor's bytes are appended as soon as it is handed over: memory
+    holds no shard buffer. Shards are filled as ``ShardedWriter`` fills them (a shard is closed
+    when the next tensor would take it past ``max_shard_bytes``) and get their final Hugging
+    Face names at once (the caller renames the directory into place, see ``lata.atomic``).
+
+    - ``threaded``: a writer thread does the writes, so writing overlaps computing the next
+      tensor; at most one tensor waits for it. ``on_written(tensor)`` is called (from that
+      thread) once a tensor's bytes are out, so its buffer can be reused.
+    - ``direct``: data goes to the file with ``O_DIRECT`` through an aligned 16 MiB staging
+      buffer, not through the page cache (a multi-GB output neither fills the page cache with
+      dirty pages, evicting the inputs, nor pays for allocating them); the last partial block
+      is written normally. Where the file system refuses ``O_DIRECT`` (tmpfs, some network
+      file systems) the writes are ordinary buffered writes. The bytes are the same either way.
+    """
+
+    def __init__(self, directory: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int, threaded: bool = True, direct: bool = False,
+                 on_written=None):
+        self.directory = Path(directory)
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
+        size = 0
+        for name, shape, dtype in entries:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        if not shards:
+            raise CheckpointError("no tensors were written")
+        count = len(shards)
+        self.paths = [self.directory / (SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors")
+                      for i in range(count)]
+        self._shards = shards
+        self._expected = [(i, entry) for i, shard in enumerate(shards) for entry in shard]
+        self._next = 0
+        self.total_bytes = sum(e[3] for shard in shards for e in shard)
+        self.direct = direct
+        self._on_written = on_written
+        self._file: _ShardFile | None = None
+        self._error: BaseException | None = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._queue = queue.Queue(maxsize=1)
+            self._thread = threading.Thread(target=self._drain, name="lata-writer", daemon=True)
+            self._thread.start()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self._expected):
+            raise CheckpointError(f"tensor '{name}' was not planned for this checkpoint")
+        shard, (expected, shape, dtype, _) = self._expected[self._next]
+        if name != expected or tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise CheckpointError(f"writer expected tensor '{expected}' {list(shape)} {dtype}, got '{name}' "
+                                  f"{list(tensor.shape)} {tensor.dtype}")
+        self._next += 1
+        tensor = tensor.detach().to("cpu").contiguous()
+        if self._queue is None:
+            self._write(shard, expected, tensor)
+            return
+        self._raise_pending()
+        self._queue.put((shard, expected, tensor))
+        self._raise_pending()
+
+    def _drain(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # reported to the caller by the next add/finish
+                    self._error = exc
+
+    def _raise_pending(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _write(self, shard: int, name: str, tensor: torch.Tensor) -> None:
+        entries = self._shards[shard]
+        if entries[0][0] == name:
+            self._close_file()
+            self._file = _ShardFile(self.paths[shard], self.direct)
+            self._file.write(memoryview(_safetensors_header(entries)))
+        if tensor.numel():
+            self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+        if self._on_written is not None:
+            self._on_written(tensor)
+        if entries[-1][0] == name:
+            self._close_file()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> list[Path]:
+        self._stop()
+        self._raise_pending()
+        if self._next != len(self._expected):
+            raise CheckpointError(f"tensor '{self._expected[self._next][1][0]}' was never written")
+        self._close_file()
+        if len(self.paths) > 1:
+            weight_map = {e[0]: self.paths[i].name for i, shard in enumerate(self._shards) for e in shard}
+            write_json_atomic(self.directory / INDEX_FILE,
+                              {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
+        return list(self.paths)
+
+    def abort(self) -> None:
+        """Stop the writer thread and close the open shard (after a failure)."""
+        if self._thread is not None:
+            self._error = self._error or CheckpointError("aborted")
+            self._stop()
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close(discard=True)
+
+
+class _ShardFile:
+    """One output file written front to back, through the page cache or with O_DIRECT."""
+
+    BLOCK = 4096  # O_DIRECT alignment of buffers, offsets and lengths
+    STAGE = 16 << 20
+
+    def __init__(self, path: Path, direct: bool):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.dfd = None
+        self.offset = 0  # bytes written so far
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:
+                self.dfd = None
+        if self.dfd is not None:
+            self.stage = mmap.mmap(-1, self.STAGE)  # page-aligned, as O_DIRECT needs
+            self.fill = 0
+
+    def write(self, data: memoryview) -> None:
+        if self.dfd is None:
+            self._plain(data)
+            return
+        while len(data):
+            n = min(len(data), self.STAGE - self.fill)
+            self.stage[self.fill:self.fill + n] = data[:n]
+            self.fill += n
+            data = data[n:]
+            if self.fill == self.STAGE:
+                self._flush_stage(self.STAGE)
+
+    def _plain(self, data: memoryview) -> None:
+        while len(data):
+            written = os.pwrite(self.fd, data, self.offset)
+            self.offset += written
+            data = data[written:]
+
+    def _flush_stage(self, n: int) -> None:
+        """Write the first n bytes of the staging buffer (n a multiple of BLOCK, or the tail)."""
+        view = memoryview(self.stage)[:n]
+        try:
+            while len(view) >= self.BLOCK and self.dfd is not None:
+                aligned = len(view) - len(view) % self.BLOCK
+                written = os.pwrite(self.dfd, view[:aligned], self.offset)
+                self.offset += written
+                view = view[written:]
+                if written % self.BLOCK:
+                    break  # a short, unaligned write: the rest goes through the page cache
+        except OSError:
+            os.close(self.dfd)  # this file system refuses O_DIRECT: plain writes from here on
+            self.dfd = None
+        self._plain(view)
+        view.release()
+        self.fill = 0
+
+    def close(self, discard: bool = False) -> None:
+        if self.dfd is not None and not discard and self.fill:
+            self._flush_stage(self.fill)
+        if self.dfd is not None:
+            os.close(self.dfd)
+            self.dfd = None
+        if hasattr(self, "stage"):
+            self.stage.close()
+        os.close(self.fd)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _safetensors_header(entries) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype, nbytes in entries:
+        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw
