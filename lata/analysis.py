@@ -15,129 +15,18 @@ read-ahead thread, and each tensor's pages released from the process once used.
 from __future__ import annotations
 
 import csv
-import ctypes
 import io
 import math
-import platform
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from lata.checkpoints import Prefetcher
+from lata.compute import SliceWorkers, as_float32, pure_slice, thread_buffer, torch_threads, tune_malloc
 from lata.family import Family
 
 BLOCK = 1 << 18  # elements per float32 partial dot product (fixed: results never depend on settings)
-PREFETCH_BYTES = 512 << 20
-
-
-@contextmanager
-def torch_threads(n: int, device: str = "cpu"):
-    """Run the block with ``n`` torch intra-op threads (CPU only), restoring the caller's setting.
-
-    Decision: the streaming passes compute with one torch thread per worker. Their operations
-    are small (a slice of 2^18 elements); with several OpenMP threads each one ends at a barrier,
-    and on a machine whose cores are busy with other work a barrier waits for a descheduled
-    thread: measured on the shared 2-core machine, 7 to 30 times slower than one thread.
-    """
-    before = torch.get_num_threads()
-    if torch.device(device).type != "cpu" or before == n:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class SliceWorkers:
-    """Runs ``fn(start, stop)`` over the slices of [0, n) on ``threads`` worker threads.
-
-    Each worker runs torch with one intra-op thread and takes whole slices, so several cores
-    work on different slices instead of meeting at a barrier after every operation. With
-    ``threads=1`` (the default, and always on an accelerator) the slices run in the calling
-    thread. Results come back in slice order, so they never depend on the thread count.
-    On an idle machine with many cores more threads help; on the shared 2-core machine one
-    was fastest (two workers on one free core only add switching).
-    """
-
-    def __init__(self, threads: int | None = 1, device: str = "cpu"):
-        self.threads = max(1, threads or 1)
-        if torch.device(device).type != "cpu":
-            self.threads = 1
-        self._pool = None
-        if self.threads > 1:
-            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lata-slices",
-                                            initializer=torch.set_num_threads, initargs=(1,))
-
-    def map(self, fn: Callable[[int, int], object], n: int, step: int) -> list:
-        ranges = [(start, min(n, start + step)) for start in range(0, n, step)]
-        if self._pool is None:
-            return [fn(a, b) for a, b in ranges]
-        return list(self._pool.map(lambda r: fn(*r), ranges))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
-
-    def __enter__(self) -> "SliceWorkers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-_local = threading.local()
-_malloc_tuned = False
-
-
-def tune_malloc() -> None:
-    """Keep freed slice temporaries for reuse instead of returning them to the OS (glibc only).
-
-    Streaming allocates and frees float32 temporaries of a few MiB per slice; glibc serves such
-    blocks from fresh mappings or trims them back to the OS almost at once, so every slice paid
-    a page fault per 4 KiB (measured: ~4 times the page faults and 10-35% of the merge time).
-    This sets the mmap threshold to 32 MiB and the trim threshold to 64 MiB, the values glibc's
-    own dynamic thresholds reach once the process has freed one 32 MiB block. Once per process.
-    """
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    mallopt(m_mmap_threshold, 32 << 20)
-    mallopt(m_trim_threshold, 64 << 20)
-
-
-def thread_buffer(tag: str, rows: int, cols: int, device: str) -> torch.Tensor:
-    """A float32 (rows, cols) scratch buffer owned by the calling thread, reused across calls
-    with the same ``tag`` (fresh multi-MiB allocations cost a page fault per 4 KiB)."""
-    buffers = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = {}
-    buffer = buffers.get(tag)
-    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < cols or buffer.device != torch.device(device):
-        buffers[tag] = buffer = torch.empty((rows, cols), dtype=torch.float32, device=device)
-    return buffer[:rows, :cols]
-
-
-def as_float32(x: torch.Tensor, buffer: torch.Tensor, device: str) -> torch.Tensor:
-    """``x`` in float32 on ``device``: itself when it already is, else converted into ``buffer``."""
-    if x.dtype == torch.float32 and x.device == torch.device(device):
-        return x
-    return buffer.copy_(x)
 
 
 @dataclass
@@ -203,7 +92,7 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
     tune_malloc()
     ckpts = family.checkpoints  # base, instruct, experts (in order)
     names = family.tensor_names
-    with Prefetcher([[(c, n) for c in ckpts] for n in names], PREFETCH_BYTES, enabled=prefetch) as prefetcher, \
+    with Prefetcher([[(c, n) for c in ckpts] for n in names], enabled=prefetch) as prefetcher, \
             SliceWorkers(threads, device=device) as workers, torch_threads(1, device):
         for i, name in enumerate(tqdm(names, desc="layer similarities", disable=not progress, leave=False)):
             prefetcher.advance(i)
@@ -244,11 +133,7 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
         x = buffer[:rows]
         b = as_float32(base[start:stop], buffer[rows], device)
         for j, v in enumerate(rest):
-            v = v[start:stop]
-            if v.dtype == torch.float32 and v.device == torch.device(device):
-                torch.sub(v, b, out=x[j])
-            else:
-                x[j].copy_(v).sub_(b)
+            pure_slice(v[start:stop], b, 1.0, device, x[j])
         parts = [torch.dot(x[0], x[0])]
         for j in range(1, rows):
             parts += [torch.dot(x[j], x[0]), torch.dot(x[j], x[j])]

@@ -154,10 +154,7 @@ class Checkpoint:
         return _SAFETENSORS_TO_TORCH_ALL.get(self.dtype_name(name))
 
     def nbytes(self, name: str) -> int:
-        numel = 1
-        for d in self.shape(name):
-            numel *= d
-        return numel * _DTYPE_BYTES.get(self.dtype_name(name), 4)
+        return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.dtype_name(name), 4)
 
     def get(self, name: str, check_finite: bool = False) -> torch.Tensor:
         """One tensor (CPU, stored dtype); optionally refuse NaN/Inf, naming file and tensor.
@@ -342,6 +339,9 @@ def torch_dtype_of(safetensors_dtype: str) -> torch.dtype | None:
     return _SAFETENSORS_TO_TORCH.get(safetensors_dtype)
 
 
+PREFETCH_BYTES = 512 << 20  # how far the read-ahead thread runs ahead of its consumer
+
+
 class Prefetcher:
     """Reads ahead of a consumer that walks a fixed schedule of tensors.
 
@@ -352,7 +352,7 @@ class Prefetcher:
     identical with it on or off.
     """
 
-    def __init__(self, schedule: list[list[tuple["Checkpoint", str]]], budget: int = 1 << 30,
+    def __init__(self, schedule: list[list[tuple["Checkpoint", str]]], budget: int = PREFETCH_BYTES,
                  enabled: bool = True):
         self.schedule = schedule
         self.sizes = [sum(c.nbytes(n) for c, n in step) for step in schedule]

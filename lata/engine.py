@@ -17,7 +17,7 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py; R
   in cache and are reused (no whole-tensor float32 copies). The method sees the whole tensor
   once in ``prepare`` (TIES thresholds, DARE masks) and is elementwise after that, so neither
   the slicing nor the number of slice workers (``threads``) changes a single bit.
-- Compute runs with one torch thread per worker (``lata.analysis.torch_threads``).
+- Compute runs with one torch thread per worker (``lata.compute.torch_threads``).
 - An expert whose scale lambda_k * w_{l,k} is 0 for a tensor (a layer LATA dropped) contributes
   a zero vector to every method; it is not read at all, and a tensor no expert touches is
   theta_0 itself.
@@ -28,6 +28,7 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py; R
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -38,10 +39,10 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from lata.analysis import (LayerAnalysis, SliceWorkers, as_float32, layer_similarities, thread_buffer, torch_threads,
-                           tune_malloc)
+from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, check_writable_dir
 from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
+from lata.compute import SliceWorkers, as_float32, pure_slice, thread_buffer, torch_threads, tune_malloc
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
                          validate_weighting)
 from lata.family import Family
@@ -52,7 +53,6 @@ from lata.weighting import layer_weights
 
 CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries
 DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
-PREFETCH_BYTES = 512 << 20  # how far the read-ahead thread runs ahead of the merge
 
 
 @dataclass
@@ -76,7 +76,7 @@ class MergePlan:
     chunk_size: int | None = None
     #: merge_to_dir writes with O_DIRECT where the file system allows it (same bytes either way)
     direct_io: bool = True
-    #: slice worker threads, each computing with one torch thread (see lata.analysis.SliceWorkers)
+    #: slice worker threads, each computing with one torch thread (see lata.compute.SliceWorkers)
     threads: int = 1
     _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -158,7 +158,7 @@ class MergePlan:
         def work(start: int, stop: int) -> None:
             buffer = thread_buffer("merge", len(views) + 1, stop - start, device)
             t0 = as_float32(theta0[start:stop], buffer[0], device)
-            vs = [_pure(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
+            vs = [pure_slice(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
             delta = self.method.delta_chunk(vs, lams, active, name, state, start, stop)
             if direct:
                 torch.add(delta, t0, out=flat_out[start:stop])  # theta_0 + delta
@@ -192,23 +192,11 @@ class _TensorVectors:
         def work(start: int, stop: int) -> None:
             buffer = thread_buffer("magnitudes", 2, stop - start, device)
             t0 = as_float32(self.theta0[start:stop], buffer[0], device)
-            v = _pure(self.views[i][start:stop], t0, self.ws[i], device, buffer[1])
+            v = pure_slice(self.views[i][start:stop], t0, self.ws[i], device, buffer[1])
             torch.abs(v, out=out[start:stop])
 
         self.plan.workers.map(work, n, self.plan.chunk)
         return out
-
-
-def _pure(theta_k: torch.Tensor, theta0: torch.Tensor, w: float, device: str,
-          out: torch.Tensor | None = None) -> torch.Tensor:
-    """v = w * (theta_k - theta_0) for one slice, float32 on ``device`` (into ``out`` if given)."""
-    if out is None:
-        out = theta_k.to(device, torch.float32).sub(theta0)
-    elif theta_k.dtype == torch.float32 and theta_k.device == torch.device(device):
-        torch.sub(theta_k, theta0, out=out)
-    else:
-        out.copy_(theta_k).sub_(theta0)
-    return out.mul_(w) if w != 1.0 else out  # x * 1.0 is x: skipping it changes nothing
 
 
 def _is_float(ckpt, name: str) -> bool:
@@ -261,29 +249,22 @@ def _expert_vectors(plan: MergePlan, expert: str):
     def stream():
         names = [n for n in plan.family.tensor_names if _is_float(anchor, n)]
         reads = [[(anchor, n), (ckpt, n)] if plan.weight(expert, n) != 0 else [] for n in names]
-        with Prefetcher(reads, PREFETCH_BYTES, enabled=plan.prefetch) as prefetcher:
+        with Prefetcher(reads, enabled=plan.prefetch) as prefetcher:
             for i, name in enumerate(names):
                 prefetcher.advance(i)
                 w = plan.weight(expert, name)
                 if w == 0:
-                    yield _numel(anchor.shape(name))
+                    yield math.prod(anchor.shape(name))
                     continue
                 theta0, theta_k = anchor.get(name).reshape(-1), ckpt.get(name).reshape(-1)
                 n, step = theta0.numel(), plan.chunk
                 for start in range(0, n, step):
                     t0 = theta0[start:start + step].to(plan.device, torch.float32)
-                    yield _pure(theta_k[start:start + step], t0, w, plan.device)
+                    yield pure_slice(theta_k[start:start + step], t0, w, plan.device)
                 anchor.release([name])
                 ckpt.release([name])
 
     return stream
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _BufferPool:
@@ -324,7 +305,7 @@ def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
     tune_malloc()
     previous = plan._target
     reads = [plan.reads(n) for n in names]
-    prefetcher = Prefetcher(reads, PREFETCH_BYTES, enabled=plan.prefetch)
+    prefetcher = Prefetcher(reads, enabled=plan.prefetch)
     plan._workers = SliceWorkers(plan.threads, device=plan.device)
     try:
         yield prefetcher

@@ -9,6 +9,7 @@ kept as the simple reference the streaming writer is tested against (same shard 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import queue
@@ -100,7 +101,7 @@ class StreamingShardWriter:
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
         size = 0
         for name, shape, dtype in entries:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             if not shards or (shards[-1] and size + nbytes > max_shard_bytes):
                 shards.append([])
                 size = 0
@@ -268,13 +269,6 @@ class _ShardFile:
         if hasattr(self, "stage"):
             self.stage.close()
         os.close(self.fd)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _safetensors_header(entries) -> bytes:

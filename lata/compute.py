@@ -1,0 +1,134 @@
+"""Compute helpers shared by the two streaming passes (lata.analysis, lata.engine).
+
+Slices of a tensor are processed with float32 temporaries reused per thread, one torch
+intra-op thread per worker, and glibc told to keep freed temporaries; none of this changes a
+bit of any result (tests/test_scale.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+
+
+@contextmanager
+def torch_threads(n: int, device: str = "cpu"):
+    """Run the block with ``n`` torch intra-op threads (CPU only), restoring the caller's setting.
+
+    Decision: the streaming passes compute with one torch thread per worker. Their operations
+    are small (a slice of 2^18 elements); with several OpenMP threads each one ends at a barrier,
+    and on a machine whose cores are busy with other work a barrier waits for a descheduled
+    thread: measured on the shared 2-core machine, 7 to 30 times slower than one thread.
+    """
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class SliceWorkers:
+    """Runs ``fn(start, stop)`` over the slices of [0, n) on ``threads`` worker threads.
+
+    Each worker runs torch with one intra-op thread and takes whole slices, so several cores
+    work on different slices instead of meeting at a barrier after every operation. With
+    ``threads=1`` (the default, and always on an accelerator) the slices run in the calling
+    thread. Results come back in slice order, so they never depend on the thread count.
+    On an idle machine with many cores more threads help; on the shared 2-core machine one
+    was fastest (two workers on one free core only add switching).
+    """
+
+    def __init__(self, threads: int | None = 1, device: str = "cpu"):
+        self.threads = max(1, threads or 1)
+        if torch.device(device).type != "cpu":
+            self.threads = 1
+        self._pool = None
+        if self.threads > 1:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="lata-slices",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+
+    def map(self, fn: Callable[[int, int], object], n: int, step: int) -> list:
+        ranges = [(start, min(n, start + step)) for start in range(0, n, step)]
+        if self._pool is None:
+            return [fn(a, b) for a, b in ranges]
+        return list(self._pool.map(lambda r: fn(*r), ranges))
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> "SliceWorkers":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_local = threading.local()
+_malloc_tuned = False
+
+
+def tune_malloc() -> None:
+    """Keep freed slice temporaries for reuse instead of returning them to the OS (glibc only).
+
+    Streaming allocates and frees float32 temporaries of a few MiB per slice; glibc serves such
+    blocks from fresh mappings or trims them back to the OS almost at once, so every slice paid
+    a page fault per 4 KiB (measured: ~4 times the page faults and 10-35% of the merge time).
+    This sets the mmap threshold to 32 MiB and the trim threshold to 64 MiB, the values glibc's
+    own dynamic thresholds reach once the process has freed one 32 MiB block. Once per process.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 32 << 20)
+    mallopt(m_trim_threshold, 64 << 20)
+
+
+def thread_buffer(tag: str, rows: int, cols: int, device: str) -> torch.Tensor:
+    """A float32 (rows, cols) scratch buffer owned by the calling thread, reused across calls
+    with the same ``tag`` (fresh multi-MiB allocations cost a page fault per 4 KiB)."""
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buffer = buffers.get(tag)
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < cols or buffer.device != torch.device(device):
+        buffers[tag] = buffer = torch.empty((rows, cols), dtype=torch.float32, device=device)
+    return buffer[:rows, :cols]
+
+
+def as_float32(x: torch.Tensor, buffer: torch.Tensor, device: str) -> torch.Tensor:
+    """``x`` in float32 on ``device``: itself when it already is, else converted into ``buffer``."""
+    if x.dtype == torch.float32 and x.device == torch.device(device):
+        return x
+    return buffer.copy_(x)
+
+
+def pure_slice(theta_k: torch.Tensor, theta0: torch.Tensor, w: float, device: str,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """v = w * (theta_k - theta_0) for one slice, float32 on ``device`` (into ``out`` if given)."""
+    if out is None:
+        out = theta_k.to(device, torch.float32).sub(theta0)
+    elif theta_k.dtype == torch.float32 and theta_k.device == torch.device(device):
+        torch.sub(theta_k, theta0, out=out)
+    else:
+        out.copy_(theta_k).sub_(theta0)
+    return out.mul_(w) if w != 1.0 else out  # x * 1.0 is x: skipping it changes nothing
