@@ -131,6 +131,13 @@ class LataConfig:
     resume: bool = True
 
 
+def to_plain(node: Any) -> Any:
+    """A config node as plain dicts/lists (resolved); anything else unchanged."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
 def register_configs() -> None:
     """Register the schema with Hydra (``defaults: [lata_schema, ...]`` in conf/config.yaml)."""
     from hydra.core.config_store import ConfigStore

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -36,8 +38,18 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
     axes[-1].set_xticks(range(num_layers))
     fig.suptitle(title, fontsize=11)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
     return path
+
+
+def save_figure(fig, path: Path) -> None:
+    """savefig to a temporary sibling, then rename: a reader never sees half a PNG. Closes ``fig``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)

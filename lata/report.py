@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +43,7 @@ import pandas as pd  # noqa: E402
 
 from lata.atomic import write_text_atomic  # noqa: E402
 from lata.evaluation.tasks import LOWER_IS_BETTER, mean_task_score, primary_metric  # noqa: E402
+from lata.plots import save_figure  # noqa: E402
 
 log = logging.getLogger("lata")
 
@@ -233,7 +233,7 @@ def _plot_vs_lambda(table: pd.DataFrame, column: str, path: Path) -> bool:
     ax.set_title(f"{column} against lambda")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -272,7 +272,7 @@ def _plot_best(table: pd.DataFrame, path: Path) -> bool:
         ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle("each method x weighting at its best lambda (highest task_score)", fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -298,21 +298,8 @@ def _plot_tradeoff(table: pd.DataFrame, ppl: str, path: Path) -> bool:
     ax.grid(alpha=0.3)
     if not merged.empty:
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
-
-
-def _save(fig, path: Path) -> None:
-    """savefig to a temporary sibling, then rename: a reader never sees half a PNG."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- helpers and CLI

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lata import sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
-from lata.config import ConfigError, validate
+from lata.config import ConfigError, to_plain, validate
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
 
 log = logging.getLogger("lata")
@@ -99,7 +99,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
             log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
             return sweep.restore(stored, run_dir)
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
-                     "merge": _plain(cfg.merge), "weighting": _plain(cfg.weighting), "run_dir": str(run_dir),
+                     "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
     if not merging:
         summary["evaluated"] = cfg.model.which
@@ -162,7 +162,3 @@ def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
                   title=f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node

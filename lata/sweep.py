@@ -31,11 +31,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, write_json_atomic
 from lata.checkpoints import resolve
+from lata.config import to_plain
 from lata.evaluation.tasks import mean_task_score, primary_metric
 from lata.family import Family
 
@@ -149,14 +150,14 @@ def _load(path: str, dtype: str, device: str):
 
 def point_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
     """What determines a point's numbers: checkpoint contents, merge, weighting, benchmark, dtype."""
-    merge = _plain(cfg.merge)
+    merge = to_plain(cfg.merge)
     unmerged = merge["method"] == "none"
     return _key({
         "v": STORE_VERSION,
         "checkpoints": {role: fingerprint(path) for role, path in checkpoints.items()},
         "merge": {"method": "none", "which": cfg.model.which} if unmerged else merge,
-        "weighting": None if unmerged else _plain(cfg.weighting),
-        "benchmark": {k: v for k, v in _plain(cfg.benchmark).items() if k != "name"},
+        "weighting": None if unmerged else to_plain(cfg.weighting),
+        "benchmark": {k: v for k, v in to_plain(cfg.benchmark).items() if k != "name"},
         "dtype": cfg.model.dtype,
     })
 
@@ -208,7 +209,3 @@ def objective(metrics: dict[str, dict[str, float]] | None, spec: Any) -> float |
         if ppl > spec.ppl_ceiling:
             return -1.0 - (ppl / spec.ppl_ceiling - 1.0)
     return float(score)
-
-
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
