@@ -24,7 +24,8 @@ through the library in ``python -c`` (``--via library``). mergekit runs ``mergek
 ``base_model`` = instruct, weight 1 (= lambda) and the same density, arithmetic in float32
 (``dtype: float32``), output in the inputs' dtype, ``--lazy-unpickle``, one output shard size
 equal to lata's. ``--check`` compares lata's uniform-weighted output with mergekit's.
-``--omp-threads N`` sets OMP_NUM_THREADS/MKL_NUM_THREADS for every run of both tools.
+``--omp-threads N`` sets OMP_NUM_THREADS/MKL_NUM_THREADS for every run of both tools;
+``--threads N`` sets lata's slice workers (``threads=N``; default one per core).
 """
 
 from __future__ import annotations
@@ -258,25 +259,25 @@ def startup(argv: list[str], log: Path, env: dict | None = None) -> float:
 LIBRARY = r"""
 import sys
 from lata import Family, MergeConfig, WeightingConfig, plan_merge, merge_to_dir
-base, instruct, math_, code, out, method, weighting, density = sys.argv[1:9]
+base, instruct, math_, code, out, method, weighting, density, threads = sys.argv[1:10]
 family = Family.open(base, instruct, {"math": math_, "code": code})
 plan = plan_merge(family, MergeConfig(method=method, density=float(density)), WeightingConfig(name=weighting),
-                  progress=False)
+                  progress=False, threads=None if threads == "auto" else int(threads))
 merge_to_dir(plan, out, overwrite=True, progress=False)
 """
 
 
 def lata_argv(via: str, dirs: dict, out: Path, method: str, weighting: str, density: float, run_dir: Path,
-              shard_size: str) -> list[str]:
+              shard_size: str, threads: int | None = None) -> list[str]:
     if via == "library":
         return [sys.executable, "-c", LIBRARY, *(str(dirs[r]) for r in ROLES), str(out), method, weighting,
-                str(density)]
+                str(density), str(threads or "auto")]
     return [sys.executable, "-m", "lata", "model=paths", f"++model.base={dirs['base']}",
             f"++model.instruct={dirs['instruct']}", f"++model.experts.math={dirs['math']}",
             f"++model.experts.code={dirs['code']}", f"merge={method}", f"weighting={weighting}",
             *([f"merge.density={density}"] if method == "ties" else []), "benchmark=none",
             f"save_model={out}", "overwrite=true", "progress=false", f"shard_size={shard_size}",
-            f"hydra.run.dir={run_dir}"]
+            *([f"threads={threads}"] if threads else []), f"hydra.run.dir={run_dir}"]
 
 
 def mergekit_config(dirs: dict, method: str, density: float, dtype: str) -> dict:
@@ -337,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cold", action="store_true", help="evict the inputs from the page cache before each run")
     ap.add_argument("--check", action="store_true", help="compare lata (uniform) and mergekit outputs")
     ap.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every run (both tools)")
+    ap.add_argument("--threads", type=int, help="lata's slice workers (default: lata's own, one per core)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.omp_threads:
@@ -355,7 +357,8 @@ def main(argv: list[str] | None = None) -> None:
     shard_params = parse_size(args.shard_size) // itemsize
     print(f"{args.size}: {len(tensor_specs(shape))} tensors, {shape['dtype']}, inputs {in_bytes / 1e9:.2f} GB "
           f"in {len(inputs)} files, output {out_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads); "
+          f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, "
+          f"lata threads {args.threads or 'auto'}); "
           f"cache: {'cold' if args.cold else 'warm'}",
           flush=True)
 
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = runs_dir / f"out-lata-{method}-{weighting}"
                 jobs.append((f"lata {method} + {weighting}", f"lata-{weighting}", out,
                              lata_argv(args.via, dirs, out, method, weighting, args.density,
-                                       runs_dir / f"hydra-{method}-{weighting}", args.shard_size)))
+                                       runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads)))
             for label, tag, out, cmd in jobs:
                 if out.exists():
                     shutil.rmtree(out)
@@ -445,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"FAILED: {', '.join(failed)}")
     if args.json:
         args.json.write_text(json.dumps({"size": args.size, "cache": "cold" if args.cold else "warm",
-                                         "omp_threads": args.omp_threads,
+                                         "omp_threads": args.omp_threads, "threads": args.threads,
                                          "floor": {"read_s": read_s, "write_buffered_s": write_buffered,
                                                    "write_direct_s": write_direct},
                                          "startup_s": starts, "runs": [r.__dict__ for r in results]}, indent=2))

@@ -78,10 +78,10 @@ class LayerAnalysis:
 
 
 def layer_similarities(family: Family, device: str = "cpu", progress: bool = True,
-                      prefetch: bool = True, threads: int = 1) -> LayerAnalysis:
+                      prefetch: bool = True, threads: int | None = None) -> LayerAnalysis:
     """Stream every tensor of the family once and accumulate the per-layer sums.
 
-    ``prefetch``: a read-ahead thread; ``threads``: slice workers (see ``SliceWorkers``). Neither
+    ``prefetch``: a read-ahead thread; ``threads``: slice workers (None: ``auto_threads()``). Neither
     changes the result.
     """
     L, experts = family.num_layers, family.expert_names

@@ -126,6 +126,7 @@ class LataConfig:
     out_dtype: Optional[str] = None
     device: str = "cpu"
     shard_size: str = "2GB"
+    threads: Optional[int] = None
     progress: bool = True
     dry_run: bool = False
     resume: bool = True
@@ -216,6 +217,8 @@ def validate(cfg: Any) -> None:
     if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not allowed; use cpu, cuda, cuda:N or mps")
     parse_size(cfg.shard_size, key="shard_size")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads={cfg.threads} must be at least 1 (or null for one per core, at most 8)")
     model = cfg.model
     if model.embedded == "smollm2" and cfg.merge.method != "none":
         raise ConfigError(f"model=smollm2 is a single instruct model with no base or experts: it can only be "

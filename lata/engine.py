@@ -76,8 +76,8 @@ class MergePlan:
     chunk_size: int | None = None
     #: merge_to_dir writes with O_DIRECT where the file system allows it (same bytes either way)
     direct_io: bool = True
-    #: slice worker threads, each computing with one torch thread (see lata.compute.SliceWorkers)
-    threads: int = 1
+    #: slice worker threads, each computing with one torch thread; None: lata.compute.auto_threads()
+    threads: int | None = None
     _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _workers: SliceWorkers | None = field(default=None, init=False, repr=False, compare=False)
@@ -205,15 +205,19 @@ def _is_float(ckpt, name: str) -> bool:
 
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
-               *, device: str = "cpu", analysis: LayerAnalysis | None = None, progress: bool = True) -> MergePlan:
-    """Run pass 1 (unless ``analysis`` is given), derive the layer weights and build the plan."""
+               *, device: str = "cpu", analysis: LayerAnalysis | None = None, progress: bool = True,
+               threads: int | None = None) -> MergePlan:
+    """Run pass 1 (unless ``analysis`` is given), derive the layer weights and build the plan.
+
+    ``threads``: CPU slice workers for both passes (None: ``lata.compute.auto_threads()``).
+    """
     merge = merge if merge is not None else MergeConfig()
     weighting = weighting if weighting is not None else WeightingConfig()
     validate_merge(merge)
     validate_weighting(weighting)
     validate_lams(merge.lams, family.expert_names)
     if analysis is None:
-        analysis = layer_similarities(family, device=device, progress=progress)
+        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
     sims = analysis.similarities
     weights = {
         k: layer_weights(sims[k], weighting.name, drop=weighting.drop, threshold=weighting.threshold,
@@ -231,6 +235,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         anchor=merge.anchor,
         analysis=analysis,
         device=device,
+        threads=threads,
     )
     if plan.method.needs_global_thresholds:
         tune_malloc()

@@ -1,15 +1,16 @@
-"""PNG plots for what a person would rather look at than read."""
+"""PNG plots for what a person would rather look at than read.
+
+Figures are ``matplotlib.figure.Figure`` objects, never pyplot's global state, so a plot can be
+drawn on a background thread while a merge runs (``lata.runner``).
+"""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from lata.atomic import atomic_file
 
 
 def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[float]], path: str | Path,
@@ -19,7 +20,8 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
     num_layers = len(next(iter(similarities.values())))
     width = max(6.0, 0.45 * num_layers + 2.5)
     height = 1.2 + 0.9 * len(experts) * 2
-    fig, axes = plt.subplots(2, 1, figsize=(width, height), sharex=True, constrained_layout=True)
+    fig = new_figure(figsize=(width, height))
+    axes = fig.subplots(2, 1, sharex=True)
     panels = [("cosine(tau_comp, tau_instr)", similarities, "RdBu_r", (-1, 1)),
               ("layer weight w", weights, "viridis", (0, max(1.0, max(max(w) for w in weights.values()))))]
     for ax, (label, data, cmap, (vmin, vmax)) in zip(axes, panels):
@@ -42,14 +44,12 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
     return path
 
 
-def save_figure(fig, path: Path) -> None:
-    """savefig to a temporary sibling, then rename: a reader never sees half a PNG. Closes ``fig``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+def new_figure(**kwargs) -> Figure:
+    """A figure outside pyplot (no global state: safe on any thread), laid out with constraints."""
+    return Figure(layout="constrained", **kwargs)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """savefig to a temporary sibling, then rename: a reader never sees half a PNG."""
+    with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

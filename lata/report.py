@@ -35,15 +35,12 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
+from matplotlib import colormaps
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from lata.atomic import write_text_atomic  # noqa: E402
-from lata.evaluation.tasks import LOWER_IS_BETTER, mean_task_score, primary_metric  # noqa: E402
-from lata.plots import save_figure  # noqa: E402
+from lata.atomic import write_text_atomic
+from lata.evaluation.tasks import LOWER_IS_BETTER, mean_task_score, primary_metric
+from lata.plots import new_figure, save_figure
 
 log = logging.getLogger("lata")
 
@@ -223,7 +220,8 @@ def _plot_vs_lambda(table: pd.DataFrame, column: str, path: Path) -> bool:
     merged = rows[(rows["evaluated"] == "merged") & rows[column].notna() & rows["lam"].notna()]
     if merged.empty or merged.groupby("series")["lam"].nunique().max() < 2:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for series, group in merged.groupby("series", sort=True):
         group = group.sort_values("lam")
         ax.plot(group["lam"], group[column], marker="o", label=series)
@@ -240,7 +238,7 @@ def _plot_vs_lambda(table: pd.DataFrame, column: str, path: Path) -> bool:
 def _reference_lines(ax, rows: pd.DataFrame, column: str) -> None:
     references = rows[(rows["evaluated"] != "merged") & rows[column].notna()]
     for i, (_, ref) in enumerate(references.iterrows()):
-        color = plt.cm.Greys(0.45 + 0.5 * i / max(1, len(references)))
+        color = colormaps["Greys"](0.45 + 0.5 * i / max(1, len(references)))
         ax.axhline(ref[column], ls="--", lw=1.2, color=color, label=f"{ref['evaluated']} (unmerged)")
         ax.annotate(ref["evaluated"], xy=(1.0, ref[column]), xycoords=("axes fraction", "data"),
                     xytext=(-3, 2), textcoords="offset points", ha="right", va="bottom", fontsize=8, color=color)
@@ -256,11 +254,10 @@ def _plot_best(table: pd.DataFrame, path: Path) -> bool:
     columns = primary_columns(table) + ["task_score"]
     panels = [[c for c in columns if not _lower_is_better(c)], [c for c in columns if _lower_is_better(c)]]
     panels = [p for p in panels if p]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3 + 1.6 * len(columns) + 0.2 * len(entries), 4.8),
-                             squeeze=False, constrained_layout=True,
-                             gridspec_kw={"width_ratios": [len(p) for p in panels]})
+    fig = new_figure(figsize=(3 + 1.6 * len(columns) + 0.2 * len(entries), 4.8))
+    axes = fig.subplots(1, len(panels), squeeze=False, gridspec_kw={"width_ratios": [len(p) for p in panels]})
     width = 0.8 / len(entries)
-    colors = plt.cm.tab10.colors
+    colors = colormaps["tab10"].colors
     for ax, panel in zip(axes[0], panels):
         for i, (label, row, hatch) in enumerate(entries):
             values = [row[c] if pd.notna(row[c]) else 0.0 for c in panel]
@@ -281,7 +278,8 @@ def _plot_tradeoff(table: pd.DataFrame, ppl: str, path: Path) -> bool:
     rows = rows[rows[ppl].notna() & rows["task_score"].notna()]
     if rows.empty:
         return False
-    fig, ax = plt.subplots(figsize=(7, 4.8), constrained_layout=True)
+    fig = new_figure(figsize=(7, 4.8))
+    ax = fig.subplots()
     merged = rows[rows["evaluated"] == "merged"]
     for series, group in merged.groupby("series", sort=True):
         group = group.sort_values("lam")

@@ -95,7 +95,7 @@ def open_family(base: str, instruct: str, experts: dict[str, str]) -> Family:
 
 
 def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",
-                    progress: bool = True) -> LayerAnalysis:
+                    progress: bool = True, threads: int | None = None) -> LayerAnalysis:
     """Pass 1 for ``family``: from this process, else from the disk cache, else computed and stored."""
     roles = {"base": family.base.path, "instruct": family.instruct.path,
              **{f"expert:{k}": c.path for k, c in family.experts.items()}}
@@ -107,7 +107,7 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
         analysis = LayerAnalysis(**json.loads(file.read_text()))
         log.info("layer analysis reused from %s", file)
     else:
-        analysis = layer_similarities(family, device=device, progress=progress)
+        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
         write_json_atomic(file, asdict(analysis))
         log.info("layer analysis computed and cached in %s", file)
     _analyses[key] = analysis

@@ -14,6 +14,8 @@ import reference
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
+from lata import compute
+from lata.compute import SliceWorkers
 from lata.checkpoints import Checkpoint
 from lata.shards import ShardedWriter, StreamingShardWriter
 from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
@@ -166,10 +168,19 @@ def test_streaming_writer_refuses_an_unplanned_tensor(tmp_path):
 
 def test_thread_count_does_not_change_the_similarities(dirs):
     family = open_family(dirs)
-    one = with_threads(1, lambda: layer_similarities(family, progress=False, prefetch=False))
+    one = with_threads(1, lambda: layer_similarities(family, progress=False, prefetch=False, threads=1))
     two = with_threads(2, lambda: layer_similarities(family, progress=False))
     workers = layer_similarities(family, progress=False, threads=3)
     assert one.similarities == two.similarities == workers.similarities
+
+
+def test_auto_threads_is_one_worker_per_core_at_most_eight(monkeypatch):
+    monkeypatch.setattr(compute.os, "sched_getaffinity", lambda pid: set(range(3)), raising=False)
+    assert compute.auto_threads() == 3 and SliceWorkers(None).threads == 3
+    monkeypatch.setattr(compute.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert compute.auto_threads() == 8
+    assert SliceWorkers(None, device="cuda").threads == 1  # an accelerator computes in the calling thread
+    assert SliceWorkers(2).threads == 2
 
 
 def test_finite_check_fast_path(dirs, tmp_path):
