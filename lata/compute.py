@@ -13,9 +13,12 @@ import platform
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -80,6 +83,12 @@ class SliceWorkers:
         if self._pool is None:
             return [fn(a, b) for a, b in ranges]
         return list(self._pool.map(lambda r: fn(*r), ranges))
+
+    def each(self, fn: Callable[[T], R], items: list[T]) -> list[R]:
+        """``[fn(item) for item in items]``, the items on different workers."""
+        if self._pool is None or len(items) < 2:
+            return [fn(item) for item in items]
+        return list(self._pool.map(fn, items))
 
     def close(self) -> None:
         if self._pool is not None:

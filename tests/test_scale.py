@@ -14,7 +14,7 @@ import reference
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
-from lata import compute
+from lata import compute, engine
 from lata.compute import SliceWorkers
 from lata.checkpoints import Checkpoint
 from lata.shards import ShardedWriter, StreamingShardWriter
@@ -79,6 +79,15 @@ def test_schedule_does_not_change_the_merge(dirs, bf16_dirs, case, family):
         plan = with_threads(threads, lambda: make_plan(d, case))
         got = with_threads(threads, lambda: _state(plan, prefetch=prefetch, chunk_size=chunk, workers=workers))
         assert_identical(got, baseline)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ties_thresholds_are_the_same_with_all_experts_at_once_or_one_at_a_time(dirs, monkeypatch, workers):
+    case = CASES[1]
+    together = _state(make_plan(dirs, case), prefetch=True, chunk_size=100, workers=workers)
+    assert_state_matches_reference(together, dirs, case)
+    monkeypatch.setattr(engine, "MAGNITUDE_BYTES", 0)  # every tensor over the budget: one expert at a time
+    assert_identical(_state(make_plan(dirs, case), prefetch=True, chunk_size=100, workers=workers), together)
 
 
 def _state(plan, prefetch, chunk_size, workers=1):

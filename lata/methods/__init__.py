@@ -14,7 +14,7 @@ same values whatever the slicing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -22,14 +22,17 @@ from lata.methods.dare import keep_mask, rescale_kept
 from lata.methods.ta import task_arithmetic_
 from lata.methods.ties import disjoint_mean, keep_count, kth_largest, ties
 
+T = TypeVar("T")
+
 
 class TensorVectors(Protocol):
     """The pure vectors v_k of one tensor, as the engine offers them to ``prepare``."""
 
     shape: torch.Size
 
-    def magnitudes(self, i: int) -> torch.Tensor:
-        """|v_i| flattened, float32; a scratch buffer the caller may reorder (reused by the next call)."""
+    def each_magnitude(self, fn: Callable[[torch.Tensor], T]) -> list[T]:
+        """``[fn(|v_i|) for each i]``, |v_i| flattened float32 in a scratch buffer ``fn`` may
+        reorder; the calls may run concurrently, on different buffers."""
 
 
 class _WholeVectors:
@@ -39,8 +42,8 @@ class _WholeVectors:
         self.vectors = list(vectors)
         self.shape = self.vectors[0].shape
 
-    def magnitudes(self, i: int) -> torch.Tensor:
-        return self.vectors[i].detach().reshape(-1).abs().float()
+    def each_magnitude(self, fn):
+        return [fn(v.detach().reshape(-1).abs().float()) for v in self.vectors]
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,8 @@ class Ties(MergeMethod):
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         if self.topk_scope == "tensor":
-            n = vectors.shape.numel()
-            return [kth_largest(vectors.magnitudes(i), keep_count(n, self.density), scratch=True)
-                    for i in range(len(experts))]
+            k = keep_count(vectors.shape.numel(), self.density)
+            return vectors.each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True))
         if thresholds is None:
             raise ValueError("TIES with topk_scope=global needs the whole-model thresholds")
         return list(thresholds)
