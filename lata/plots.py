@@ -1,7 +1,7 @@
 """PNG plots for what a person would rather look at than read.
 
-Figures are ``matplotlib.figure.Figure`` objects, never pyplot's global state, so a plot can be
-drawn on a background thread while a merge runs (``lata.runner``).
+Figures are ``matplotlib.figure.Figure`` objects, never pyplot's global state (no figure
+registry to leak into, and any thread may draw).
 """
 
 from __future__ import annotations

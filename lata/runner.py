@@ -11,7 +11,6 @@ written atomically.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,7 +101,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
-    plot: Future | None = None  # the layer heatmap, drawn while the merge runs
     if not merging:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
@@ -121,7 +119,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                          threads=cfg.threads)
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
-        plot = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+        write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
         if cfg.save_model:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,
@@ -150,33 +148,19 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                  format_metrics(metrics))
     elif not cfg.save_model:
         log.info("save_model is null and benchmark=none: only the layer analysis was written")
-    if plot is not None:
-        plot.result()  # the heatmap is part of the run directory
     write_json_atomic(run_dir / "summary.json", summary)
     if key is not None:
         sweep.store(cfg.paths.results_dir, key, run_dir)
     return summary
 
 
-def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> Future:
-    """layer_analysis.json / .csv and the printed table now; the .png on a background thread.
-
-    Decision: the heatmap (about 1 s of matplotlib here) is drawn while the merge runs; the
-    caller waits on the returned future before the job counts as done.
-    """
-    write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
-    write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
-    log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
-             format_layer_table(plan))
-    similarities, weights = plan.analysis.similarities, plan.weights
-    pool = ThreadPoolExecutor(1, thread_name_prefix="lata-plot")
-    plot = pool.submit(_draw_layer_heatmap, similarities, weights, run_dir / "layer_analysis.png",
-                       f"{title}: similarity to the instruction vector")
-    pool.shutdown(wait=False)  # the thread ends once the plot is drawn
-    return plot
-
-
-def _draw_layer_heatmap(similarities, weights, path: Path, title: str) -> None:
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
+    """layer_analysis.json / .csv / .png and the printed table."""
     from lata.plots import layer_heatmap  # matplotlib: imported only when a plot is drawn
 
-    layer_heatmap(similarities, weights, path, title=title)
+    write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
+    write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
+    layer_heatmap(plan.analysis.similarities, plan.weights, run_dir / "layer_analysis.png",
+                  title=f"{title}: similarity to the instruction vector")
+    log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
+             format_layer_table(plan))
