@@ -7,19 +7,41 @@ Library use::
     plan = plan_merge(family, MergeConfig(method="ties", density=0.2),
                       WeightingConfig(name="log_rank", drop=0.5))
     merge_to_dir(plan, "merged")            # or merge_into_model(plan, model) / merge_state_dict(plan)
+
+The names below are imported on first use, so ``import lata.config`` or ``lata.plots`` does not
+pay for torch.
 """
 
-from lata.analysis import LayerAnalysis, layer_similarities
-from lata.checkpoints import Checkpoint, CheckpointError
-from lata.config import ConfigError, MergeConfig, WeightingConfig
-from lata.engine import MergePlan, iter_merged, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
-from lata.family import Family
-from lata.weighting import layer_weights
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Checkpoint", "CheckpointError", "ConfigError", "Family", "LayerAnalysis", "MergeConfig", "MergePlan",
-    "WeightingConfig", "iter_merged", "layer_similarities", "layer_weights", "merge_into_model",
-    "merge_state_dict", "merge_to_dir", "plan_merge",
-]
+_EXPORTS = {
+    "LayerAnalysis": "lata.analysis", "layer_similarities": "lata.analysis",
+    "Checkpoint": "lata.checkpoints", "CheckpointError": "lata.checkpoints",
+    "ConfigError": "lata.config", "MergeConfig": "lata.config", "WeightingConfig": "lata.config",
+    "MergePlan": "lata.engine", "iter_merged": "lata.engine", "merge_into_model": "lata.engine",
+    "merge_state_dict": "lata.engine", "merge_to_dir": "lata.engine", "plan_merge": "lata.engine",
+    "Family": "lata.family", "layer_weights": "lata.weighting",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lata' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from lata.analysis import LayerAnalysis, layer_similarities
+    from lata.checkpoints import Checkpoint, CheckpointError
+    from lata.config import ConfigError, MergeConfig, WeightingConfig
+    from lata.engine import MergePlan, iter_merged, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
+    from lata.family import Family
+    from lata.weighting import layer_weights

@@ -6,11 +6,17 @@ registry to leak into, and any thread may draw).
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from lata.atomic import atomic_file
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[float]], path: str | Path,
@@ -44,12 +50,40 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
     return path
 
 
-def new_figure(**kwargs) -> Figure:
+def new_figure(**kwargs) -> "Figure":
     """A figure outside pyplot (no global state: safe on any thread), laid out with constraints."""
+    from matplotlib.figure import Figure  # imported on first use: a merge that draws nothing never loads it
+
     return Figure(layout="constrained", **kwargs)
 
 
-def save_figure(fig: Figure, path: Path) -> None:
+def save_figure(fig: "Figure", path: Path) -> None:
     """savefig to a temporary sibling, then rename: a reader never sees half a PNG."""
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
+
+
+class HeatmapProcess:
+    """The layer heatmap of a ``layer_analysis.json`` drawn by a child process (``python -m
+    lata.plots``), so a merge can run meanwhile; ``wait()`` raises if the drawing failed."""
+
+    def __init__(self, analysis_json: Path, path: Path, title: str):
+        self.path = Path(path)
+        self._proc = subprocess.Popen([sys.executable, "-m", "lata.plots", str(analysis_json), str(path), title],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def wait(self) -> Path:
+        _, err = self._proc.communicate()
+        if self._proc.returncode != 0:
+            raise RuntimeError(f"drawing {self.path} failed:\n{err.strip()}")
+        return self.path
+
+
+def main(argv: list[str] | None = None) -> None:
+    analysis_json, path, title = argv if argv is not None else sys.argv[1:]
+    data = json.loads(Path(analysis_json).read_text())
+    layer_heatmap(data["similarities"], data["weights"], path, title=title)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ from lata import sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.config import ConfigError, to_plain, validate
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
+from lata.plots import HeatmapProcess
 
 log = logging.getLogger("lata")
 
@@ -101,6 +102,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
+    heatmap: HeatmapProcess | None = None
     if not merging:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
@@ -119,7 +121,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                          threads=cfg.threads)
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
-        write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+        heatmap = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
         if cfg.save_model:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,
@@ -148,19 +150,25 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                  format_metrics(metrics))
     elif not cfg.save_model:
         log.info("save_model is null and benchmark=none: only the layer analysis was written")
+    if heatmap is not None:
+        heatmap.wait()  # the PNG is part of the run directory
     write_json_atomic(run_dir / "summary.json", summary)
     if key is not None:
         sweep.store(cfg.paths.results_dir, key, run_dir)
     return summary
 
 
-def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> None:
-    """layer_analysis.json / .csv / .png and the printed table."""
-    from lata.plots import layer_heatmap  # matplotlib: imported only when a plot is drawn
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:
+    """layer_analysis.json / .csv and the printed table now; the .png by a child process.
 
+    Decision: the heatmap (about 1.2 s of matplotlib here) is drawn from layer_analysis.json by
+    ``python -m lata.plots`` while this process merges and evaluates (on a thread it shared the
+    GIL with the merge and gained nothing); the job waits for it before it counts as done.
+    """
     write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
-    layer_heatmap(plan.analysis.similarities, plan.weights, run_dir / "layer_analysis.png",
-                  title=f"{title}: similarity to the instruction vector")
+    heatmap = HeatmapProcess(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
+                             f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
+    return heatmap
