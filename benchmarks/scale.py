@@ -25,7 +25,8 @@ through the library in ``python -c`` (``--via library``). mergekit runs ``mergek
 (``dtype: float32``), output in the inputs' dtype, ``--lazy-unpickle``, one output shard size
 equal to lata's. ``--check`` compares lata's uniform-weighted output with mergekit's.
 ``--omp-threads N`` sets OMP_NUM_THREADS/MKL_NUM_THREADS for every run of both tools;
-``--threads N`` sets lata's slice workers (``threads=N``; default one per core).
+``--threads N`` sets lata's slice workers (``threads=N``; default one per core); ``--device cuda``
+makes lata compute on a GPU (``device=cuda``) and gives mergekit ``--cuda``.
 """
 
 from __future__ import annotations
@@ -259,25 +260,25 @@ def startup(argv: list[str], log: Path, env: dict | None = None) -> float:
 LIBRARY = r"""
 import sys
 from lata import Family, MergeConfig, WeightingConfig, plan_merge, merge_to_dir
-base, instruct, math_, code, out, method, weighting, density, threads = sys.argv[1:10]
+base, instruct, math_, code, out, method, weighting, density, threads, device = sys.argv[1:11]
 family = Family.open(base, instruct, {"math": math_, "code": code})
 plan = plan_merge(family, MergeConfig(method=method, density=float(density)), WeightingConfig(name=weighting),
-                  progress=False, threads=None if threads == "auto" else int(threads))
+                  progress=False, threads=None if threads == "auto" else int(threads), device=device)
 merge_to_dir(plan, out, overwrite=True, progress=False)
 """
 
 
 def lata_argv(via: str, dirs: dict, out: Path, method: str, weighting: str, density: float, run_dir: Path,
-              shard_size: str, threads: int | None = None) -> list[str]:
+              shard_size: str, threads: int | None = None, device: str = "cpu") -> list[str]:
     if via == "library":
         return [sys.executable, "-c", LIBRARY, *(str(dirs[r]) for r in ROLES), str(out), method, weighting,
-                str(density), str(threads or "auto")]
+                str(density), str(threads or "auto"), device]
     return [sys.executable, "-m", "lata", "model=paths", f"++model.base={dirs['base']}",
             f"++model.instruct={dirs['instruct']}", f"++model.experts.math={dirs['math']}",
             f"++model.experts.code={dirs['code']}", f"merge={method}", f"weighting={weighting}",
             *([f"merge.density={density}"] if method == "ties" else []), "benchmark=none",
             f"save_model={out}", "overwrite=true", "progress=false", f"shard_size={shard_size}",
-            *([f"threads={threads}"] if threads else []), f"hydra.run.dir={run_dir}"]
+            *([f"threads={threads}"] if threads else []), f"device={device}", f"hydra.run.dir={run_dir}"]
 
 
 def mergekit_config(dirs: dict, method: str, density: float, dtype: str) -> dict:
@@ -294,9 +295,9 @@ def mergekit_config(dirs: dict, method: str, density: float, dtype: str) -> dict
     return config
 
 
-def mergekit_argv(exe: str, config: Path, out: Path, shard_params: int) -> list[str]:
+def mergekit_argv(exe: str, config: Path, out: Path, shard_params: int, device: str = "cpu") -> list[str]:
     return [exe, str(config), str(out), "--lazy-unpickle", "--no-copy-tokenizer", "--no-write-model-card",
-            "--quiet", f"--out-shard-size={shard_params}"]
+            "--quiet", f"--out-shard-size={shard_params}", *(["--cuda"] if device.startswith("cuda") else [])]
 
 
 def compare_outputs(a: Path, b: Path) -> float:
@@ -339,6 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--check", action="store_true", help="compare lata (uniform) and mergekit outputs")
     ap.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every run (both tools)")
     ap.add_argument("--threads", type=int, help="lata's slice workers (default: lata's own, one per core)")
+    ap.add_argument("--device", default="cpu", help="where both tools compute: cpu, cuda, cuda:N (mergekit: --cuda)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.omp_threads:
@@ -358,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.size}: {len(tensor_specs(shape))} tensors, {shape['dtype']}, inputs {in_bytes / 1e9:.2f} GB "
           f"in {len(inputs)} files, output {out_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, "
-          f"lata threads {args.threads or 'auto'}); "
+          f"lata threads {args.threads or 'auto'}, device {args.device}); "
           f"cache: {'cold' if args.cold else 'warm'}",
           flush=True)
 
@@ -396,12 +398,13 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = runs_dir / f"mergekit-{method}.yaml"
                 cfg.write_text(json.dumps(mergekit_config(dirs, method, args.density, shape["dtype"]), indent=2))
                 out = runs_dir / f"out-mergekit-{method}"
-                jobs.append((f"mergekit {method}", "mergekit", out, mergekit_argv(args.mergekit, cfg, out, shard_params)))
+                jobs.append((f"mergekit {method}", "mergekit", out, mergekit_argv(args.mergekit, cfg, out, shard_params, args.device)))
             for weighting in weightings:
                 out = runs_dir / f"out-lata-{method}-{weighting}"
                 jobs.append((f"lata {method} + {weighting}", f"lata-{weighting}", out,
                              lata_argv(args.via, dirs, out, method, weighting, args.density,
-                                       runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads)))
+                                       runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads,
+                                       args.device)))
             for label, tag, out, cmd in jobs:
                 if out.exists():
                     shutil.rmtree(out)

@@ -44,6 +44,22 @@ def torch_threads(n: int, device: str = "cpu"):
 MAX_AUTO_THREADS = 8
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this torch cannot compute on, naming it, before anything is read."""
+    from lata.config import ConfigError
+
+    kind = torch.device(device)
+    if kind.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device={device!r}, but this torch ({torch.__version__}) sees no CUDA device; "
+                              f"use device=cpu or install a CUDA build of torch")
+        if kind.index is not None and kind.index >= count:
+            raise ConfigError(f"device={device!r}, but this machine has {count} CUDA device(s): cuda:0..cuda:{count - 1}")
+    elif kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={device!r}, but MPS is not available here; use device=cpu")
+
+
 def auto_threads() -> int:
     """Slice workers when none are asked for: the cores this process may run on, at most 8.
 

@@ -42,7 +42,8 @@ from tqdm.auto import tqdm
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, check_writable_dir
 from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
-from lata.compute import SliceWorkers, as_float32, pure_slice, thread_buffer, torch_threads, tune_malloc
+from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
+                          tune_malloc)
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
                          validate_weighting)
 from lata.family import Family
@@ -229,6 +230,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     weighting = weighting if weighting is not None else WeightingConfig()
     validate_merge(merge)
     validate_weighting(weighting)
+    check_device(device)
     validate_lams(merge.lams, family.expert_names)
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lata import sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
+from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
 from lata.plots import HeatmapProcess
@@ -81,6 +82,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     already is restored instead of recomputed when ``resume`` is true.
     """
     validate(cfg)
+    check_device(cfg.device)
     run_dir = Path(run_dir)
     merging = cfg.merge.method != "none"
     if cfg.save_model and merging:

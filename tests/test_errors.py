@@ -144,3 +144,18 @@ def test_explicit_weights_of_wrong_length(dirs):
 def test_reserved_expert_names(dirs):
     with pytest.raises(CheckpointError, match="expert name 'base' is reserved"):
         Family.open(dirs["base"], dirs["instruct"], {"base": dirs["experts"]["math"]})
+
+
+def test_a_device_torch_cannot_use_is_refused_by_name_before_any_read(dirs, monkeypatch):
+    from lata.compute import check_device
+    from lata.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"device='cuda', but this torch .* sees no CUDA device"):
+        plan_merge(open_family(dirs), MergeConfig(), WeightingConfig(), device="cuda", progress=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"device='cuda:2', but this machine has 2 CUDA device\(s\): cuda:0..cuda:1"):
+        check_device("cuda:2")
+    check_device("cuda:1")  # a device that exists passes
+    check_device("cpu")
