@@ -59,12 +59,12 @@ demo: install
 bench-eval: install
 	$(BIN)/python benchmarks/eval_throughput.py --threads 1 $(BENCH_EVAL_ARGS)
 
-## merge speed and peak memory at scale, vs mergekit if MERGEKIT=/path/to/mergekit-yaml (README "Scale")
+## merge speed and peak memory at scale, vs mergekit if MERGEKIT=/path/to/mergekit-yaml (README "Scale");
+## more options in BENCH_ARGS, e.g. BENCH_ARGS="--device cuda" or "--cold --repeats 2"
 .PHONY: bench
 BENCH_SIZE ?= 135m
-BENCH_DIR  ?= /tmp/lata-scale
 bench: install
-	$(BIN)/python benchmarks/scale.py --size $(BENCH_SIZE) --work-dir $(BENCH_DIR) $(if $(MERGEKIT),--mergekit $(MERGEKIT) --check)
+	$(BIN)/python benchmarks/scale.py --size $(BENCH_SIZE) $(if $(BENCH_DIR),--work-dir $(BENCH_DIR)) $(if $(MERGEKIT),--mergekit $(MERGEKIT) --check) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache outputs/demo
