@@ -7,8 +7,9 @@ read-only-in-practice memory map of each file; nothing is loaded until asked for
 Memory: pages of a mapped file that are touched count in the process's resident set, so a
 streaming reader that never lets go would end up "holding" every input it has read. ``release``
 drops a tensor's pages from this process (``madvise(MADV_DONTNEED)``; the kernel's page cache
-keeps them, so a later read costs a page fault, not a disk read) and ``prefetch`` asks the
-kernel to read a tensor ahead (``posix_fadvise(WILLNEED)``), so reading can overlap compute.
+keeps them, so a later read costs a page fault, not a disk read) and ``prefetch`` maps a tensor
+ahead (``madvise(MADV_POPULATE_READ)``, reading it from disk if needed; elsewhere it asks the
+kernel to read ahead, ``posix_fadvise(WILLNEED)``), so reading can overlap compute.
 """
 
 from __future__ import annotations
@@ -223,16 +224,19 @@ class Checkpoint:
         return [(self.files[n], *self._spans[n]) for n in names if n in self._spans]
 
     def prefetch(self, names) -> None:
-        """Ask the kernel to read these tensors into the page cache now (asynchronous, no RSS).
+        """Map these tensors into the process now, reading what is not cached (blocks; the
+        mapped pages count in RSS until ``release``).
 
-        A tensor whose sampled pages are already in the page cache is skipped: asking anyway
-        walks every page of it (measured: +20% on a warm similarity pass).
+        Where the kernel cannot (before Linux 5.14), it is asked to read them into the page
+        cache instead (asynchronous, no RSS); a tensor whose sampled pages are already cached is
+        then skipped: asking anyway walks every page of it (measured: +20% on a warm similarity
+        pass).
         """
         for file, start, end in self._regions(names):
             if end <= start:
                 continue
             mm = self._map(file)
-            if POPULATE and _populate(mm, start, end):
+            if _populate(mm, start, end):
                 continue
             if hasattr(os, "posix_fadvise") and not _resident(self._bases.get(file), start, end):
                 os.posix_fadvise(self._fds[file], start, end - start, os.POSIX_FADV_WILLNEED)
@@ -247,10 +251,9 @@ class Checkpoint:
             mm = self._maps.get(file)
             if mm is None or end <= start or not hasattr(mm, "madvise"):
                 continue
-            first = start - start % _PAGE
-            last = min(len(mm), -(-end // _PAGE) * _PAGE)
-            if last > first:
-                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+            first, length = _pages(mm, start, end)
+            if length > 0:
+                mm.madvise(mmap.MADV_DONTNEED, first, length)
 
     def close(self) -> None:
         self._handles.clear()
@@ -263,19 +266,24 @@ class Checkpoint:
 
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_READ = 22  # Linux 5.14+
-POPULATE = True
+
+
+def _pages(mm: mmap.mmap, start: int, end: int) -> tuple[int, int]:
+    """(offset, length) of the whole pages of ``mm`` covering bytes [start, end)."""
+    first = start - start % _PAGE
+    return first, min(len(mm), -(-end // _PAGE) * _PAGE) - first
 
 
 def _populate(mm: mmap.mmap, start: int, end: int) -> bool:
     """Map [start, end) of ``mm`` into the process now (reading it if it is not cached), so the
     consumer does not fault page by page. False where the kernel cannot (older than 5.14)."""
-    first = start - start % _PAGE
-    last = min(len(mm), -(-end // _PAGE) * _PAGE)
     try:
-        mm.madvise(_MADV_POPULATE_READ, first, last - first)
+        mm.madvise(_MADV_POPULATE_READ, *_pages(mm, start, end))
     except (OSError, ValueError, AttributeError):
         return False
     return True
+
+
 _SAMPLES = 8
 
 

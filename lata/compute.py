@@ -17,6 +17,8 @@ from typing import Callable, TypeVar
 
 import torch
 
+from lata.config import ConfigError
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,8 +48,6 @@ MAX_AUTO_THREADS = 8
 
 def check_device(device: str) -> None:
     """Refuse a device this torch cannot compute on, naming it, before anything is read."""
-    from lata.config import ConfigError
-
     kind = torch.device(device)
     if kind.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0

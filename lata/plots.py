@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from lata.atomic import atomic_file
