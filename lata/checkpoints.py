@@ -8,8 +8,9 @@ Memory: pages of a mapped file that are touched count in the process's resident 
 streaming reader that never lets go would end up "holding" every input it has read. ``release``
 drops a tensor's pages from this process (``madvise(MADV_DONTNEED)``; the kernel's page cache
 keeps them, so a later read costs a page fault, not a disk read) and ``prefetch`` maps a tensor
-ahead (``madvise(MADV_POPULATE_READ)``, reading it from disk if needed; elsewhere it asks the
-kernel to read ahead, ``posix_fadvise(WILLNEED)``), so reading can overlap compute.
+that is not in the page cache ahead (``madvise(MADV_POPULATE_READ)``, reading it from disk;
+elsewhere it asks the kernel to read ahead, ``posix_fadvise(WILLNEED)``), so reading can
+overlap compute. madvise and mincore are called through libc, without the GIL.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import warnings
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors import safe_open
 
@@ -225,21 +227,31 @@ class Checkpoint:
 
     def prefetch(self, names) -> None:
         """Map these tensors into the process now, reading what is not cached (blocks; the
-        mapped pages count in RSS until ``release``).
+        mapped pages count in RSS until ``release``). A tensor already in the page cache is
+        skipped: mapping it ahead costs what the consumer's own page faults cost.
 
         Where the kernel cannot (before Linux 5.14), it is asked to read them into the page
-        cache instead (asynchronous, no RSS); a tensor whose sampled pages are already cached is
-        then skipped: asking anyway walks every page of it (measured: +20% on a warm similarity
-        pass).
+        cache instead (asynchronous, no RSS).
         """
         for file, start, end in self._regions(names):
             if end <= start:
                 continue
             mm = self._map(file)
-            if _populate(mm, start, end):
+            base = self._bases.get(file)
+            if _resident(base, start, end) or _populate(mm, base, start, end):
                 continue
-            if hasattr(os, "posix_fadvise") and not _resident(self._bases.get(file), start, end):
+            if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fds[file], start, end - start, os.POSIX_FADV_WILLNEED)
+
+    def cached(self, names, samples: int | None = None) -> bool:
+        """Whether every page of these tensors is in the page cache (False where it cannot tell);
+        ``samples``: look at that many evenly spaced pages of each tensor instead (quicker)."""
+        for file, start, end in self._regions(names):
+            if end > start:
+                self._map(file)
+                if not _resident(self._bases.get(file), start, end, samples):
+                    return False
+        return True
 
     def release(self, names) -> None:
         """Drop these tensors' pages from this process's memory (the page cache keeps them).
@@ -251,9 +263,7 @@ class Checkpoint:
             mm = self._maps.get(file)
             if mm is None or end <= start or not hasattr(mm, "madvise"):
                 continue
-            first, length = _pages(mm, start, end)
-            if length > 0:
-                mm.madvise(mmap.MADV_DONTNEED, first, length)
+            _advise(mm, self._bases.get(file), start, end, mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         self._handles.clear()
@@ -274,17 +284,30 @@ def _pages(mm: mmap.mmap, start: int, end: int) -> tuple[int, int]:
     return first, min(len(mm), -(-end // _PAGE) * _PAGE) - first
 
 
-def _populate(mm: mmap.mmap, start: int, end: int) -> bool:
+def _advise(mm: mmap.mmap, base: int | None, start: int, end: int, advice: int) -> None:
+    """madvise the whole pages covering [start, end) of ``mm`` (mapped at ``base``).
+
+    Decision: through libc by ctypes, which lets go of the GIL for the call (``mmap.madvise``
+    holds it: a read-ahead that reads or maps hundreds of MB would stall every other thread's
+    Python); ``mmap.madvise`` where libc's is not available. Raises OSError as madvise fails.
+    """
+    first, length = _pages(mm, start, end)
+    if length <= 0:
+        return
+    if _madvise is None or base is None:
+        mm.madvise(advice, first, length)
+    elif _madvise(ctypes.c_void_p(base + first), ctypes.c_size_t(length), advice) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def _populate(mm: mmap.mmap, base: int | None, start: int, end: int) -> bool:
     """Map [start, end) of ``mm`` into the process now (reading it if it is not cached), so the
     consumer does not fault page by page. False where the kernel cannot (older than 5.14)."""
     try:
-        mm.madvise(_MADV_POPULATE_READ, *_pages(mm, start, end))
+        _advise(mm, base, start, end, _MADV_POPULATE_READ)
     except (OSError, ValueError, AttributeError):
         return False
     return True
-
-
-_SAMPLES = 8
 
 
 def _address(mm: mmap.mmap) -> int | None:
@@ -298,32 +321,40 @@ def _address(mm: mmap.mmap) -> int | None:
     return address
 
 
-def _resident(base: int | None, start: int, end: int) -> bool:
-    """Whether ``_SAMPLES`` evenly spaced pages of [start, end) of the map at ``base`` are in the
-    page cache (mincore). False when it cannot tell: prefetching is then always asked for.
+def _resident(base: int | None, start: int, end: int, samples: int | None = None) -> bool:
+    """Whether every page of [start, end) of the map at ``base`` is in the page cache (one
+    mincore call), or with ``samples``, that many evenly spaced pages. False when it cannot tell
+    (no mincore; a file this user may not write, whose cached pages Linux does not report):
+    reading ahead is then always asked for.
     """
-    if _mincore is None or base is None:
+    if _mincore is None or base is None or end <= start:
         return False
     first, last = start // _PAGE, (end - 1) // _PAGE
-    vec = (ctypes.c_ubyte * 1)()
-    for i in range(_SAMPLES):
-        page = first + (last - first) * i // max(1, _SAMPLES - 1)
-        if _mincore(ctypes.c_void_p(base + page * _PAGE), ctypes.c_size_t(_PAGE), vec) != 0 or not vec[0] & 1:
+    spans = ([(first, last + 1)] if samples is None else
+             [(p, p + 1) for p in sorted({first + (last - first) * i // max(1, samples - 1) for i in range(samples)})])
+    for lo, hi in spans:
+        vec = (ctypes.c_ubyte * (hi - lo))()
+        if _mincore(ctypes.c_void_p(base + lo * _PAGE), ctypes.c_size_t((hi - lo) * _PAGE), vec) != 0:
+            return False
+        # bit 0 of each byte says "resident"; the other bits are reserved
+        if not ((numpy.frombuffer(vec, dtype=numpy.uint8) & 1).all() if len(vec) > 64 else all(b & 1 for b in vec)):
             return False
     return True
 
 
-def _load_mincore():
+def _libc(name: str, *argtypes):
+    """A libc function by ctypes (the GIL is let go during calls), or None where there is none."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).mincore
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):
         return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
 
-_mincore = _load_mincore()
+_mincore = _libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_madvise = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def _finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:
@@ -373,6 +404,10 @@ class Prefetcher:
     consumer computes, staying at most ``budget`` bytes ahead of it; ``advance(i)`` says the
     consumer is at step i. Prefetching never changes what is read, only when: results are
     identical with it on or off.
+
+    Decision: when every scheduled tensor is in the page cache already, no thread is started:
+    mapping pages ahead then costs what the consumer's page faults would, and the extra thread
+    only competes with the compute (warm 135M similarity pass: 0.72 s against 0.57 s without).
     """
 
     def __init__(self, schedule: list[list[tuple["Checkpoint", str]]], budget: int = PREFETCH_BYTES,
@@ -384,7 +419,7 @@ class Prefetcher:
         self._stop = False
         self._cond = threading.Condition()
         self._thread = None
-        if enabled and schedule:
+        if enabled and schedule and not all(c.cached([n], samples=2) for step in schedule for c, n in step):
             self._thread = threading.Thread(target=self._run, name="lata-prefetch", daemon=True)
             self._thread.start()
 

@@ -4,6 +4,8 @@ Read-ahead and write-behind threads on or off, torch thread counts, slice sizes,
 and O_DIRECT writes are all scheduling: every merged tensor must come out bit-identical.
 """
 
+import mmap
+import os
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,8 @@ from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_st
 from lata.analysis import layer_similarities
 from lata import compute, engine
 from lata.compute import SliceWorkers
-from lata.checkpoints import Checkpoint
+from lata import checkpoints
+from lata.checkpoints import Checkpoint, Prefetcher
 from lata.shards import ShardedWriter, StreamingShardWriter
 from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
 
@@ -69,7 +72,8 @@ def assert_identical(got: dict, expected: dict):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c['weighting']}")
 @pytest.mark.parametrize("family", ["f32", "bf16"])
-def test_schedule_does_not_change_the_merge(dirs, bf16_dirs, case, family):
+def test_schedule_does_not_change_the_merge(dirs, bf16_dirs, case, family, monkeypatch):
+    monkeypatch.setattr(checkpoints, "_resident", lambda *a, **k: False)  # read ahead as on a cold cache
     d = dirs if family == "f32" else bf16_dirs
     baseline = with_threads(1, lambda: _state(make_plan(d, case), prefetch=False, chunk_size=1 << 20))
     assert_state_matches_reference(baseline, d, case)
@@ -238,3 +242,35 @@ def test_released_tensors_stay_readable(dirs):
     ckpt.release([name])
     assert torch.equal(view, before)
     ckpt.close()
+
+
+def test_read_ahead_thread_runs_only_for_what_the_page_cache_lacks(dirs, monkeypatch):
+    ckpt = Checkpoint(dirs["base"])
+    schedule = [[(ckpt, n)] for n in ckpt.names]
+    for name in ckpt.names:
+        ckpt.get(name).sum()  # just written and read: in the page cache
+    assert ckpt.cached(ckpt.names) and ckpt.cached(ckpt.names, samples=2)
+    with Prefetcher(schedule) as prefetcher:
+        assert prefetcher._thread is None
+    monkeypatch.setattr(checkpoints, "_resident", lambda *a, **k: False)
+    with Prefetcher(schedule) as prefetcher:
+        assert prefetcher._thread is not None
+    ckpt.close()
+
+
+def test_cached_sees_pages_evicted_from_the_page_cache(tmp_path):
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"\1" * (64 * mmap.PAGESIZE))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages can be evicted, dirty ones not
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # as Checkpoint maps
+        base = checkpoints._address(mm)
+        size = len(mm)
+        assert base is not None
+        if checkpoints._resident(base, 0, size, samples=3):
+            pytest.skip("this file system keeps the pages (tmpfs?)")
+        assert not checkpoints._resident(base, 0, size)
+        bytes(mm[:])  # read every page
+        assert checkpoints._resident(base, 0, size) and checkpoints._resident(base, 0, size, samples=3)
+        mm.close()
