@@ -8,6 +8,7 @@ kept as the simple reference the streaming writer is tested against (same shard 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import mmap
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from lata.atomic import write_json_atomic
-from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError
+from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
 
 
 class ShardedWriter:
@@ -75,6 +76,9 @@ class ShardedWriter:
         return final
 
 
+WRITE_BEHIND_BYTES = 256 << 20  # merged bytes that may wait for the writer thread
+
+
 class StreamingShardWriter:
     """Writes tensors straight into safetensors shards planned up front from their headers.
 
@@ -85,7 +89,9 @@ class StreamingShardWriter:
     Face names at once (the caller renames the directory into place, see ``lata.atomic``).
 
     - ``threaded``: a writer thread does the writes, so writing overlaps computing the next
-      tensor; at most one tensor waits for it. ``on_written(tensor)`` is called (from that
+      tensors; tensors wait for it while they hold at most ``behind_bytes`` (or one tensor,
+      whatever its size): a large tensor's write overlaps the merge of the small ones after
+      it. ``on_written(tensor)`` is called (from that
       thread) once a tensor's bytes are out, so its buffer can be reused.
     - ``direct``: data goes to the file with ``O_DIRECT`` through an aligned 16 MiB staging
       buffer, not through the page cache (a multi-GB output neither fills the page cache with
@@ -96,7 +102,7 @@ class StreamingShardWriter:
 
     def __init__(self, directory: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_bytes: int, threaded: bool = True, direct: bool = False,
-                 on_written=None):
+                 on_written=None, behind_bytes: int = WRITE_BEHIND_BYTES):
         self.directory = Path(directory)
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = []
         size = 0
@@ -122,8 +128,11 @@ class StreamingShardWriter:
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._behind = 0  # bytes handed over and not yet written
+        self._behind_max = behind_bytes
+        self._written = threading.Condition()
         if threaded:
-            self._queue = queue.Queue(maxsize=1)
+            self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._drain, name="lata-writer", daemon=True)
             self._thread.start()
 
@@ -139,9 +148,13 @@ class StreamingShardWriter:
         if self._queue is None:
             self._write(shard, expected, tensor)
             return
-        self._raise_pending()
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._written:
+            while self._behind and self._behind + nbytes > self._behind_max and self._error is None:
+                self._written.wait()
+            self._raise_pending()
+            self._behind += nbytes
         self._queue.put((shard, expected, tensor))
-        self._raise_pending()
 
     def _drain(self) -> None:
         while True:
@@ -153,6 +166,10 @@ class StreamingShardWriter:
                     self._write(*item)
                 except BaseException as exc:  # reported to the caller by the next add/finish
                     self._error = exc
+            tensor = item[2]
+            with self._written:
+                self._behind -= tensor.numel() * tensor.element_size()
+                self._written.notify()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -163,9 +180,9 @@ class StreamingShardWriter:
         if entries[0][0] == name:
             self._close_file()
             self._file = _ShardFile(self.paths[shard], self.direct)
-            self._file.write(memoryview(_safetensors_header(entries)))
+            self._file.write(torch.frombuffer(bytearray(_safetensors_header(entries)), dtype=torch.uint8))
         if tensor.numel():
-            self._file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            self._file.write(tensor.reshape(-1).view(torch.uint8))
         if self._on_written is not None:
             self._on_written(tensor)
         if entries[-1][0] == name:
@@ -222,17 +239,22 @@ class _ShardFile:
                 self.dfd = None
         if self.dfd is not None:
             self.stage = mmap.mmap(-1, self.STAGE)  # page-aligned, as O_DIRECT needs
+            self.stage_address = _address(self.stage)
             self.fill = 0
 
-    def write(self, data: memoryview) -> None:
+    def write(self, data: torch.Tensor) -> None:
+        """Append a contiguous uint8 CPU tensor. Into the staging buffer it is copied by
+        ``memmove`` through ctypes, which lets go of the GIL (a slice assignment holds it)."""
         if self.dfd is None:
-            self._plain(data)
+            self._plain(memoryview(data.numpy()))
             return
-        while len(data):
-            n = min(len(data), self.STAGE - self.fill)
-            self.stage[self.fill:self.fill + n] = data[:n]
+        source, left = data.data_ptr(), data.numel()
+        while left:
+            n = min(left, self.STAGE - self.fill)
+            ctypes.memmove(self.stage_address + self.fill, source, n)
             self.fill += n
-            data = data[n:]
+            source += n
+            left -= n
             if self.fill == self.STAGE:
                 self._flush_stage(self.STAGE)
 

@@ -172,6 +172,30 @@ def test_streaming_writer_shards_like_the_buffered_writer(tmp_path):
                     assert torch.equal(h.get_tensor(n), tensors[n])
 
 
+@pytest.mark.parametrize("behind", [0, 2500, 1 << 30])
+def test_writer_thread_holds_at_most_its_byte_budget(tmp_path, behind):
+    import time
+
+    sizes = [100, 400, 4000, 50, 50, 300, 900, 10]  # float32 elements
+    tensors = {f"t{i}": torch.full((s,), float(i)) for i, s in enumerate(sizes)}
+    waiting = []
+    writer = StreamingShardWriter(tmp_path, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 1 << 30,
+                                  direct=True, behind_bytes=behind, on_written=lambda t: time.sleep(0.02))
+    for n, t in tensors.items():
+        writer.add(n, t)
+        waiting.append(writer._behind)
+    writer.finish()
+    # a tensor is handed over when it fits in the budget, or when nothing else waits
+    assert all(w <= max(behind, 4 * max(sizes)) for w in waiting)
+    if behind == 0:
+        assert waiting == [4 * s for s in sizes]  # one at a time
+    if behind == 1 << 30:
+        assert waiting[-1] > 4 * sizes[-1]  # never waited: the slow writer is behind
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as h:
+        for n, t in tensors.items():
+            assert torch.equal(h.get_tensor(n), t)
+
+
 def test_streaming_writer_refuses_an_unplanned_tensor(tmp_path):
     writer = StreamingShardWriter(tmp_path, [("a", (2,), torch.float32)], 1 << 20)
     with pytest.raises(CheckpointError, match="expected tensor 'a'"):
