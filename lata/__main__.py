@@ -1,3 +1,3 @@
-from lata.cli import main
+from lata.cli import entry
 
-main()
+entry()

@@ -63,23 +63,64 @@ def save_figure(fig: "Figure", path: Path) -> None:
 
 
 class HeatmapProcess:
-    """The layer heatmap of a ``layer_analysis.json`` drawn by a child process (``python -m
-    lata.plots``), so a merge can run meanwhile; ``wait()`` raises if the drawing failed."""
+    """The layer heatmap of a ``layer_analysis.json``, drawn by a child process (``python -m
+    lata.plots``) so that a merge can run meanwhile.
 
-    def __init__(self, analysis_json: Path, path: Path, title: str):
-        self.path = Path(path)
-        self._proc = subprocess.Popen([sys.executable, "-m", "lata.plots", str(analysis_json), str(path), title],
+    Decision: the child starts before there is anything to draw and loads matplotlib at once
+    (the CLI starts it before it imports torch, so both loads run side by side); ``draw`` sends
+    it the request, ``wait`` returns the PNG or raises, naming it, if the drawing failed, and
+    ``cancel`` ends a child that will draw nothing.
+    """
+
+    def __init__(self):
+        self.path: Path | None = None
+        self._proc = subprocess.Popen([sys.executable, "-m", "lata.plots"], stdin=subprocess.PIPE,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
+    def draw(self, analysis_json: Path, path: Path, title: str) -> "HeatmapProcess":
+        self.path = Path(path)
+        self._close_stdin(json.dumps({"analysis": str(analysis_json), "png": str(path), "title": title}))
+        return self
+
     def wait(self) -> Path:
-        _, err = self._proc.communicate()
-        if self._proc.returncode != 0:
-            raise RuntimeError(f"drawing {self.path} failed:\n{err.strip()}")
+        if self._finish() != 0:
+            raise RuntimeError(f"drawing {self.path} failed:\n{self._err.strip()}")
         return self.path
+
+    def cancel(self) -> None:
+        """End the child: unused, it exits; sent a drawing, it finishes it first."""
+        self._finish()
+
+    def _finish(self) -> int:
+        if self._proc.returncode is None:
+            self._close_stdin()
+            self._err = self._proc.stderr.read()
+            self._proc.stderr.close()
+            self._proc.wait()
+        return self._proc.returncode
+
+    def _close_stdin(self, request: str = "") -> None:
+        if self._proc.stdin.closed:
+            return
+        try:
+            self._proc.stdin.write(request)
+            self._proc.stdin.close()
+        except BrokenPipeError:  # the child is gone; wait() says why
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
-    analysis_json, path, title = argv if argv is not None else sys.argv[1:]
+    """``python -m lata.plots ANALYSIS_JSON PNG TITLE`` draws one heatmap; with no arguments,
+    load matplotlib, then draw the request read from stdin (none: exit)."""
+    args = argv if argv is not None else sys.argv[1:]
+    if not args:
+        new_figure()  # the imports, before the request comes
+        import matplotlib.backends.backend_agg  # noqa: F401  (what savefig to PNG loads)
+        request = sys.stdin.read()
+        if not request:
+            return
+        args = [(r := json.loads(request))["analysis"], r["png"], r["title"]]
+    analysis_json, path, title = args
     data = json.loads(Path(analysis_json).read_text())
     layer_heatmap(data["similarities"], data["weights"], path, title=title)
 

@@ -74,10 +74,11 @@ def format_layer_table(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = None) -> dict:
     """Run the main job for a composed config; return a summary dict (also written to disk).
 
-    Within one process (a multirun with the basic launcher) families, layer analyses and the
+    ``heatmap``: a child process started early to draw layer_analysis.png (the CLI starts it
+    before torch loads; the caller ends it if unused); None: one is started when needed. Within one process (a multirun with the basic launcher) families, layer analyses and the
     evaluation model are reused between points (lata.sweep); a point whose results are stored
     already is restored instead of recomputed when ``resume`` is true.
     """
@@ -104,7 +105,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
-    heatmap: HeatmapProcess | None = None
+    drawing: HeatmapProcess | None = None
     if not merging:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
@@ -123,7 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                                          threads=cfg.threads)
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
-        heatmap = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+        drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}", heatmap)
         if cfg.save_model:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,
@@ -152,25 +153,28 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
                  format_metrics(metrics))
     elif not cfg.save_model:
         log.info("save_model is null and benchmark=none: only the layer analysis was written")
-    if heatmap is not None:
-        heatmap.wait()  # the PNG is part of the run directory
+    if drawing is not None:
+        drawing.wait()  # the PNG is part of the run directory
     write_json_atomic(run_dir / "summary.json", summary)
     if key is not None:
         sweep.store(cfg.paths.results_dir, key, run_dir)
     return summary
 
 
-def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:
-    """layer_analysis.json / .csv and the printed table now; the .png by a child process.
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str,
+                         heatmap: HeatmapProcess | None = None) -> HeatmapProcess:
+    """layer_analysis.json / .csv and the printed table now; the .png by a child process
+    (``heatmap``, or a new one).
 
-    Decision: the heatmap (about 1.2 s of matplotlib here) is drawn from layer_analysis.json by
-    ``python -m lata.plots`` while this process merges and evaluates (on a thread it shared the
-    GIL with the merge and gained nothing); the job waits for it before it counts as done.
+    Decision: the heatmap (about 1.5 s of Python start, matplotlib and drawing here) is drawn
+    from layer_analysis.json by ``python -m lata.plots`` while this process merges and evaluates
+    (on a thread it shared the GIL with the merge and gained nothing); the job waits for it
+    before it counts as done.
     """
     write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
-    heatmap = HeatmapProcess(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
-                             f"{title}: similarity to the instruction vector")
+    heatmap = (heatmap or HeatmapProcess()).draw(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
+                                                 f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
     return heatmap

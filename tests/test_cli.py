@@ -55,6 +55,20 @@ def test_issue_command_merges_to_a_loadable_checkpoint(dirs, tmp_path):
     assert "merge:\n  method: ties" in (run / "config.yaml").read_text()
 
 
+def test_the_command_ends_after_its_exit_handlers_with_every_stream_flushed(dirs, tmp_path):
+    # lata.cli.entry skips the interpreter's teardown after a job that ended well
+    code = ("import atexit, sys\nfrom lata.cli import entry\n"
+            "atexit.register(lambda: print('exit handler ran'))\n"
+            "sys.stdout.write('buffered, ')\n"
+            "sys.argv = ['lata'] + sys.argv[1:]\nentry()\nprint('after entry')\n")
+    result = subprocess.run([sys.executable, "-c", code, *family_args(dirs), "dry_run=true",
+                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("buffered, ") and result.stdout.endswith("exit handler ran\n")
+    assert "after entry" not in result.stdout
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
 def test_forgetting_with_a_negative_lambda(dirs, tmp_path):
     out = tmp_path / "OUT"
     run_lata(family_args(dirs) + ["merge=ta", "weighting=threshold", "weighting.threshold=0.9",
