@@ -99,14 +99,16 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
             views = [c.get(name) for c in ckpts]
             layer = family.layer_of(name)
             try:
-                if layer is None or not views[0].is_floating_point():
-                    for ckpt, view in zip(ckpts, views):
-                        ckpt.check_finite(name, view)
+                if not views[0].is_floating_point():
                     continue
+                # the squared norms are finite only if every value of every model is: non-layer
+                # tensors (embeddings, final norm) go through the same parallel pass for the check
                 gram = _gram(views, device, workers)  # rows: tau_instr, tau_comp_1..K
                 if not all(math.isfinite(gram[j][j]) for j in range(len(gram))):
                     for ckpt, view in zip(ckpts, views):
                         ckpt.refuse_non_finite(name, view)  # names the first culprit
+                if layer is None:
+                    continue
                 result.instr_sq[layer] += gram[0][0]
                 for j, k in enumerate(experts, start=1):
                     result.dot[k][layer] += gram[j][0]
