@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lata.checkpoints import Prefetcher
-from lata.compute import SliceWorkers, as_float32, pure_slice, thread_buffer, torch_threads, tune_malloc
+from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
+                          tune_malloc)
 from lata.family import Family
 
 BLOCK = 1 << 18  # elements per float32 partial dot product (fixed: results never depend on settings)
@@ -84,6 +85,7 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
     ``prefetch``: a read-ahead thread; ``threads``: slice workers (None: ``auto_threads()``). Neither
     changes the result.
     """
+    check_device(device)
     L, experts = family.num_layers, family.expert_names
     result = LayerAnalysis(
         experts=experts, num_layers=L,

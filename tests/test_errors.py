@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
+from lata.analysis import layer_similarities
 from lata.engine import MergePlan
 
 
@@ -153,6 +154,8 @@ def test_a_device_torch_cannot_use_is_refused_by_name_before_any_read(dirs, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"device='cuda', but this torch .* sees no CUDA device"):
         plan_merge(open_family(dirs), MergeConfig(), WeightingConfig(), device="cuda", progress=False)
+    with pytest.raises(ConfigError, match=r"device='cuda', but this torch .* sees no CUDA device"):
+        layer_similarities(open_family(dirs), device="cuda", progress=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(ConfigError, match=r"device='cuda:2', but this machine has 2 CUDA device\(s\): cuda:0..cuda:1"):
