@@ -8,6 +8,7 @@ bit of any result (tests/test_scale.py).
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import threading
@@ -144,6 +145,19 @@ def tune_malloc() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_trim_threshold, 64 << 20)
+
+
+PAGE = 4096
+
+
+def page_aligned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty(shape, dtype)`` on the CPU whose data starts at a multiple of 4096 bytes, so
+    that an ``O_DIRECT`` write can take it without a copy (torch aligns to 64 bytes)."""
+    n = math.prod(shape)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    raw = torch.empty(n + PAGE // itemsize, dtype=dtype)
+    skip = (-raw.data_ptr() % PAGE) // itemsize
+    return raw[skip:skip + n].view(shape)
 
 
 def thread_buffer(tag: str, rows: int, cols: int, device: str) -> torch.Tensor:

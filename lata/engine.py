@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, check_writable_dir
 from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
-from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
-                          tune_malloc)
+from lata.compute import (SliceWorkers, as_float32, check_device, page_aligned_empty, pure_slice, thread_buffer,
+                          torch_threads, tune_malloc)
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
                          validate_weighting)
 from lata.family import Family
@@ -308,7 +308,7 @@ class _BufferPool:
             free = self._free.get(key)
             if free:
                 return free.pop()
-        return torch.empty(shape, dtype=dtype)
+        return page_aligned_empty(shape, dtype)
 
     def give(self, tensor: torch.Tensor) -> None:
         key = (tuple(tensor.shape), tensor.dtype)

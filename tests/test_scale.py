@@ -196,6 +196,39 @@ def test_writer_thread_holds_at_most_its_byte_budget(tmp_path, behind):
             assert torch.equal(h.get_tensor(n), t)
 
 
+def test_aligned_tensors_go_to_the_file_from_their_own_memory(tmp_path, monkeypatch):
+    from lata import shards
+    from lata.compute import page_aligned_empty
+
+    copied = []
+    memmove = shards.ctypes.memmove
+    monkeypatch.setattr(shards.ctypes, "memmove", lambda dst, src, n: copied.append(n) or memmove(dst, src, n))
+    g = torch.Generator().manual_seed(0)
+    sizes = [4096, 3000, 1024, 1024, 8192, 10]  # float32 elements: 16 KiB, ..., then 4 KiB + 4 KiB, ...
+    tensors = {}
+    for i, n in enumerate(sizes):
+        tensors[f"t{i}"] = page_aligned_empty((n,), torch.float32).copy_(torch.randn(n, generator=g))
+    outs = []
+    for direct in (True, False):
+        out = tmp_path / f"direct{direct}"
+        out.mkdir()
+        writer = StreamingShardWriter(out, [(n, tuple(t.shape), t.dtype) for n, t in tensors.items()], 1 << 30,
+                                      direct=direct, threaded=False)
+        for n, t in tensors.items():
+            writer.add(n, t)
+        writer.finish()
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    header = 8 + int.from_bytes(outs[0][:8], "little")
+    assert header % 4096 == 0  # the data starts page-aligned
+    # the header (4096 B) is staged; t0 goes straight from memory; t1 (12000 B) leaves the file
+    # misaligned: it and all after it are copied into the staging buffer, but t1's 8192 aligned bytes
+    assert sum(copied) == 4096 + 4 * sum(sizes[1:]) - 8192
+    with safe_open(str(tmp_path / "directTrue" / "model.safetensors"), "pt") as h:
+        for n, t in tensors.items():
+            assert torch.equal(h.get_tensor(n), t)
+
+
 def test_streaming_writer_refuses_an_unplanned_tensor(tmp_path):
     writer = StreamingShardWriter(tmp_path, [("a", (2,), torch.float32)], 1 << 20)
     with pytest.raises(CheckpointError, match="expected tensor 'a'"):
