@@ -91,10 +91,11 @@ class StreamingShardWriter:
     - ``threaded``: a writer thread does the writes, so writing overlaps computing the next
       tensors; tensors wait for it while they hold at most ``behind_bytes`` (or one tensor,
       whatever its size): a large tensor's write overlaps the merge of the small ones after
-      it. ``on_written(tensor)`` is called (from that
-      thread) once a tensor's bytes are out, so its buffer can be reused.
-    - ``direct``: data goes to the file with ``O_DIRECT`` through an aligned 16 MiB staging
-      buffer, not through the page cache (a multi-GB output neither fills the page cache with
+      it. ``on_written(tensor)`` is called (from that thread) once a tensor's bytes are out,
+      so its buffer can be reused.
+    - ``direct``: data goes to the file with ``O_DIRECT``, straight from a tensor's memory where
+      it and its file position are block-aligned, else through an aligned 16 MiB staging
+      buffer; not through the page cache (a multi-GB output neither fills the page cache with
       dirty pages, evicting the inputs, nor pays for allocating them); the last partial block
       is written normally. Where the file system refuses ``O_DIRECT`` (tmpfs, some network
       file systems) the writes are ordinary buffered writes. The bytes are the same either way.
@@ -257,8 +258,8 @@ class _ShardFile:
         if whole and (self.offset + self.fill) % self.BLOCK == 0 and source % self.BLOCK == 0:
             if self.fill:
                 self._flush_stage(self.fill)  # whole blocks: the file position stays aligned
-            if self._direct(memoryview(data.numpy())[:whole]):
-                source, left = source + whole, left - whole
+            self._direct(memoryview(data.numpy())[:whole])
+            source, left = source + whole, left - whole
         while left:
             n = min(left, self.STAGE - self.fill)
             ctypes.memmove(self.stage_address + self.fill, source, n)
@@ -268,35 +269,9 @@ class _ShardFile:
             if self.fill == self.STAGE:
                 self._flush_stage(self.STAGE)
 
-    def _direct(self, view: memoryview) -> bool:
-        """Write aligned whole blocks with O_DIRECT; False (nothing written) where refused."""
-        done = 0
-        try:
-            while done < len(view) and self.dfd is not None:
-                written = os.pwrite(self.dfd, view[done:], self.offset)
-                self.offset += written
-                done += written
-                if written % self.BLOCK:
-                    break
-        except OSError:
-            if done:
-                raise
-            os.close(self.dfd)  # this file system refuses O_DIRECT: plain writes from here on
-            self.dfd = None
-            return False
-        if done < len(view):
-            self._plain(view[done:])
-        return True
-
-    def _plain(self, data: memoryview) -> None:
-        while len(data):
-            written = os.pwrite(self.fd, data, self.offset)
-            self.offset += written
-            data = data[written:]
-
-    def _flush_stage(self, n: int) -> None:
-        """Write the first n bytes of the staging buffer (n a multiple of BLOCK, or the tail)."""
-        view = memoryview(self.stage)[:n]
+    def _direct(self, view: memoryview) -> None:
+        """Write ``view`` (from page-aligned memory, at a block-aligned file position): its whole
+        blocks with O_DIRECT, the rest through the page cache."""
         try:
             while len(view) >= self.BLOCK and self.dfd is not None:
                 aligned = len(view) - len(view) % self.BLOCK
@@ -309,7 +284,17 @@ class _ShardFile:
             os.close(self.dfd)  # this file system refuses O_DIRECT: plain writes from here on
             self.dfd = None
         self._plain(view)
-        view.release()
+
+    def _plain(self, data: memoryview) -> None:
+        while len(data):
+            written = os.pwrite(self.fd, data, self.offset)
+            self.offset += written
+            data = data[written:]
+
+    def _flush_stage(self, n: int) -> None:
+        """Write the first n bytes of the staging buffer (n a multiple of BLOCK, or the tail)."""
+        with memoryview(self.stage) as view:
+            self._direct(view[:n])
         self.fill = 0
 
     def close(self, discard: bool = False) -> None:
