@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 
 from lata.atomic import write_json_atomic
+from lata.compute import libc_function
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -211,7 +212,7 @@ class Checkpoint:
     def _view(self, name: str) -> torch.Tensor:
         file = self.files[name]
         start, end = self._spans[name]
-        dtype = _SAFETENSORS_TO_TORCH_ALL.get(self.dtype_name(name))
+        dtype = self.torch_dtype(name)
         if dtype is None:
             return self._open(file).get_tensor(name)  # an exotic dtype: let safetensors decode it
         shape = self.shape(name)
@@ -342,19 +343,8 @@ def _resident(base: int | None, start: int, end: int, samples: int | None = None
     return True
 
 
-def _libc(name: str, *argtypes):
-    """A libc function by ctypes (the GIL is let go during calls), or None where there is none."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_mincore = _libc("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
-_madvise = _libc("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_mincore = libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
+_madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
 def _finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:

@@ -119,6 +119,18 @@ class SliceWorkers:
         self.close()
 
 
+def libc_function(name: str, *argtypes):
+    """A C library function by ctypes (the GIL is let go during calls; ``int`` result, errno
+    kept), or None where there is none."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn
+
+
 _local = threading.local()
 _malloc_tuned = False
 
@@ -138,9 +150,8 @@ def tune_malloc() -> None:
     _malloc_tuned = True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    mallopt = libc_function("mallopt", ctypes.c_int, ctypes.c_int)
+    if mallopt is None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     mallopt(m_mmap_threshold, 32 << 20)
