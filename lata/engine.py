@@ -115,14 +115,6 @@ class MergePlan:
             return [(anchor, name)]
         return [(anchor, name)] + [(self.family.experts[k], name) for k in self.active_experts(name)]
 
-    def pure_vectors(self, name: str, theta0: torch.Tensor) -> list[torch.Tensor]:
-        """v_k = w_{l,k} (theta_k - theta_0) for one tensor, float32 on the plan's device."""
-        vectors = []
-        for k, ckpt in self.family.experts.items():
-            v = ckpt.get(name).to(self.device, torch.float32) - theta0
-            vectors.append(v.mul_(self.weight(k, name)))
-        return vectors
-
     def merged_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(theta_0 + delta on the CPU, the stored theta_0) for one tensor.
 

@@ -78,7 +78,9 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
     """Run the main job for a composed config; return a summary dict (also written to disk).
 
     ``heatmap``: a child process started early to draw layer_analysis.png (the CLI starts it
-    before torch loads; the caller ends it if unused); None: one is started when needed. Within one process (a multirun with the basic launcher) families, layer analyses and the
+    before torch loads; the caller ends it if unused); None: one is started when needed.
+
+    Within one process (a multirun with the basic launcher) families, layer analyses and the
     evaluation model are reused between points (lata.sweep); a point whose results are stored
     already is restored instead of recomputed when ``resume`` is true.
     """

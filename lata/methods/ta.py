@@ -13,13 +13,7 @@ def task_arithmetic(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> t
     Each product and each sum is one rounded float operation (no fused multiply-add), so the
     result is the same however the tensor is cut into chunks or threads.
     """
-    total = None
-    for lam, v in zip(lams, vectors):
-        if total is None:
-            total = v * lam if lam != 1.0 else v.clone()
-        else:
-            total.add_(v * lam if lam != 1.0 else v)
-    return total
+    return task_arithmetic_([v.clone() for v in vectors], lams)
 
 
 def task_arithmetic_(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> torch.Tensor:
