@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from lata import kernels
 from lata.checkpoints import Prefetcher
 from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
                           tune_malloc)
@@ -86,6 +87,8 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
     changes the result.
     """
     check_device(device)
+    if torch.device(device).type == "cpu":
+        kernels.preload()
     L, experts = family.num_layers, family.expert_names
     result = LayerAnalysis(
         experts=experts, num_layers=L,
@@ -131,6 +134,10 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
     flat = [v.reshape(-1) for v in views]
     base, rest = flat[0], flat[1:]
     n, rows = base.numel(), len(rest)
+    workers = workers or SliceWorkers(1)
+    if kernels.supports([v.dtype for v in flat], None, device) and all(v.is_contiguous() for v in flat):
+        partials = workers.map(lambda start, stop: kernels.gram(flat, start, stop), n, BLOCK)
+        return _gram_matrix(sum(partials[1:], partials[0]).tolist(), rows)
 
     def block(start: int, stop: int) -> torch.Tensor:
         buffer = thread_buffer("gram", rows + 1, BLOCK, device)[:, : stop - start]
@@ -143,11 +150,15 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
             parts += [torch.dot(x[j], x[0]), torch.dot(x[j], x[j])]
         return torch.stack(parts).double()
 
-    partials = (workers or SliceWorkers(1)).map(block, n, BLOCK)
+    partials = workers.map(block, n, BLOCK)
     sums = partials[0]
     for part in partials[1:]:
         sums = sums + part
-    values = sums.tolist()
+    return _gram_matrix(sums.tolist(), rows)
+
+
+def _gram_matrix(values: list[float], rows: int) -> list[list[float]]:
+    """G from the flat sums [G00, G10, G11, G20, G22, ...]."""
     gram = [[0.0] * rows for _ in range(rows)]
     gram[0][0] = values[0]
     for j in range(1, rows):

@@ -39,6 +39,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from lata import kernels
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, check_writable_dir
 from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
@@ -85,6 +86,8 @@ class MergePlan:
     direct_io: bool = True
     #: slice worker threads, each computing with one torch thread; None: lata.compute.auto_threads()
     threads: int | None = None
+    #: TA and TIES on the CPU run fused numba kernels where they can (``lata.kernels``; same values)
+    kernels: bool = True
     _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _workers: SliceWorkers | None = field(default=None, init=False, repr=False, compare=False)
@@ -149,12 +152,16 @@ class MergePlan:
         lams = [self.lams[k] for k in active]
         thresholds = None if self.thresholds is None else [self.thresholds[k] for k in active]
         theta0 = stored.reshape(-1)
-        vectors = _TensorVectors(self, stored.shape, theta0, views, ws)
+        fused = self._fused(theta0, views, ws, out)
+        vectors = _TensorVectors(self, stored.shape, theta0, views, ws, fused)
         state = self.method.prepare(vectors, lams, active, name, thresholds)
         flat_out = out.view(-1)
         direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
 
         def work(start: int, stop: int) -> None:
+            if fused is not None:
+                self.method.fused_chunk(fused, lams, state, start, stop)
+                return
             buffer = thread_buffer("merge", len(views) + 1, stop - start, device)
             t0 = as_float32(theta0[start:stop], buffer[0], device)
             vs = [pure_slice(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
@@ -165,6 +172,15 @@ class MergePlan:
                 flat_out[start:stop].copy_(delta.add_(t0))  # theta_0 + delta, cast to the output dtype
 
         self.workers.map(work, theta0.numel(), self.chunk)
+
+    def _fused(self, theta0: torch.Tensor, views: list[torch.Tensor], ws: list[float],
+               out: torch.Tensor) -> kernels.FusedSlices | None:
+        """The fused kernels for this tensor, where the method has one and the dtypes allow."""
+        if not (self.kernels and self.method.fused and theta0.is_contiguous() and out.is_contiguous()):
+            return None
+        if not kernels.supports([theta0.dtype] + [v.dtype for v in views], out.dtype, self.device):
+            return None
+        return kernels.FusedSlices(theta0, views, ws, out)
 
     @property
     def workers(self) -> SliceWorkers:
@@ -181,8 +197,10 @@ class MergePlan:
 class _TensorVectors:
     """The pure vectors of one tensor for ``MergeMethod.prepare``, computed slice by slice."""
 
-    def __init__(self, plan: MergePlan, shape: torch.Size, theta0: torch.Tensor, views, ws):
+    def __init__(self, plan: MergePlan, shape: torch.Size, theta0: torch.Tensor, views, ws,
+                 fused: kernels.FusedSlices | None = None):
         self.plan, self.shape, self.theta0, self.views, self.ws = plan, shape, theta0, views, ws
+        self.fused = fused
 
     def each_magnitude(self, fn):
         n, experts = self.theta0.numel(), range(len(self.views))
@@ -196,6 +214,10 @@ class _TensorVectors:
         device = self.plan.device
 
         def work(start: int, stop: int) -> None:
+            if self.fused is not None:
+                for row, i in enumerate(experts):
+                    self.fused.magnitudes(i, out[row], start, stop)
+                return
             buffer = thread_buffer("magnitudes", 2, stop - start, device)
             t0 = as_float32(self.theta0[start:stop], buffer[0], device)
             for row, i in enumerate(experts):
@@ -224,6 +246,9 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     validate_weighting(weighting)
     check_device(device)
     validate_lams(merge.lams, family.expert_names)
+    method = build_method(merge.method, density=merge.density, topk_scope=merge.topk_scope, p=merge.p, seed=merge.seed)
+    if method.fused and torch.device(device).type == "cpu":
+        kernels.preload()
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
     sims = analysis.similarities
@@ -235,8 +260,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     }
     plan = MergePlan(
         family=family,
-        method=build_method(merge.method, density=merge.density, topk_scope=merge.topk_scope,
-                            p=merge.p, seed=merge.seed),
+        method=method,
         weights=weights,
         lams={k: float(merge.lams.get(k, merge.lam)) for k in family.experts},
         rest_weight=float(weighting.rest_weight),

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lata import sweep
+from lata import kernels, sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
@@ -88,6 +88,8 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
     check_device(cfg.device)
     run_dir = Path(run_dir)
     merging = cfg.merge.method != "none"
+    if merging and not cfg.dry_run and cfg.device == "cpu":
+        kernels.preload()  # loads while the family is opened; both passes use the kernels
     if cfg.save_model and merging:
         check_writable_dir(cfg.save_model, cfg.overwrite)  # refuse before any work
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import torch
 
+from lata.kernels import FusedSlices
 from lata.methods.dare import keep_mask, rescale_kept
 from lata.methods.ta import task_arithmetic_
 from lata.methods.ties import disjoint_mean, keep_count, kth_largest, ties
@@ -53,6 +54,8 @@ class MergeMethod:
     name = "base"
     #: per-expert whole-model magnitude thresholds the engine must compute first (TIES global)
     needs_global_thresholds = False
+    #: ``fused_chunk`` exists: a fused CPU kernel computes theta_0 + delta (``lata.kernels``)
+    fused = False
 
     def prepare(self, vectors: TensorVectors, lams: Sequence[float], experts: Sequence[str], tensor: str,
                 thresholds: Sequence[float] | None = None) -> Any:
@@ -67,6 +70,11 @@ class MergeMethod:
         """
         raise NotImplementedError
 
+    def fused_chunk(self, slices: FusedSlices, lams: Sequence[float], state: Any, start: int, stop: int) -> None:
+        """theta_0 + delta of elements [start, stop), written by a fused kernel into the output
+        that ``slices`` holds: the same values as ``delta_chunk`` plus theta_0."""
+        raise NotImplementedError
+
     def delta(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
               tensor: str, thresholds: Sequence[float] | None = None) -> torch.Tensor:
         shape = vectors[0].shape
@@ -78,6 +86,10 @@ class MergeMethod:
 @dataclass(frozen=True)
 class TaskArithmetic(MergeMethod):
     name = "ta"
+    fused = True
+
+    def fused_chunk(self, slices, lams, state, start, stop):
+        slices.ta(lams, start, stop)
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         return task_arithmetic_(vectors, lams)
@@ -88,6 +100,7 @@ class Ties(MergeMethod):
     density: float = 0.2
     topk_scope: str = "tensor"
     name = "ties"
+    fused = True
 
     @property
     def needs_global_thresholds(self) -> bool:  # type: ignore[override]
@@ -103,6 +116,9 @@ class Ties(MergeMethod):
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         return ties(vectors, lams, state)
+
+    def fused_chunk(self, slices, lams, state, start, stop):
+        slices.ties(lams, state, start, stop)
 
 
 @dataclass(frozen=True)

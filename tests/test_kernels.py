@@ -1,0 +1,143 @@
+"""The fused numba kernels compute what the torch path computes.
+
+Merges: the same values as the torch path, for TA and TIES, bfloat16 and float32 inputs and
+outputs, one to three experts, weights and lambdas that round in float32. Similarities: the
+kernel's sums are checked against float64 sums (they are the more exact of the two paths).
+"""
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+from conftest import write_family
+from lata import Family, MergeConfig, WeightingConfig, kernels, merge_state_dict, plan_merge
+from lata.analysis import _gram, layer_similarities
+from lata.compute import pure_slice
+from lata.methods import build_method
+
+CASES = [
+    dict(method="ta", weighting="linear_rank"),
+    dict(method="ta", weighting="uniform", lams={"math": 0.7, "code": -0.4}),
+    dict(method="ties", weighting="log_rank", density=0.3),
+    dict(method="ties", weighting="uniform", density=0.2, topk_scope="global", lam=0.9),
+]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kernels")
+    return {
+        "f32": write_family(root / "f32", hidden_size=32, intermediate_size=96, vocab_size=200),
+        "bf16": write_family(root / "bf16", dtype=torch.bfloat16, hidden_size=32, intermediate_size=96,
+                             vocab_size=200),
+    }
+
+
+def merged(d, case, use_kernels, out_dtype=None, threads=2):
+    merge = MergeConfig(**{k: v for k, v in case.items() if k in ("method", "density", "topk_scope", "lam", "lams")})
+    family = Family.open(d["base"], d["instruct"], d["experts"])
+    plan = plan_merge(family, merge, WeightingConfig(name=case["weighting"]), progress=False, threads=threads)
+    plan.kernels, plan.chunk_size = use_kernels, 1000
+    return merge_state_dict(plan, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c['weighting']}")
+@pytest.mark.parametrize("family,out_dtype", [("f32", None), ("bf16", None), ("bf16", "float32"),
+                                              ("f32", "bfloat16")])
+def test_fused_merge_equals_the_torch_path(families, case, family, out_dtype):
+    d = families[family]
+    expected = merged(d, case, use_kernels=False, out_dtype=out_dtype)
+    got = merged(d, case, use_kernels=True, out_dtype=out_dtype)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype, name
+        assert torch.equal(got[name], expected[name]), name
+    instruct = Family.open(d["base"], d["instruct"], d["experts"]).instruct
+    changed = [n for n in got if not torch.equal(got[n], instruct.get(n).to(got[n].dtype))]
+    assert len(changed) > len(got) // 3  # the merge did move the weights
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
+    torch.manual_seed(k)
+    n = 3 * kernels.BLOCK + 17  # several blocks and a ragged end
+    theta0 = (torch.randn(n) * 0.02).to(dtype)
+    theta0[:40] = 0
+    experts = [(theta0.float() + torch.randn(n) * 1e-3 * (i + 1)).to(dtype) for i in range(k)]
+    experts[0][100:200] = theta0[100:200]  # zero task vector: trimmed ties at 0, no vote
+    ws, lams = [1.0, 0.7368421052631579, 0.3][:k], [1.0, -0.55, 1.3][:k]  # none exact in float32 but 1.0
+    vectors = [pure_slice(e, theta0.float(), w, "cpu") for e, w in zip(experts, ws)]
+    for name in ("ta", "ties"):
+        method = build_method(name, density=0.2)
+        expected = (method.delta(vectors, lams, list("abc")[:k], "t") + theta0.float()).to(out_dtype)
+        out = torch.empty(n, dtype=out_dtype)
+        fused = kernels.FusedSlices(theta0, experts, ws, out)
+        for start in range(0, n, 5000):  # any slicing
+            stop = min(n, start + 5000)
+            if name == "ta":
+                fused.ta(lams, start, stop)
+            else:
+                thresholds = [float(v.abs().sort(descending=True).values[math.ceil(0.2 * n) - 1]) for v in vectors]
+                fused.ties(lams, thresholds, start, stop)
+        assert torch.equal(out, expected), name
+    magnitudes = torch.empty(n)
+    fused.magnitudes(k - 1, magnitudes, 0, n)
+    assert torch.equal(magnitudes, vectors[-1].abs())
+
+
+def test_bfloat16_output_rounds_to_nearest_even_as_torch_casts():
+    # float32 values on and around the halfway points between bfloat16 neighbours
+    halfway = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 1.0 + 2 ** -8 + 2 ** -20, 3e38, 1e-40])
+    theta0 = torch.zeros(halfway.numel())
+    out = torch.empty(halfway.numel(), dtype=torch.bfloat16)
+    kernels.FusedSlices(theta0, [halfway], [1.0], out).ta([1.0], 0, halfway.numel())
+    assert torch.equal(out.view(torch.int16), halfway.to(torch.bfloat16).view(torch.int16))
+
+
+def test_fused_similarity_sums_are_within_float32_product_rounding(families):
+    d = families["f32"]
+    family = Family.open(d["base"], d["instruct"], d["experts"])
+    views = [c.get("model.embed_tokens.weight") for c in family.checkpoints]
+    x = [(v.reshape(-1) - views[0].reshape(-1)).double() for v in views[1:]]  # the float32 differences
+    fused = _gram(views, "cpu")
+    # float32 products (2^-24 each) summed pairwise over blocks of 2048 (11 levels): below 1e-6
+    assert fused[0][0] == pytest.approx(float(x[0] @ x[0]), rel=1e-6)
+    for j in range(1, len(x)):
+        assert fused[j][0] == pytest.approx(float(x[j] @ x[0]), rel=1e-6)
+        assert fused[j][j] == pytest.approx(float(x[j] @ x[j]), rel=1e-6)
+
+
+def test_similarities_with_and_without_kernels_agree(families, monkeypatch):
+    d = families["bf16"]
+    family = Family.open(d["base"], d["instruct"], d["experts"])
+    fused = layer_similarities(family, progress=False, threads=2)
+    assert layer_similarities(family, progress=False, threads=1).similarities == fused.similarities
+    monkeypatch.setenv("LATA_KERNELS", "torch")
+    plain = layer_similarities(family, progress=False)
+    for k in family.expert_names:
+        assert plain.similarities[k] == pytest.approx(fused.similarities[k], abs=1e-5)
+
+
+def test_what_takes_the_torch_path(monkeypatch):
+    assert kernels.supports([torch.bfloat16] * 3, torch.bfloat16, "cpu")
+    assert kernels.supports([torch.float32] * 2, None, "cpu")
+    assert not kernels.supports([torch.float16] * 3, torch.float16, "cpu")
+    assert not kernels.supports([torch.bfloat16, torch.float32], torch.float32, "cpu")
+    assert not kernels.supports([torch.float32] * 2, torch.float16, "cpu")
+    assert not kernels.supports([torch.float32] * 2, torch.float32, "cuda")
+    monkeypatch.setenv("LATA_KERNELS", "torch")
+    assert not kernels.available()
+
+
+def test_a_numba_that_fails_to_load_leaves_the_torch_path(families, monkeypatch):
+    d, case = families["bf16"], CASES[2]
+    expected = merged(d, case, use_kernels=False)
+    monkeypatch.setattr(kernels, "_compiled", False)  # as after an import error
+    assert not kernels.available()
+    got = merged(d, case, use_kernels=True)
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
