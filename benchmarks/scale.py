@@ -355,12 +355,14 @@ def main(argv: list[str] | None = None) -> None:
     in_bytes = sum(p.stat().st_size for p in inputs)
     itemsize = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
     out_bytes = sum(math.prod(s) for _, s in tensor_specs(shape)) * itemsize
+    from lata import kernels
     from lata.config import parse_size
     shard_params = parse_size(args.shard_size) // itemsize
     print(f"{args.size}: {len(tensor_specs(shape))} tensors, {shape['dtype']}, inputs {in_bytes / 1e9:.2f} GB "
           f"in {len(inputs)} files, output {out_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, "
-          f"lata threads {args.threads or 'auto'}, device {args.device}); "
+          f"lata threads {args.threads or 'auto'}, device {args.device}, "
+          f"kernels {'numba' if kernels.available() else 'torch (numba off or missing)'}); "
           f"cache: {'cold' if args.cold else 'warm'}",
           flush=True)
 
