@@ -87,7 +87,8 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
     changes the result.
     """
     check_device(device)
-    if torch.device(device).type == "cpu":
+    fused = kernels.worthwhile(family.nbytes, device)
+    if fused:
         kernels.preload()
     L, experts = family.num_layers, family.expert_names
     result = LayerAnalysis(
@@ -108,7 +109,7 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
                     continue
                 # the squared norms are finite only if every value of every model is: non-layer
                 # tensors (embeddings, final norm) go through the same parallel pass for the check
-                gram = _gram(views, device, workers)  # rows: tau_instr, tau_comp_1..K
+                gram = _gram(views, device, workers, fused)  # rows: tau_instr, tau_comp_1..K
                 if not all(math.isfinite(gram[j][j]) for j in range(len(gram))):
                     for ckpt, view in zip(ckpts, views):
                         ckpt.refuse_non_finite(name, view)  # names the first culprit
@@ -124,18 +125,20 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
     return result
 
 
-def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None = None) -> list[list[float]]:
+def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None = None,
+          fused: bool = False) -> list[list[float]]:
     """Dot products of tau_instr and each tau_comp_k (rows minus the base), summed over slices.
 
     Returns G with G[0][0] = ||tau_instr||^2, G[j][0] = <tau_comp_j, tau_instr> and
     G[j][j] = ||tau_comp_j||^2 (j >= 1); other entries are 0. Each slice of BLOCK elements gives
-    float32 dot products; they are added up in float64, in slice order.
+    float32 dot products; they are added up in float64, in slice order. ``fused``: by the numba
+    kernel where it supports the dtypes and device (``lata.kernels.gram``, the more exact sums).
     """
     flat = [v.reshape(-1) for v in views]
     base, rest = flat[0], flat[1:]
     n, rows = base.numel(), len(rest)
     workers = workers or SliceWorkers(1)
-    if kernels.supports([v.dtype for v in flat], None, device) and all(v.is_contiguous() for v in flat):
+    if fused and kernels.supports([v.dtype for v in flat], None, device) and all(v.is_contiguous() for v in flat):
         partials = workers.map(lambda start, stop: kernels.gram(flat, start, stop), n, BLOCK)
         return _gram_matrix(sum(partials[1:], partials[0]).tolist(), rows)
 

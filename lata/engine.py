@@ -86,7 +86,8 @@ class MergePlan:
     direct_io: bool = True
     #: slice worker threads, each computing with one torch thread; None: lata.compute.auto_threads()
     threads: int | None = None
-    #: TA and TIES on the CPU run fused numba kernels where they can (``lata.kernels``; same values)
+    #: TA and TIES on the CPU run fused numba kernels where they can and the family is large
+    #: enough (``lata.kernels``; the same values)
     kernels: bool = True
     _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -176,7 +177,8 @@ class MergePlan:
     def _fused(self, theta0: torch.Tensor, views: list[torch.Tensor], ws: list[float],
                out: torch.Tensor) -> kernels.FusedSlices | None:
         """The fused kernels for this tensor, where the method has one and the dtypes allow."""
-        if not (self.kernels and self.method.fused and theta0.is_contiguous() and out.is_contiguous()):
+        if not (self.kernels and self.method.fused and kernels.worthwhile(self.family.nbytes, self.device)
+                and theta0.is_contiguous() and out.is_contiguous()):
             return None
         if not kernels.supports([theta0.dtype] + [v.dtype for v in views], out.dtype, self.device):
             return None
@@ -247,7 +249,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     check_device(device)
     validate_lams(merge.lams, family.expert_names)
     method = build_method(merge.method, density=merge.density, topk_scope=merge.topk_scope, p=merge.p, seed=merge.seed)
-    if method.fused and torch.device(device).type == "cpu":
+    if method.fused and kernels.worthwhile(family.nbytes, device):
         kernels.preload()
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)

@@ -59,6 +59,11 @@ class Family:
         return self.architecture.tied_aliases(self.instruct.config)
 
     @cached_property
+    def nbytes(self) -> int:
+        """Bytes of every tensor to merge in every model: what a pass over the family reads."""
+        return sum(c.nbytes(n) for c in self.checkpoints for n in self.tensor_names)
+
+    @cached_property
     def tensor_names(self) -> list[str]:
         """Tensors to merge, each once (tied aliases dropped), grouped by the anchor's shard."""
         ckpt = self.instruct

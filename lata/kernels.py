@@ -41,11 +41,22 @@ import warnings
 from types import SimpleNamespace
 from typing import Sequence
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK = 2048  # elements per block: each row of float32 temporaries is 8 KiB (L1-sized)
-_BITS = {torch.bfloat16: (torch.int16, np.uint16), torch.float32: (torch.int32, np.uint32)}
+#: Decision: the kernels run for families of at least this many bytes (all models together).
+#: Loading numba costs about 0.9 s of CPU per process and they save about 0.2 s per GB read
+#: (1.1B shape, 8.8 GB: about 2 s over both passes); on the 135M shape in float32 (2.2 GB)
+#: the CLI was 0.3-0.7 s slower with them.
+MIN_BYTES = 4 * 10**9
+#: dtypes the kernels read and write -> (torch view dtype, numpy dtype) of their bit patterns
+#: (by name: importing this module does not import torch)
+_BITS = {"torch.bfloat16": ("int16", np.uint16), "torch.float32": ("int32", np.uint32)}
 
 
 @functools.cache
@@ -58,6 +69,11 @@ def _wanted() -> bool:
     return os.environ.get("LATA_KERNELS", "auto") != "torch" and _numba_installed()
 
 
+def worthwhile(nbytes: int, device: str = "cpu") -> bool:
+    """Whether a family of ``nbytes`` computed on ``device`` is worth loading the kernels for."""
+    return nbytes >= MIN_BYTES and device.split(":")[0] == "cpu" and _wanted()
+
+
 def available() -> bool:
     """Whether the fused kernels can run here: wanted, and numba loads (waits for ``preload``)."""
     return _wanted() and _compiled_kernels() is not None
@@ -65,14 +81,18 @@ def available() -> bool:
 
 def supports(dtypes: Sequence[torch.dtype], out_dtype: torch.dtype | None, device: str) -> bool:
     """Whether work on inputs in ``dtypes`` (into ``out_dtype``, if any) on ``device`` can be fused."""
+    import torch
+
     return (available() and torch.device(device).type == "cpu" and len(set(dtypes)) == 1
-            and dtypes[0] in _BITS and (out_dtype is None or out_dtype in _BITS))
+            and str(dtypes[0]) in _BITS and (out_dtype is None or str(out_dtype) in _BITS))
 
 
 def bits(t: torch.Tensor) -> np.ndarray:
     """A flat bfloat16/float32 CPU tensor as a numpy array of its bit patterns (no copy)."""
-    view_dtype, np_dtype = _BITS[t.dtype]
-    return t.view(view_dtype).numpy().view(np_dtype)
+    import torch
+
+    view_dtype, np_dtype = _BITS[str(t.dtype)]
+    return t.view(getattr(torch, view_dtype)).numpy().view(np_dtype)
 
 
 def below(threshold: float) -> np.float32:
@@ -268,17 +288,17 @@ _preloading: threading.Thread | None = None
 
 
 def preload() -> None:
-    """Load the kernels (numba's import and its cached machine code, about 0.8 s) in a background
-    thread, so that this overlaps other work, such as the similarity pass, instead of delaying
-    the first fused merge. Once per process; does nothing where the kernels are unavailable."""
+    """Load the kernels (numba's import and its cached machine code, about 0.9 s of CPU) in a
+    background thread, so that it overlaps other work instead of delaying the first pass. Once
+    per process; nothing where kernels are off."""
     global _preloading
     if _preloading is not None or not _wanted():
         return
 
     def load() -> None:
         if available():  # imports numba; a first call then loads the cached machine code
-            one = torch.zeros(1, dtype=torch.bfloat16)
-            FusedSlices(one, [one], [1.0], torch.empty(1, dtype=torch.bfloat16)).ta([1.0], 0, 1)
+            one, scale = np.zeros(1, np.uint16), np.ones(1, np.float32)
+            _compiled_kernels().ta(one, (one,), scale, scale, np.zeros(1, np.uint16), 0, 1)
 
     _preloading = threading.Thread(target=load, name="lata-kernels-preload", daemon=True)
     _preloading.start()

@@ -88,8 +88,6 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
     check_device(cfg.device)
     run_dir = Path(run_dir)
     merging = cfg.merge.method != "none"
-    if merging and not cfg.dry_run and cfg.device == "cpu":
-        kernels.preload()  # loads while the family is opened; both passes use the kernels
     if cfg.save_model and merging:
         check_writable_dir(cfg.save_model, cfg.overwrite)  # refuse before any work
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)
@@ -117,6 +115,8 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
                  if cfg.benchmark.tasks else None)
     else:
         family = sweep.open_family(paths.base, paths.instruct, paths.experts)
+        if not cfg.dry_run and kernels.worthwhile(family.nbytes, str(cfg.device)):
+            kernels.preload()  # numba loads while the rest of the job is set up
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
         if cfg.dry_run:

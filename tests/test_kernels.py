@@ -26,6 +26,11 @@ CASES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def any_size(monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_BYTES", 0)  # the kernels run for these small families too
+
+
 @pytest.fixture(scope="module")
 def families(tmp_path_factory):
     root = tmp_path_factory.mktemp("kernels")
@@ -121,6 +126,24 @@ def test_similarities_with_and_without_kernels_agree(families, monkeypatch):
     plain = layer_similarities(family, progress=False)
     for k in family.expert_names:
         assert plain.similarities[k] == pytest.approx(fused.similarities[k], abs=1e-5)
+
+
+def test_small_families_take_the_torch_path(families, monkeypatch):
+    d = families["bf16"]
+    family = Family.open(d["base"], d["instruct"], d["experts"])
+    used = []
+    real_gram, real_ta = kernels.gram, kernels.FusedSlices.ta
+    monkeypatch.setattr(kernels, "gram", lambda *a: used.append("gram") or real_gram(*a))
+    monkeypatch.setattr(kernels.FusedSlices, "ta", lambda *a: used.append("ta") or real_ta(*a))
+    monkeypatch.setattr(kernels, "MIN_BYTES", family.nbytes + 1)
+    layer_similarities(family, progress=False)
+    merged(d, CASES[0], use_kernels=True)
+    assert used == []
+    monkeypatch.setattr(kernels, "MIN_BYTES", family.nbytes)
+    layer_similarities(family, progress=False)
+    merged(d, CASES[0], use_kernels=True)
+    assert set(used) == {"gram", "ta"}
+    assert kernels.worthwhile(family.nbytes) and not kernels.worthwhile(family.nbytes, "cuda:0")
 
 
 def test_what_takes_the_torch_path(monkeypatch):
