@@ -22,7 +22,7 @@ takes the torch path, as does every merge where numba is missing or fails to loa
 ``LATA_KERNELS=torch`` is set.
 
 Measured on the 1.1B shape (bf16, two experts, 2 workers, warm cache, in process): TA merge
-2.9 -> 1.8-2.0 s, TIES (uniform) 9.6-11.4 -> 5.8-6.6 s, similarity pass 2.5-2.6 -> 1.75 s.
+2.7-3.1 -> 1.8-2.1 s, TIES (uniform) 9.3-11.9 -> 5.8-7.3 s, similarity pass 2.5-2.6 -> 1.75-2.1 s.
 
 Decision: numba (a maintained JIT with an on-disk cache of machine code), not a C extension,
 so installing lata never needs a compiler. Its cost is about 0.3 s of import and 0.5 s to load
@@ -39,9 +39,7 @@ import os
 import threading
 import warnings
 from types import SimpleNamespace
-from typing import Sequence
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -95,11 +93,6 @@ def bits(t: torch.Tensor) -> np.ndarray:
     return t.view(getattr(torch, view_dtype)).numpy().view(np_dtype)
 
 
-def below(threshold: float) -> np.float32:
-    """The largest float32 strictly below ``threshold``: |v| >= threshold exactly when |v| > it."""
-    return np.nextafter(np.float32(threshold), np.float32(-np.inf))
-
-
 def _widen(src, row):
     """row[:] = the float32 bit patterns of src (bfloat16 or float32 patterns, same length)."""
     shift = np.uint32(16 if src.itemsize == 2 else 0)
@@ -150,7 +143,7 @@ def _ta(theta0, experts, ws, lams, out, start, stop):
         _store(acc_bits[0, :m], out[s:s + m])
 
 
-def _ties(theta0, experts, ws, lams, belows, out, start, stop):
+def _ties(theta0, experts, ws, lams, keep_above, out, start, stop):
     """TIES (trim, elect, disjoint mean) of elements [start, stop), as ``lata.methods.ties.ties``."""
     K = len(experts)
     t0_bits, t0 = _rows(1)
@@ -163,7 +156,7 @@ def _ties(theta0, experts, ws, lams, belows, out, start, stop):
         _widen(theta0[s:s + m], t0_bits[0, :m])
         for k in range(K):
             _widen(experts[k][s:s + m], u_bits[k, :m])
-            x, w, lam, b = u[k, :m], ws[k], lams[k], belows[k]
+            x, w, lam, b = u[k, :m], ws[k], lams[k], keep_above[k]
             for j in range(m):  # u_k = lam * trim(w * (theta_k - theta0)), in place
                 v = (x[j] - a[j]) * w
                 mag = abs(v)
@@ -330,9 +323,10 @@ class FusedSlices:
     def ta(self, lams: Sequence[float], start: int, stop: int) -> None:
         _compiled_kernels().ta(self.theta0, self.experts, self.ws, _floats(lams), self.out, start, stop)
 
-    def ties(self, lams: Sequence[float], thresholds: Sequence[float], start: int, stop: int) -> None:
-        belows = _floats([below(t) for t in thresholds])
-        _compiled_kernels().ties(self.theta0, self.experts, self.ws, _floats(lams), belows, self.out, start, stop)
+    def ties(self, lams: Sequence[float], keep_above: Sequence[float], start: int, stop: int) -> None:
+        """TIES keeping |v_k| > keep_above[k] (the float32 just below expert k's threshold)."""
+        _compiled_kernels().ties(self.theta0, self.experts, self.ws, _floats(lams), _floats(keep_above), self.out,
+                                 start, stop)
 
     def magnitudes(self, k: int, out: torch.Tensor, start: int, stop: int) -> None:
         """|v_k| of elements [start, stop) into the float32 tensor ``out`` (flat, same positions)."""

@@ -17,6 +17,7 @@ from lata import Family, MergeConfig, WeightingConfig, kernels, merge_state_dict
 from lata.analysis import _gram, layer_similarities
 from lata.compute import pure_slice
 from lata.methods import build_method
+from lata.methods.ties import largest_below
 
 CASES = [
     dict(method="ta", weighting="linear_rank"),
@@ -88,7 +89,7 @@ def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
                 fused.ta(lams, start, stop)
             else:
                 thresholds = [float(v.abs().sort(descending=True).values[math.ceil(0.2 * n) - 1]) for v in vectors]
-                fused.ties(lams, thresholds, start, stop)
+                fused.ties(lams, [largest_below(t) for t in thresholds], start, stop)
         assert torch.equal(out, expected), name
     magnitudes = torch.empty(n)
     fused.magnitudes(k - 1, magnitudes, 0, n)

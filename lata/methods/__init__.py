@@ -21,7 +21,7 @@ import torch
 from lata.kernels import FusedSlices
 from lata.methods.dare import keep_mask, rescale_kept
 from lata.methods.ta import task_arithmetic_
-from lata.methods.ties import disjoint_mean, keep_count, kth_largest, ties
+from lata.methods.ties import disjoint_mean, keep_count, kth_largest, largest_below, ties
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ class Ties(MergeMethod):
         return ties(vectors, lams, state)
 
     def fused_chunk(self, slices, lams, state, start, stop):
-        slices.ties(lams, state, start, stop)
+        slices.ties(lams, [largest_below(t) for t in state], start, stop)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ def _bin_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return _BINS - 1 - i, k - above
 
 
-def _largest_below(threshold: float) -> float:
+def largest_below(threshold: float) -> float:
     """The largest float32 strictly below ``threshold`` (|v| > it exactly when |v| >= threshold)."""
     return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
 
@@ -113,7 +113,7 @@ def trim(v: torch.Tensor, threshold: float) -> torch.Tensor:
     """Keep the values with |v| >= threshold, zero the rest (a new tensor)."""
     if v.dtype != torch.float32 or np.float32(threshold) != threshold:
         return torch.where(v.abs() >= threshold, v, torch.zeros((), dtype=v.dtype, device=v.device))
-    kept = F.threshold_(v.abs(), _largest_below(threshold), 0.0)  # |v| where |v| > below(t), else 0
+    kept = F.threshold_(v.abs(), largest_below(threshold), 0.0)  # |v| where |v| > below(t), else 0
     return kept.copysign_(v)
 
 
