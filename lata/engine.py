@@ -17,7 +17,9 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py; R
   in cache and are reused (no whole-tensor float32 copies). The method sees the whole tensor
   once in ``prepare`` (TIES thresholds, DARE masks) and is elementwise after that, so neither
   the slicing nor the number of slice workers (``threads``) changes a single bit.
-- Compute runs with one torch thread per worker (``lata.compute.torch_threads``).
+- Compute runs with one torch thread per worker (``lata.compute.torch_threads``). On the CPU,
+  for families of 4 GB or more, TA and TIES run fused numba kernels instead (``lata.kernels``:
+  the same float32 operations in one loop per block, the same values).
 - An expert whose scale lambda_k * w_{l,k} is 0 for a tensor (a layer LATA dropped) contributes
   a zero vector to every method; it is not read at all, and a tensor no expert touches is
   theta_0 itself.

@@ -8,7 +8,8 @@ whole tensor (TIES: each expert's magnitude threshold; DARE: the seeded masks) a
 ``delta_chunk`` computes the delta of any slice of the flattened tensor from the vectors' values
 in that slice. The engine streams large tensors through ``delta_chunk`` in slices (bounded
 memory, cache-sized work); ``delta`` is the same on the whole tensor at once, and gives the
-same values whatever the slicing.
+same values whatever the slicing. A method with ``fused = True`` also has ``fused_chunk``: the
+same slice computed by a numba kernel (``lata.kernels``) straight from the stored inputs.
 """
 
 from __future__ import annotations
