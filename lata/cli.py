@@ -26,8 +26,11 @@ def _task(cfg: DictConfig) -> float | None:
     """One job; returns the objective (lata.sweep.objective) for hyper-parameter sweepers."""
     from lata.plots import HeatmapProcess
 
+    merging = cfg.merge.method != "none" and not cfg.dry_run
+    if merging:
+        _preload_kernels(cfg)
     # the layer heatmap's drawer loads matplotlib while this process loads torch (lata.runner)
-    heatmap = HeatmapProcess() if cfg.merge.method != "none" and not cfg.dry_run else None
+    heatmap = HeatmapProcess() if merging else None
     hc = HydraConfig.get()
     try:
         from lata.logger import log_job
@@ -46,6 +49,23 @@ def _task(cfg: DictConfig) -> float | None:
     finally:
         if heatmap is not None:
             heatmap.cancel()  # unused (a resumed point) or already waited for
+
+
+def _preload_kernels(cfg: DictConfig) -> None:
+    """Start loading numba (lata.kernels.preload) while this thread imports torch, when the
+    family is given as local directories whose safetensors files are large enough for the
+    kernels. Measured on the 1.1B shape (TA, warm): about 0.4 s sooner than loading it once the
+    family is open. Hub ids and the embedded families are left to the runner, which decides
+    once the family is open."""
+    from lata import kernels
+
+    if str(cfg.device) != "cpu" or cfg.model.embedded is not None:
+        return
+    dirs = [cfg.model.base, cfg.model.instruct, *(cfg.model.experts or {}).values()]
+    local = [Path(str(d)).expanduser() for d in dirs if d is not None]
+    if all(d.is_dir() for d in local) and kernels.worthwhile(
+            sum(f.stat().st_size for d in local for f in d.glob("*.safetensors"))):
+        kernels.preload()
 
 
 class SweepReport(Callback):

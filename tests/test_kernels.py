@@ -6,6 +6,7 @@ kernel's sums are checked against float64 sums (they are the more exact of the t
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,31 @@ def test_a_numba_that_fails_to_load_leaves_the_torch_path(families, monkeypatch)
     assert not kernels.available()
     got = merged(d, case, use_kernels=True)
     assert all(torch.equal(got[n], expected[n]) for n in expected)
+
+
+def test_cli_preloads_numba_only_for_large_local_families(families, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from lata import cli
+
+    d = families["f32"]
+    calls = []
+    monkeypatch.setattr(kernels, "preload", lambda: calls.append(1))
+
+    def preloads(device="cpu", embedded=None, base=d["base"]):
+        calls.clear()
+        cfg = OmegaConf.create({"device": device, "model": {"embedded": embedded, "base": str(base),
+                                "instruct": str(d["instruct"]),
+                                "experts": {k: str(v) for k, v in d["experts"].items()}}})
+        cli._preload_kernels(cfg)
+        return bool(calls)
+
+    on_disk = sum(f.stat().st_size for p in [d["base"], d["instruct"], *d["experts"].values()]
+                  for f in Path(p).glob("*.safetensors"))
+    monkeypatch.setattr(kernels, "MIN_BYTES", on_disk)
+    assert preloads()
+    assert not preloads(device="cuda")
+    assert not preloads(embedded="zoo")
+    assert not preloads(base="owner/hub-model")  # not a local directory: the runner decides later
+    monkeypatch.setattr(kernels, "MIN_BYTES", on_disk + 1)
+    assert not preloads()
