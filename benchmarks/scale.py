@@ -61,6 +61,17 @@ ST_DTYPE = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 GENERATOR_VERSION = 1
 
 
+def _kernels_label(in_bytes: int, device: str) -> str:
+    """Which path lata's merges take here (lata.kernels): numba, or torch and why."""
+    from lata import kernels
+
+    if not kernels.available():
+        return "torch path (numba off or missing)"
+    if not kernels.worthwhile(in_bytes, device):
+        return f"torch path (family under {kernels.MIN_BYTES / 1e9:.0f} GB, or not on the CPU)"
+    return "numba"
+
+
 # --------------------------------------------------------------------------- the family
 
 def tensor_specs(shape: dict) -> list[tuple[str, tuple[int, ...]]]:
@@ -355,14 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     in_bytes = sum(p.stat().st_size for p in inputs)
     itemsize = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
     out_bytes = sum(math.prod(s) for _, s in tensor_specs(shape)) * itemsize
-    from lata import kernels
     from lata.config import parse_size
     shard_params = parse_size(args.shard_size) // itemsize
     print(f"{args.size}: {len(tensor_specs(shape))} tensors, {shape['dtype']}, inputs {in_bytes / 1e9:.2f} GB "
           f"in {len(inputs)} files, output {out_bytes / 1e9:.2f} GB; {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({os.environ.get('OMP_NUM_THREADS', 'default')} OMP threads, "
           f"lata threads {args.threads or 'auto'}, device {args.device}, "
-          f"kernels {'numba' if kernels.available() else 'torch (numba off or missing)'}); "
+          f"kernels {_kernels_label(in_bytes, args.device)}); "
           f"cache: {'cold' if args.cold else 'warm'}",
           flush=True)
 
