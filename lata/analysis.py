@@ -137,10 +137,7 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
     flat = [v.reshape(-1) for v in views]
     base, rest = flat[0], flat[1:]
     n, rows = base.numel(), len(rest)
-    workers = workers or SliceWorkers(1)
-    if fused and kernels.supports([v.dtype for v in flat], None, device) and all(v.is_contiguous() for v in flat):
-        partials = workers.map(lambda start, stop: kernels.gram(flat, start, stop), n, BLOCK)
-        return _gram_matrix(sum(partials[1:], partials[0]).tolist(), rows)
+    fused = fused and kernels.supports([v.dtype for v in flat], None, device) and all(v.is_contiguous() for v in flat)
 
     def block(start: int, stop: int) -> torch.Tensor:
         buffer = thread_buffer("gram", rows + 1, BLOCK, device)[:, : stop - start]
@@ -153,15 +150,14 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
             parts += [torch.dot(x[j], x[0]), torch.dot(x[j], x[j])]
         return torch.stack(parts).double()
 
-    partials = workers.map(block, n, BLOCK)
+    def fused_block(start: int, stop: int):
+        return kernels.gram(flat, start, stop)  # the same sums, laid out alike (float64 numpy)
+
+    partials = (workers or SliceWorkers(1)).map(fused_block if fused else block, n, BLOCK)
     sums = partials[0]
     for part in partials[1:]:
         sums = sums + part
-    return _gram_matrix(sums.tolist(), rows)
-
-
-def _gram_matrix(values: list[float], rows: int) -> list[list[float]]:
-    """G from the flat sums [G00, G10, G11, G20, G22, ...]."""
+    values = sums.tolist()
     gram = [[0.0] * rows for _ in range(rows)]
     gram[0][0] = values[0]
     for j in range(1, rows):

@@ -27,7 +27,7 @@ Measured on the 1.1B shape (bf16, two experts, 2 workers, warm cache, in process
 Decision: numba (a maintained JIT with an on-disk cache of machine code), not a C extension,
 so installing lata never needs a compiler. Its cost is about 0.3 s of import and 0.5 s to load
 the cached code in each new process; ``preload`` does that in a background thread, started by
-the runner and both passes.
+the CLI (large local families, before torch loads) and at the start of either pass.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lata import kernels, sweep
+from lata import sweep
 from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
@@ -115,8 +115,6 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
                  if cfg.benchmark.tasks else None)
     else:
         family = sweep.open_family(paths.base, paths.instruct, paths.experts)
-        if not cfg.dry_run and kernels.worthwhile(family.nbytes, str(cfg.device)):
-            kernels.preload()  # numba loads while the rest of the job is set up
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
         if cfg.dry_run:
