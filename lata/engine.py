@@ -51,7 +51,7 @@ from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams
                          validate_weighting)
 from lata.family import Family
 from lata.methods import MergeMethod, build_method
-from lata.methods.ties import global_threshold
+from lata.methods.ties import global_threshold, kth_largest, scaled_magnitude
 from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
 
@@ -156,7 +156,7 @@ class MergePlan:
         thresholds = None if self.thresholds is None else [self.thresholds[k] for k in active]
         theta0 = stored.reshape(-1)
         fused = self._fused(theta0, views, ws, out)
-        vectors = _TensorVectors(self, stored.shape, theta0, views, ws, fused)
+        vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused)
         state = self.method.prepare(vectors, lams, active, name, thresholds)
         flat_out = out.view(-1)
         direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
@@ -199,22 +199,42 @@ class MergePlan:
 
 
 class _TensorVectors:
-    """The pure vectors of one tensor for ``MergeMethod.prepare``, computed slice by slice."""
+    """The pure vectors v_k = w_k * d_k (d_k = theta_k - theta_0) of one tensor for
+    ``MergeMethod.prepare``, read slice by slice."""
 
-    def __init__(self, plan: MergePlan, shape: torch.Size, theta0: torch.Tensor, views, ws,
-                 fused: kernels.FusedSlices | None = None):
-        self.plan, self.shape, self.theta0, self.views, self.ws = plan, shape, theta0, views, ws
-        self.fused = fused
+    def __init__(self, plan: MergePlan, name: str, experts: list[str], shape: torch.Size, theta0: torch.Tensor,
+                 views, ws, fused: kernels.FusedSlices | None = None):
+        self.plan, self.name, self.experts, self.shape = plan, name, experts, shape
+        self.theta0, self.views, self.ws, self.fused = theta0, views, ws, fused
 
-    def each_magnitude(self, fn):
-        n, experts = self.theta0.numel(), range(len(self.views))
-        if len(self.views) * n * 4 <= MAGNITUDE_BYTES:
-            out = self._magnitudes(list(experts), self.plan.scratch(len(self.views), n))
+    def kth_largest_magnitudes(self, k: int) -> list[float]:
+        """The k-th largest |v_k| of each expert, exactly.
+
+        Decision: the selection runs on |d_k|, not on |w_k * d_k|, and is kept in the family's
+        ``selections`` (per anchor, expert, tensor and k), so the points of a sweep over lambdas
+        and weightings select once per tensor (about a third of a TIES merge); the weight is
+        applied to the selected value (``ties.scaled_magnitude``: the same bits as selecting on
+        the weighted vector).
+        """
+        memo = self.plan.family.selections
+        keys = [("tensor", self.plan.anchor, expert, self.name, k) for expert in self.experts]
+        missing = [i for i, key in enumerate(keys) if key not in memo]
+        if missing:
+            selected = self._each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True), missing)
+            memo.update((keys[i], t) for i, t in zip(missing, selected))
+        return [scaled_magnitude(memo[key], w) for key, w in zip(keys, self.ws)]
+
+    def _each_magnitude(self, fn, experts: list[int]) -> list:
+        """``[fn(|d_i|) for i in experts]``, |d_i| flat float32 in a scratch buffer ``fn`` may
+        reorder; the calls run on the workers, on different buffers."""
+        n = self.theta0.numel()
+        if len(experts) * n * 4 <= MAGNITUDE_BYTES:
+            out = self._magnitudes(experts, self.plan.scratch(len(experts), n))
             return self.plan.workers.each(fn, list(out))
         return [fn(self._magnitudes([i], self.plan.scratch(1, n))[0]) for i in experts]
 
     def _magnitudes(self, experts: list[int], out: torch.Tensor) -> torch.Tensor:
-        """|v_i| of the given experts into the rows of ``out``, in one pass over the slices."""
+        """|d_i| of the given experts into the rows of ``out``, in one pass over the slices."""
         device = self.plan.device
 
         def work(start: int, stop: int) -> None:
@@ -225,8 +245,7 @@ class _TensorVectors:
             buffer = thread_buffer("magnitudes", 2, stop - start, device)
             t0 = as_float32(self.theta0[start:stop], buffer[0], device)
             for row, i in enumerate(experts):
-                v = pure_slice(self.views[i][start:stop], t0, self.ws[i], device, buffer[1])
-                torch.abs(v, out=out[row, start:stop])
+                torch.abs(pure_slice(self.views[i][start:stop], t0, 1.0, device, buffer[1]), out=out[row, start:stop])
 
         self.plan.workers.map(work, self.theta0.numel(), self.plan.chunk)
         return out
@@ -274,10 +293,19 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         threads=threads,
     )
     if plan.method.needs_global_thresholds:
-        tune_malloc()
-        with torch_threads(1, device):
-            plan.thresholds = {k: global_threshold(_expert_vectors(plan, k), merge.density) for k in family.experts}
+        plan.thresholds = {k: _global_threshold(plan, k, merge.density) for k in family.experts}
     return plan
+
+
+def _global_threshold(plan: MergePlan, expert: str, density: float) -> float:
+    """Expert k's whole-model TIES threshold, kept in the family's ``selections`` for the
+    weights it was selected with (the points of a lambda sweep share it)."""
+    key = ("global", plan.anchor, expert, density, tuple(plan.weights[expert]), plan.rest_weight)
+    if key not in plan.family.selections:
+        tune_malloc()
+        with torch_threads(1, plan.device):
+            plan.family.selections[key] = global_threshold(_expert_vectors(plan, expert), density)
+    return plan.family.selections[key]
 
 
 def _expert_vectors(plan: MergePlan, expert: str):

@@ -22,6 +22,9 @@ class Family:
     instruct: Checkpoint
     experts: dict[str, Checkpoint]
     architecture: Architecture = field(init=False)
+    #: exact selections over this family's vectors, kept while it is open so that the points of
+    #: a sweep share them (TIES thresholds: lata.engine); keys name what was selected
+    selections: dict[tuple, float] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.experts:

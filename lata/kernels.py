@@ -7,8 +7,8 @@ values, so a merge gives the same values as the torch path (``torch.equal``; onl
 zero added to a theta_0 of -0.0 may differ) with a fraction of the memory traffic.
 
 - Merge: ``FusedSlices.ta`` / ``.ties`` write theta_0 + delta of a slice straight into the
-  output buffer; ``.magnitudes`` gives |v_k| for the TIES thresholds (selected with numpy, as
-  before).
+  output buffer; ``.magnitudes`` gives |theta_k - theta_0| for the TIES thresholds (selected
+  with numpy, as before).
 - Similarity pass: ``gram`` sums the float32 products per block by halving (pairwise) and adds
   the blocks in float64. Decision: this differs from the torch path (float32 ``torch.dot`` over
   a slice of 2^18) in the last digits, and is the more exact: on a 1.1B-shape MLP tensor (11.5M
@@ -184,8 +184,8 @@ def _ties(theta0, experts, ws, lams, keep_above, out, start, stop):
         _store(acc_bits[1, :m], out[s:s + m])
 
 
-def _magnitudes(theta0, expert, w, out, start, stop):
-    """out[i] = |w * (theta_k - theta0)| in float32, i in [start, stop)."""
+def _magnitudes(theta0, expert, out, start, stop):
+    """out[i] = |theta_k - theta0| in float32, i in [start, stop)."""
     t0_bits, t0 = _rows(1)
     e_bits, e = _rows(1)
     for s in range(start, stop, BLOCK):
@@ -194,7 +194,7 @@ def _magnitudes(theta0, expert, w, out, start, stop):
         _widen(theta0[s:s + m], t0_bits[0, :m])
         _widen(expert[s:s + m], e_bits[0, :m])
         for j in range(m):
-            y[j] = abs((x[j] - a[j]) * w)
+            y[j] = abs(x[j] - a[j])
 
 
 def _block_sum(tmp, m):
@@ -329,5 +329,6 @@ class FusedSlices:
                                  start, stop)
 
     def magnitudes(self, k: int, out: torch.Tensor, start: int, stop: int) -> None:
-        """|v_k| of elements [start, stop) into the float32 tensor ``out`` (flat, same positions)."""
-        _compiled_kernels().magnitudes(self.theta0, self.experts[k], np.float32(self.ws[k]), out.numpy(), start, stop)
+        """|theta_k - theta_0| (unweighted) of elements [start, stop) into the float32 tensor
+        ``out`` (flat, same positions)."""
+        _compiled_kernels().magnitudes(self.theta0, self.experts[k], out.numpy(), start, stop)

@@ -6,7 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import reference
 from conftest import write_family
-from lata import Family, MergeConfig, WeightingConfig, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
+from lata import (Family, MergeConfig, WeightingConfig, engine, kernels, merge_into_model, merge_state_dict,
+                  merge_to_dir, plan_merge)
+from lata.compute import pure_slice
 
 WEIGHTINGS = ["uniform", "threshold", "linear_rank", "log_rank", "explicit"]
 METHODS = ["ta", "ties", "dare", "dare_ties"]
@@ -75,6 +77,58 @@ def test_every_method_with_every_weighting(family, family_dirs, method, weightin
 ])
 def test_options(family, family_dirs, options):
     assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_ties_selects_once_per_family_and_tensor_and_matches_selecting_the_weighted_vectors(
+        family_dirs, monkeypatch, fused):
+    if fused:
+        pytest.importorskip("numba")
+        monkeypatch.setattr(kernels, "MIN_BYTES", 0)
+    fam = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
+    selections = []
+    real = engine.kth_largest
+    monkeypatch.setattr(engine, "kth_largest", lambda *a, **k: selections.append(1) or real(*a, **k))
+    points = [("uniform", 0.8), ("linear_rank", 1.0), ("log_rank", 0.6), ("linear_rank", 1.3)]  # uniform: all active
+    for i, (weighting, lam) in enumerate(points):
+        plan = plan_merge(fam, MergeConfig(method="ties", density=0.3, lam=lam), WeightingConfig(name=weighting),
+                          progress=False)
+        plan.kernels = fused
+        before = len(selections)
+        got = merge_state_dict(plan)
+        # each expert's tensors are selected at the first point only, whatever the weights
+        assert (len(selections) > 0) if i == 0 else (len(selections) == before), (weighting, lam)
+        anchor = fam.anchor(plan.anchor)
+        for name, merged in got.items():
+            theta0 = anchor.get(name).float().reshape(-1)
+            active = plan.active_experts(name)
+            if not active:
+                continue
+            # the definition: thresholds selected on the weighted pure vectors themselves
+            vectors = [pure_slice(fam.experts[k].get(name).reshape(-1), theta0, plan.weight(k, name), "cpu")
+                       for k in active]
+            expected = plan.method.delta(vectors, [plan.lams[k] for k in active], active, name) + theta0
+            assert torch.equal(merged.reshape(-1), expected), (weighting, name)
+    assert len(fam.selections) == len(selections)
+
+
+def test_global_ties_thresholds_are_shared_by_points_with_the_same_weights(family_dirs, monkeypatch):
+    fam = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
+    calls = []
+    real = engine.global_threshold
+    monkeypatch.setattr(engine, "global_threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def thresholds(family, weighting, lam):
+        merge = MergeConfig(method="ties", topk_scope="global", density=0.2, lam=lam)
+        return plan_merge(family, merge, WeightingConfig(name=weighting), progress=False).thresholds
+
+    first = thresholds(fam, "linear_rank", 1.0)
+    assert len(calls) == 2  # one per expert
+    assert thresholds(fam, "linear_rank", 0.4) == first and len(calls) == 2  # lambda only: reused
+    other = thresholds(fam, "uniform", 1.0)
+    assert len(calls) == 4 and other != first  # other weights: selected again
+    fresh = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
+    assert thresholds(fresh, "linear_rank", 0.4) == first
 
 
 def test_uniform_ta_with_lambda_one_is_the_sum_of_task_vectors(family, family_dirs):

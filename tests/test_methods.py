@@ -8,7 +8,8 @@ import torch
 from lata.methods import build_method
 from lata.methods.dare import keep_mask
 from lata.methods.ta import task_arithmetic
-from lata.methods.ties import disjoint_mean, global_threshold, keep_count, tensor_threshold, ties
+from lata.methods.ties import (disjoint_mean, global_threshold, keep_count, kth_largest, scaled_magnitude,
+                               tensor_threshold, ties)
 
 V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
 V2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])
@@ -50,6 +51,19 @@ def test_ties_negative_lambda_flips_before_election():
     merged = build_method("ties", density=1.0).delta([V1, V2], [-1.0, 1.0], ["a", "b"], "t")
     # u1 = -V1 = [-3, 1, -.5, 4], u2 = [-2, 2, 1, 1]; gamma = [-, +, +, +]
     assert merged.tolist() == pytest.approx([-2.5, 1.5, 1.0, 2.5])
+
+
+@pytest.mark.parametrize("w", [0.7368421052631579, -0.3, 1e-30, 3.0, 1.0, 2.0 ** -130])
+def test_weighted_kth_magnitude_is_the_scaled_kth_magnitude(w):
+    # runs of adjacent float32 values (several round to one product), subnormals, zeros, ties
+    g = torch.Generator().manual_seed(3)
+    start = torch.randn(40, generator=g).abs().add_(1e-3)
+    runs = [start[i] * (1 + torch.arange(25) * 2.0 ** -23) for i in range(40)]
+    d = torch.cat(runs + [torch.randn(200, generator=g) * 1e-40, torch.zeros(30), torch.full((7,), 0.5)])
+    d = torch.where(torch.arange(d.numel()) % 2 == 0, d, -d)  # both signs
+    weighted = (d * w).abs()  # the engine's pure vector: a float32 product, as pure_slice computes it
+    for k in range(1, d.numel() + 1, 7):
+        assert scaled_magnitude(kth_largest(d.abs(), k), w) == kth_largest(weighted, k), k
 
 
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.37, 0.5, 1.0])

@@ -15,7 +15,7 @@ same slice computed by a numba kernel (``lata.kernels``) straight from the store
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -24,17 +24,14 @@ from lata.methods.dare import keep_mask, rescale_kept
 from lata.methods.ta import task_arithmetic_
 from lata.methods.ties import disjoint_mean, keep_count, kth_largest, largest_below, ties
 
-T = TypeVar("T")
-
 
 class TensorVectors(Protocol):
     """The pure vectors v_k of one tensor, as the engine offers them to ``prepare``."""
 
     shape: torch.Size
 
-    def each_magnitude(self, fn: Callable[[torch.Tensor], T]) -> list[T]:
-        """``[fn(|v_i|) for each i]``, |v_i| flattened float32 in a scratch buffer ``fn`` may
-        reorder; the calls may run concurrently, on different buffers."""
+    def kth_largest_magnitudes(self, k: int) -> list[float]:
+        """The k-th largest |v_k| of each expert's vector, exactly."""
 
 
 class _WholeVectors:
@@ -44,8 +41,8 @@ class _WholeVectors:
         self.vectors = list(vectors)
         self.shape = self.vectors[0].shape
 
-    def each_magnitude(self, fn):
-        return [fn(v.detach().reshape(-1).abs().float()) for v in self.vectors]
+    def kth_largest_magnitudes(self, k):
+        return [kth_largest(v.detach().reshape(-1).abs().float(), k, scratch=True) for v in self.vectors]
 
 
 @dataclass(frozen=True)
@@ -109,8 +106,7 @@ class Ties(MergeMethod):
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         if self.topk_scope == "tensor":
-            k = keep_count(vectors.shape.numel(), self.density)
-            return vectors.each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True))
+            return vectors.kth_largest_magnitudes(keep_count(vectors.shape.numel(), self.density))
         if thresholds is None:
             raise ValueError("TIES with topk_scope=global needs the whole-model thresholds")
         return list(thresholds)

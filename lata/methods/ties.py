@@ -55,6 +55,16 @@ def kth_largest_magnitude(v: torch.Tensor, k: int) -> float:
     return kth_largest(v.detach().abs().float(), k, scratch=True)
 
 
+def scaled_magnitude(t: float, w: float) -> float:
+    """The k-th largest |w * d| (float32 products) given t, the k-th largest |d|: fl(|w| * t).
+
+    Exact: |fl(w * d)| = fl(|w| * |d|) (rounding is symmetric) and fl(|w| * x) does not decrease
+    as x grows (rounding is monotone), so scaling keeps the order of the magnitudes; values that
+    round together stay together. So one selection on |d| serves every weight w.
+    """
+    return t if w == 1.0 else float(np.float32(abs(w)) * np.float32(t))
+
+
 def tensor_threshold(v: torch.Tensor, density: float) -> float:
     """Magnitude threshold that keeps the top ``density`` fraction of one tensor (and ties)."""
     return kth_largest_magnitude(v, keep_count(v.numel(), density))
