@@ -124,6 +124,8 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
             return summary
         analysis = sweep.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress,
                                          threads=cfg.threads)
+        if cfg.merge.method == "ties":
+            sweep.load_selections(family, cfg.paths.cache_dir)
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
         drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}", heatmap)
@@ -141,6 +143,7 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
             except BaseException:
                 sweep.forget_model()  # possibly half-written
                 raise
+        sweep.save_selections(family, cfg.paths.cache_dir)
     if model is not None:
         from transformers import AutoTokenizer
 

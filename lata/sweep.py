@@ -7,6 +7,8 @@ for the life of the process:
     ``paths.cache_dir/analysis/<key>.json`` for multi-process launchers (joblib, submitit), keyed
     by the content fingerprints of base, instruct and experts (the layer weights are derived from
     it per point: they cost microseconds, so the weighting is not part of the key);
+  * each family's TIES selections (``Family.selections``: the per-tensor thresholds, which no
+    lambda or layer weight changes), likewise also on disk under ``paths.cache_dir/selections/``;
   * one loaded evaluation model, into which each point copies its merged weights in place.
 
 Decision: the task vectors are not held in memory between points; each point streams them again
@@ -94,12 +96,16 @@ def open_family(base: str, instruct: str, experts: dict[str, str]) -> Family:
     return _families[key]
 
 
+def _family_key(family: Family) -> str:
+    roles = {"base": family.base.path, "instruct": family.instruct.path,
+             **{f"expert:{k}": c.path for k, c in family.experts.items()}}
+    return _key({"v": STORE_VERSION, **{role: fingerprint(path) for role, path in roles.items()}})
+
+
 def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",
                     progress: bool = True, threads: int | None = None) -> LayerAnalysis:
     """Pass 1 for ``family``: from this process, else from the disk cache, else computed and stored."""
-    roles = {"base": family.base.path, "instruct": family.instruct.path,
-             **{f"expert:{k}": c.path for k, c in family.experts.items()}}
-    key = _key({"v": STORE_VERSION, **{role: fingerprint(path) for role, path in roles.items()}})
+    key = _family_key(family)
     if key in _analyses:
         return _analyses[key]
     file = Path(cache_dir) / "analysis" / f"{key}.json"
@@ -112,6 +118,40 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
         log.info("layer analysis computed and cached in %s", file)
     _analyses[key] = analysis
     return analysis
+
+
+def _selections_file(family: Family, cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "selections" / f"{_family_key(family)}.json"
+
+
+def _stored_selections(file: Path) -> dict[tuple, float]:
+    if not file.is_file():
+        return {}
+    return {tuple(tuple(k) if isinstance(k, list) else k for k in key): value
+            for key, value in json.loads(file.read_text())}
+
+
+def load_selections(family: Family, cache_dir: str | os.PathLike) -> None:
+    """Add the disk cache's TIES selections for ``family`` (``Family.selections``, thresholds
+    selected by earlier processes: ``paths.cache_dir/selections/``) to the open family."""
+    file = _selections_file(family, cache_dir)
+    stored = _stored_selections(file)
+    new = stored.keys() - family.selections.keys()
+    if new:
+        family.selections.update((key, stored[key]) for key in new)
+        log.info("%d TIES selections reused from %s", len(new), file)
+
+
+def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
+    """Store the family's selections with those on disk, when it has new ones. Decision:
+    concurrent processes may each rewrite the file (atomically); a selection lost that way is
+    only selected again."""
+    file = _selections_file(family, cache_dir)
+    stored = _stored_selections(file)
+    if stored.keys() >= family.selections.keys():
+        return
+    stored.update(family.selections)
+    write_json_atomic(file, [[list(key), value] for key, value in stored.items()])
 
 
 def evaluation_model(model_dir: str, dtype: str, device: str, *, reusable: bool):

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import write_family
-from lata import sweep
+from lata import Family, MergeConfig, WeightingConfig, engine, merge_state_dict, plan_merge, sweep
 from lata.config import ObjectiveConfig
 
 LATA = [sys.executable, "-m", "lata"]
@@ -131,6 +132,48 @@ def test_objective_is_the_mean_task_score_under_a_perplexity_ceiling():
     assert sweep.objective(None, ObjectiveConfig()) is None
     with pytest.raises(ValueError, match="objective.ppl_ceiling"):
         sweep.objective({"zoo_math": {"exact_match_strict": 1.0}}, ObjectiveConfig(ppl_ceiling=10.0))
+
+
+def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monkeypatch):
+    dirs = write_family(tmp_path / "family")
+    cache = tmp_path / "cache"
+
+    def family():  # a new process's family
+        return Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+
+    def merged(fam, weighting, **merge):
+        return merge_state_dict(plan_merge(fam, MergeConfig(method="ties", density=0.3, **merge),
+                                           WeightingConfig(name=weighting), progress=False))
+
+    first = family()
+    merged(first, "uniform")
+    merged(first, "linear_rank", topk_scope="global")
+    sweep.save_selections(first, cache)
+    assert len(first.selections) > 2 and len(list((cache / "selections").glob("*.json"))) == 1
+
+    later = family()
+    sweep.load_selections(later, cache)
+    assert later.selections == first.selections  # keys (tuples of weights too) and values round-trip
+    calls = []
+    for name in ("kth_largest", "global_threshold"):
+        real = getattr(engine, name)
+        monkeypatch.setattr(engine, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    got = [merged(later, "log_rank", lam=0.6), merged(later, "linear_rank", topk_scope="global", lam=1.2)]
+    assert calls == []  # nothing selected again
+    monkeypatch.undo()
+    expected = [merged(family(), "log_rank", lam=0.6), merged(family(), "linear_rank", topk_scope="global", lam=1.2)]
+    for g, e in zip(got, expected):
+        assert all(torch.equal(g[name], e[name]) for name in e)
+    # a process with new selections adds them to the file; one with none new leaves it alone
+    other = family()
+    merged(other, "uniform", lam=0.5)  # tensor scope: the same selections as the first process's
+    file = next((cache / "selections").glob("*.json"))
+    stamp = file.stat().st_mtime_ns
+    sweep.save_selections(other, cache)
+    assert file.stat().st_mtime_ns == stamp
+    merged(other, "uniform", topk_scope="global")
+    sweep.save_selections(other, cache)
+    assert len(json.loads(file.read_text())) == len(first.selections) + 2  # one per expert
 
 
 def test_fingerprint_follows_the_content(tmp_path):
