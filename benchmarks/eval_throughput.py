@@ -130,7 +130,7 @@ def bench_case(case: Case, args) -> dict:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lata.evaluation.harness import _max_length
+    from lata.evaluation.harness import context_length
     from lata.evaluation.tasks import DataPaths, render_tasks
 
     cfg = compose(["model=zoo", f"benchmark.batch_size={args.batch_size}"])
@@ -141,11 +141,11 @@ def bench_case(case: Case, args) -> dict:
     inmem_load = time.perf_counter() - start
     task_dir = Path(tempfile.mkdtemp(prefix="lata-bench-tasks-"))
     render_tasks([case.ppl_task, case.gen_task], task_dir, DataPaths(Path(args.cache_dir) / "data", case.zoo_heldout),
-                 num_fewshot=int(cfg.benchmark.num_fewshot), context=_max_length(model))
+                 num_fewshot=int(cfg.benchmark.num_fewshot), context=context_length(model))
 
     def in_memory() -> dict:
         start, cpu = time.perf_counter(), time.process_time()
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=_max_length(model))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=context_length(model))
         return {"load": time.perf_counter() - start, "load_cpu": time.process_time() - cpu,
                 **run_tasks(lm, case, task_dir)}
 
@@ -153,14 +153,14 @@ def bench_case(case: Case, args) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         lm = HFLM(pretrained=str(case.checkpoint), device=args.device, batch_size=args.batch_size)
         load, load_cpu = time.perf_counter() - start, time.process_time() - cpu
-        assert lm.max_length == _max_length(model) and lm.model.dtype == model.dtype, "paths differ in set-up"
+        assert lm.max_length == context_length(model) and lm.model.dtype == model.dtype, "paths differ in set-up"
         result = {"load": load, "load_cpu": load_cpu, **run_tasks(lm, case, task_dir)}
         del lm
         gc.collect()
         return result
 
     # untimed warm-up: datasets prepares (and caches) each task's data on its first use
-    run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=_max_length(model)),
+    run_tasks(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, max_length=context_length(model)),
               Case(**{**case.__dict__, "limit": 1}), task_dir)
     runs: dict[str, list[dict]] = {"in-memory": [], "lm-eval": []}
     paths = [("in-memory", in_memory), ("lm-eval", lm_eval_hf)]

@@ -78,7 +78,10 @@ class BenchmarkConfig:
     code_samples: int = 1  # completions per problem; >1 samples at `temperature` for pass@k
     temperature: float = 0.8
     code_timeout_s: float = 5.0
-    ppl_window: Optional[int] = None  # strided token perplexity window; null = model's max length
+    #: tokens of context in evaluation (HFLM's max_length; generation keeps half for the prompt);
+    #: null = the model's max_position_embeddings. Bounds memory: logits are batch x length x vocab
+    max_length: Optional[int] = None
+    ppl_window: Optional[int] = None  # strided token perplexity window; null = the context length
     ppl_stride: int = 512
 
 
@@ -196,6 +199,9 @@ def validate_benchmark(b: BenchmarkConfig) -> None:
         raise ConfigError(f"benchmark.limit={b.limit} must be positive (or null for every document)")
     if b.batch_size < 1 or b.code_samples < 1:
         raise ConfigError("benchmark.batch_size and benchmark.code_samples must be at least 1")
+    for key in ("max_length", "ppl_window"):
+        if getattr(b, key) is not None and getattr(b, key) < 2:
+            raise ConfigError(f"benchmark.{key}={getattr(b, key)} must be at least 2 tokens (or null)")
     for k in b.pass_k:
         if not 1 <= k <= b.code_samples:
             raise ConfigError(f"benchmark.pass_k has {k}: each k must lie in [1, benchmark.code_samples={b.code_samples}]")

@@ -112,6 +112,7 @@ def test_unknown_group_option_lists_the_allowed_ones():
     ("device=tpu", "device='tpu' is not allowed"),
     ("shard_size=huge", "shard_size='huge' is not a size"),
     ("threads=0", "threads=0 must be at least 1"),
+    ("benchmark.max_length=1", "benchmark.max_length=1 must be at least 2 tokens"),
     ("++merge.lams.chemistry=1.0", "merge.lams.chemistry names no expert; experts are: math"),
 ])
 def test_out_of_range_values_name_the_key(override, message):

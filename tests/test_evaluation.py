@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lata.evaluation.harness import evaluate, strided_perplexity
+from lata.evaluation.harness import context_length, evaluate, strided_perplexity
 from lata.evaluation.scoring import is_refusal, process_math, score_code
 from lata.evaluation.tasks import TASKS, DataPaths, export_gsm8k100, export_humaneval, render_tasks
 
@@ -80,7 +80,7 @@ def test_task_yamls_render_for_every_task_kind(tmp_path):
 
 def bench(**overrides):
     values = dict(tasks=[], limit=2, batch_size=4, num_fewshot=0, allow_code_execution=False, pass_k=[1],
-                  code_samples=1, temperature=0.8, code_timeout_s=5.0, ppl_window=None, ppl_stride=64)
+                  code_samples=1, temperature=0.8, code_timeout_s=5.0, max_length=None, ppl_window=None, ppl_stride=64)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -111,3 +111,20 @@ def test_offline_and_zoo_tasks_run_on_the_micro_zoo_through_lm_eval(micro_zoo, t
     texts = [json.loads(line)["text"] for line in (micro_zoo.heldout / "text.jsonl").read_text().splitlines()[:2]]
     direct = strided_perplexity(model, tokenizer, texts, window=256, stride=64)
     assert ppl["token_perplexity"] == pytest.approx(direct["token_perplexity"])
+
+
+def test_max_length_bounds_the_context_of_every_task(micro_zoo, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(micro_zoo.instruct).eval()
+    tokenizer = AutoTokenizer.from_pretrained(micro_zoo.instruct)
+    limit = model.config.max_position_embeddings
+    assert (context_length(model), context_length(model, 48), context_length(model, 10 * limit)) == (limit, 48, limit)
+    metrics = evaluate(model, tokenizer, bench(tasks=["zoo_ppl", "humaneval_offline"], max_length=48,
+                                               allow_code_execution=True, ppl_stride=16), tmp_path,
+                       tmp_path / "data", micro_zoo.heldout)
+    texts = [json.loads(line)["text"] for line in (micro_zoo.heldout / "text.jsonl").read_text().splitlines()[:2]]
+    short = strided_perplexity(model, tokenizer, texts, window=48, stride=16)
+    assert metrics["zoo_ppl"]["token_perplexity"] == pytest.approx(short["token_perplexity"])
+    assert short["token_perplexity"] != pytest.approx(strided_perplexity(model, tokenizer, texts, 256, 16)["token_perplexity"])
+    assert '"max_gen_toks": 24' in (tmp_path / "lm_eval_tasks" / "humaneval_offline.yaml").read_text()  # half of 48

@@ -58,12 +58,12 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     names = list(bench.tasks)
     if any(TASKS[n].kind == "code" for n in names if n in TASKS):
         ensure_code_execution_allowed(bool(bench.allow_code_execution))  # before any generation
+    context = context_length(model, bench.max_length)
     specs = render_tasks(names, Path(work_dir) / "lm_eval_tasks", DataPaths(Path(data_dir), zoo_heldout),
                          num_fewshot=int(bench.num_fewshot), code_samples=int(bench.code_samples),
-                         temperature=float(bench.temperature), context=_max_length(model))
+                         temperature=float(bench.temperature), context=context)
     manager = TaskManager(include_path=str(Path(work_dir) / "lm_eval_tasks"), include_defaults=False)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size),
-              max_length=_max_length(model))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size), max_length=context)
     limit = bench.limit
     metrics: dict[str, dict[str, float]] = {}
     for chat in (False, True):
@@ -84,7 +84,7 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
             if spec.kind == "ppl":
                 docs = [s["doc"] for s in sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])]
                 text_key = spec.doc_to_text.strip("{} ")
-                window = int(bench.ppl_window or _max_length(model))
+                window = min(int(bench.ppl_window or context), context)
                 values.update(strided_perplexity(model, tokenizer, [d[text_key] for d in docs], window,
                                                  int(bench.ppl_stride)))
             values["samples"] = float(len(out["samples"][spec.name]))
@@ -98,8 +98,11 @@ def _completions(sample: dict) -> list[str]:
     return [str(r) for r in flat]
 
 
-def _max_length(model: Any) -> int:
-    return int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+def context_length(model: Any, max_length: int | None = None) -> int:
+    """Tokens of context for evaluation: ``benchmark.max_length`` where set, never more than the
+    model's ``max_position_embeddings`` (2048 where the config has none)."""
+    limit = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    return limit if max_length is None else min(int(max_length), limit)
 
 
 def _is_number(value: Any) -> bool:
