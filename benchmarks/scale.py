@@ -205,7 +205,7 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def measure(label: str, argv: list[str], log: Path, env: dict | None = None) -> Result:
+def measure(label: str, argv: list[str], log: Path, env: dict | None = None, quiet: bool = False) -> Result:
     """Run ``argv`` as a fresh process; wall time and its (and its children's) peak RSS."""
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
@@ -215,9 +215,10 @@ def measure(label: str, argv: list[str], log: Path, env: dict | None = None) -> 
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     result = Result(label, wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, load, proc.returncode)
-    state = "ok" if result.rc == 0 else f"FAILED rc={result.rc} (see {log})"
-    print(f"  {label:<34} {wall:8.2f} s  {result.maxrss_mb:8.0f} MB peak RSS  {result.cpu_s:7.1f} s CPU  "
-          f"(load {load:.2f}) {state}", flush=True)
+    if not quiet:
+        state = "ok" if result.rc == 0 else f"FAILED rc={result.rc} (see {log})"
+        print(f"  {label:<34} {wall:8.2f} s  {result.maxrss_mb:8.0f} MB peak RSS  {result.cpu_s:7.1f} s CPU  "
+              f"(load {load:.2f}) {state}", flush=True)
     return result
 
 
@@ -258,14 +259,6 @@ def warm(inputs: list[Path]) -> None:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
-
-
-def startup(argv: list[str], log: Path, env: dict | None = None) -> float:
-    """Wall time of a command that starts the tool and merges nothing."""
-    t0 = time.perf_counter()
-    with open(log, "w") as out:
-        subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return time.perf_counter() - t0
 
 
 LIBRARY = r"""
@@ -385,11 +378,11 @@ def main(argv: list[str] | None = None) -> None:
     outs = {}
     fresh_env = lambda tag: {**os.environ, "LATA_CACHE": str(runs_dir / f"cache-{tag}"),
                              "LATA_RESULTS": str(runs_dir / f"cache-{tag}" / "results")}
-    starts = {"lata": startup([*lata_argv("cli", dirs, runs_dir / "unused", "ta", "uniform", args.density,
-                                          runs_dir / "hydra-dry", args.shard_size), "dry_run=true"],
-                              runs_dir / "startup-lata.log", env=fresh_env("dry-run"))}
+    dry_run = [*lata_argv("cli", dirs, runs_dir / "unused", "ta", "uniform", args.density, runs_dir / "hydra-dry",
+                          args.shard_size), "dry_run=true"]
+    starts = {"lata": measure("", dry_run, runs_dir / "startup-lata.log", fresh_env("dry-run"), quiet=True).wall_s}
     if args.mergekit:
-        starts["mergekit"] = startup([args.mergekit, "--help"], runs_dir / "startup-mergekit.log")
+        starts["mergekit"] = measure("", [args.mergekit, "--help"], runs_dir / "startup-mergekit.log", quiet=True).wall_s
     print("startup, nothing merged: " + ", ".join(f"{k} {v:.2f} s" for k, v in starts.items())
           + "  (lata: CLI dry run, headers only" + ("; mergekit: --help)" if args.mergekit else ")"), flush=True)
     for rep in range(args.repeats):
