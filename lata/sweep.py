@@ -31,7 +31,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from omegaconf import DictConfig
 
@@ -43,6 +43,7 @@ from lata.evaluation.tasks import mean_task_score, primary_metric
 from lata.family import Family
 
 log = logging.getLogger("lata")
+T = TypeVar("T")
 
 STORE_VERSION = 1
 RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png")
@@ -109,8 +110,8 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
     if key in _analyses:
         return _analyses[key]
     file = Path(cache_dir) / "analysis" / f"{key}.json"
-    if file.is_file():
-        analysis = LayerAnalysis(**json.loads(file.read_text()))
+    analysis = _read_cache(file, lambda data: _checked_analysis(LayerAnalysis(**data), family))
+    if analysis is not None:
         log.info("layer analysis reused from %s", file)
     else:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
@@ -120,15 +121,35 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
     return analysis
 
 
+def _checked_analysis(analysis: LayerAnalysis, family: Family) -> LayerAnalysis:
+    if analysis.num_layers != family.num_layers or set(analysis.experts) != set(family.expert_names) or any(
+            len(values) != family.num_layers for values in (analysis.instr_sq, *analysis.dot.values(),
+                                                            *analysis.comp_sq.values())):
+        raise ValueError("it does not describe this family's experts and layers")
+    return analysis
+
+
+def _read_cache(file: Path, parse: Callable[[Any], T]) -> T | None:
+    """``parse`` of a cache file's JSON; None where there is none or it cannot be used (with a
+    warning): a cache file never fails a run, it is computed and written again."""
+    if not file.is_file():
+        return None
+    try:
+        return parse(json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("cache file %s ignored (%s: %s)", file, type(exc).__name__, exc)
+        return None
+
+
 def _selections_file(family: Family, cache_dir: str | os.PathLike) -> Path:
     return Path(cache_dir) / "selections" / f"{_family_key(family)}.json"
 
 
 def _stored_selections(file: Path) -> dict[tuple, float]:
-    if not file.is_file():
-        return {}
-    return {tuple(tuple(k) if isinstance(k, list) else k for k in key): value
-            for key, value in json.loads(file.read_text())}
+    def parse(entries: list) -> dict[tuple, float]:
+        return {tuple(tuple(k) if isinstance(k, list) else k for k in key): float(value) for key, value in entries}
+
+    return _read_cache(file, parse) or {}
 
 
 def load_selections(family: Family, cache_dir: str | os.PathLike) -> None:

@@ -176,6 +176,29 @@ def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monk
     assert len(json.loads(file.read_text())) == len(first.selections) + 2  # one per expert
 
 
+def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
+    dirs = write_family(tmp_path / "family")
+    cache = tmp_path / "cache"
+    fam = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+    expected = sweep.family_analysis(fam, cache, progress=False)
+    analysis_file = next((cache / "analysis").glob("*.json"))
+    selections_file = cache / "selections" / analysis_file.name
+    selections_file.parent.mkdir()
+    wrong_layers = {**json.loads(analysis_file.read_text()), "num_layers": 3}
+    for text in ("{not json", json.dumps({"experts": ["math"]}), json.dumps(wrong_layers)):
+        analysis_file.write_text(text)
+        selections_file.write_text(text)
+        sweep._analyses.clear()
+        fresh = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+        with caplog.at_level("WARNING", logger="lata"):
+            assert sweep.family_analysis(fresh, cache, progress=False) == expected
+            sweep.load_selections(fresh, cache)
+        assert fresh.selections == {}
+        assert f"cache file {analysis_file} ignored" in caplog.text and f"cache file {selections_file} ignored" in caplog.text
+        assert json.loads(analysis_file.read_text())["num_layers"] == 4  # written again, whole
+        caplog.clear()
+
+
 def test_fingerprint_follows_the_content(tmp_path):
     dirs = write_family(tmp_path / "family", experts=("math",))
     math = dirs["experts"]["math"]
