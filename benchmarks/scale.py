@@ -26,7 +26,10 @@ through the library in ``python -c`` (``--via library``). mergekit runs ``mergek
 equal to lata's. ``--check`` compares lata's uniform-weighted output with mergekit's.
 ``--omp-threads N`` sets OMP_NUM_THREADS/MKL_NUM_THREADS for every run of both tools;
 ``--threads N`` sets lata's slice workers (``threads=N``; default one per core); ``--device cuda``
-makes lata compute on a GPU (``device=cuda``) and gives mergekit ``--cuda``.
+makes lata compute on a GPU (``device=cuda``) and gives mergekit ``--cuda``. ``--sweep-lams
+0.4,0.7,1.0`` also times one ``lata -m merge.lam=...`` per method and weighting: the points of
+a sweep share one process, the layer analysis and the TIES selections (mergekit has no sweep:
+it would run once per lambda).
 """
 
 from __future__ import annotations
@@ -273,16 +276,21 @@ merge_to_dir(plan, out, overwrite=True, progress=False)
 
 
 def lata_argv(via: str, dirs: dict, out: Path, method: str, weighting: str, density: float, run_dir: Path,
-              shard_size: str, threads: int | None = None, device: str = "cpu") -> list[str]:
+              shard_size: str, threads: int | None = None, device: str = "cpu",
+              lams: list[str] | None = None) -> list[str]:
+    """The lata command of one run; with ``lams``, one multirun over those lambdas (CLI only:
+    every point in one process, each written to ``out/<job number>``)."""
     if via == "library":
         return [sys.executable, "-c", LIBRARY, *(str(dirs[r]) for r in ROLES), str(out), method, weighting,
                 str(density), str(threads or "auto"), device]
-    return [sys.executable, "-m", "lata", "model=paths", f"++model.base={dirs['base']}",
+    points = ([f"merge.lam={','.join(lams)}", f"save_model={out}/${{hydra:job.num}}", f"hydra.sweep.dir={run_dir}"]
+              if lams else [f"save_model={out}", f"hydra.run.dir={run_dir}"])
+    return [sys.executable, "-m", "lata", *(["-m"] if lams else []), "model=paths", f"++model.base={dirs['base']}",
             f"++model.instruct={dirs['instruct']}", f"++model.experts.math={dirs['math']}",
             f"++model.experts.code={dirs['code']}", f"merge={method}", f"weighting={weighting}",
             *([f"merge.density={density}"] if method == "ties" else []), "benchmark=none",
-            f"save_model={out}", "overwrite=true", "progress=false", f"shard_size={shard_size}",
-            *([f"threads={threads}"] if threads else []), f"device={device}", f"hydra.run.dir={run_dir}"]
+            "overwrite=true", "progress=false", f"shard_size={shard_size}",
+            *([f"threads={threads}"] if threads else []), f"device={device}", *points]
 
 
 def mergekit_config(dirs: dict, method: str, density: float, dtype: str) -> dict:
@@ -345,8 +353,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS / MKL_NUM_THREADS for every run (both tools)")
     ap.add_argument("--threads", type=int, help="lata's slice workers (default: lata's own, one per core)")
     ap.add_argument("--device", default="cpu", help="where both tools compute: cpu, cuda, cuda:N (mergekit: --cuda)")
+    ap.add_argument("--sweep-lams", help="also time, per method and weighting, one lata multirun over these "
+                                         "comma-separated lambdas (one process; CLI only)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.sweep_lams and args.via != "cli":
+        ap.error("--sweep-lams times the lata CLI's multirun: it needs --via cli")
+    lams = [x for x in (args.sweep_lams or "").split(",") if x]
     if args.omp_threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.omp_threads)
 
@@ -410,6 +423,13 @@ def main(argv: list[str] | None = None) -> None:
                              lata_argv(args.via, dirs, out, method, weighting, args.density,
                                        runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads,
                                        args.device)))
+                if lams:
+                    out = runs_dir / f"out-lata-{method}-{weighting}-sweep"
+                    shutil.rmtree(runs_dir / f"hydra-{method}-{weighting}-sweep", ignore_errors=True)
+                    jobs.append((f"lata {method} + {weighting}, {len(lams)} lambdas", f"lata-{weighting}-x{len(lams)}",
+                                 out, lata_argv("cli", dirs, out, method, weighting, args.density,
+                                                runs_dir / f"hydra-{method}-{weighting}-sweep", args.shard_size,
+                                                args.threads, args.device, lams)))
             for label, tag, out, cmd in jobs:
                 if out.exists():
                     shutil.rmtree(out)
@@ -423,7 +443,7 @@ def main(argv: list[str] | None = None) -> None:
                 else:
                     warm(inputs)
                 res = measure(label, cmd, runs_dir / f"{tag}-{method}.log", env=env)
-                res.label = f"{method}: " + ("mergekit" if tag == "mergekit" else f"lata {tag[5:]}")
+                res.label = f"{method}: " + ("mergekit" if tag == "mergekit" else f"lata {tag[5:]}".replace("-x", " x"))
                 results.append(res)
                 outs[(method, tag)] = out
             if args.check and args.mergekit and (method, "lata-uniform") in outs:
@@ -451,6 +471,11 @@ def main(argv: list[str] | None = None) -> None:
         ratio_m = f"{r.maxrss_mb / mk.maxrss_mb:.2f}" if mk else "-"
         print(f"{label:<26} {r.wall_s:8.2f} {r.cpu_s:7.1f} {r.maxrss_mb:12.0f} {r.wall_s / floor_s:8.2f} "
               f"{ratio_t:>8} {ratio_m:>7}")
+    for label, r in best.items():
+        if " x" in label:  # a multirun: what one point of it costs
+            n = int(label.rsplit(" x", 1)[1])
+            print(f"{label}: {r.wall_s / n:.2f} s a point ({r.wall_s / n / floor_s:.2f} x floor), the first "
+                  f"included; one process for all {n}")
     failed = [r.label for r in results if r.rc != 0]
     if failed:
         print(f"FAILED: {', '.join(failed)}")
