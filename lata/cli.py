@@ -26,18 +26,18 @@ def _task(cfg: DictConfig) -> float | None:
     """One job; returns the objective (lata.sweep.objective) for hyper-parameter sweepers."""
     from lata.plots import HeatmapProcess
 
-    merging = cfg.merge.method != "none" and not cfg.dry_run
-    if merging:
+    if cfg.merge.method != "none" and not cfg.dry_run:
         _preload_kernels(cfg)
-    # the layer heatmap's drawer loads matplotlib while this process loads torch (lata.runner)
-    heatmap = HeatmapProcess() if merging else None
+        # the layer heatmap's drawer loads matplotlib while this process loads torch
+        # (lata.runner); the later jobs of a multirun use it too
+        HeatmapProcess.shared()
     hc = HydraConfig.get()
     try:
         from lata.logger import log_job
         from lata.runner import run
         from lata.sweep import objective
 
-        summary = run(cfg, hc.runtime.output_dir, heatmap=heatmap)
+        summary = run(cfg, hc.runtime.output_dir)
         group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
         log_job(cfg.logger, run_dir=Path(hc.runtime.output_dir), config=cfg, summary=summary, group=group,
                 job_name=hc.job.override_dirname or None)
@@ -46,9 +46,6 @@ def _task(cfg: DictConfig) -> float | None:
         # bad input: one clear line, no traceback
         print(f"lata: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        if heatmap is not None:
-            heatmap.cancel()  # unused (a resumed point) or already waited for
 
 
 def _preload_kernels(cfg: DictConfig) -> None:

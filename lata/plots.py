@@ -6,9 +6,12 @@ registry to leak into, and any thread may draw).
 
 from __future__ import annotations
 
+import atexit
 import json
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,64 +66,98 @@ def save_figure(fig: "Figure", path: Path) -> None:
 
 
 class HeatmapProcess:
-    """The layer heatmap of a ``layer_analysis.json``, drawn by a child process (``python -m
+    """Layer heatmaps of ``layer_analysis.json`` files, drawn by a child process (``python -m
     lata.plots``) so that a merge can run meanwhile.
 
     Decision: the child starts before there is anything to draw and loads matplotlib at once
-    (the CLI starts it before it imports torch, so both loads run side by side); ``draw`` sends
-    it the request, ``wait`` returns the PNG or raises, naming it, if the drawing failed, and
-    ``cancel`` ends a child that will draw nothing.
+    (the CLI starts it before it imports torch, so both loads run side by side). It then draws
+    one request after another: ``shared()`` is one drawer for every job of a process, so the
+    points of a multirun load matplotlib once (about 1.2 s of CPU a point otherwise). ``draw``
+    sends a request, ``wait`` returns its PNG or raises, naming it, if that drawing failed (the
+    child goes on), ``finish`` waits for a request that nobody waited for, and ``close`` ends
+    the child (at exit for the shared one).
     """
 
+    _shared: "HeatmapProcess | None" = None
+
     def __init__(self):
-        self.path: Path | None = None
+        self._errors = tempfile.TemporaryFile(mode="w+")  # the child's stderr, read if it dies
         self._proc = subprocess.Popen([sys.executable, "-m", "lata.plots"], stdin=subprocess.PIPE,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                      stdout=subprocess.PIPE, stderr=self._errors, text=True)
+        self._pending: Path | None = None
+
+    @classmethod
+    def shared(cls) -> "HeatmapProcess":
+        """This process's drawer, started on first use (and again if it has ended)."""
+        if cls._shared is None or cls._shared._proc.poll() is not None:
+            cls._shared = cls()
+            atexit.register(cls._shared.close)
+        return cls._shared
 
     def draw(self, analysis_json: Path, path: Path, title: str) -> "HeatmapProcess":
-        self.path = Path(path)
-        self._close_stdin(json.dumps({"analysis": str(analysis_json), "png": str(path), "title": title}))
+        self.finish()  # one request at a time
+        self._pending = Path(path)
+        request = json.dumps({"analysis": str(analysis_json), "png": str(path), "title": title})
+        try:
+            self._proc.stdin.write(request + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, ValueError):  # the child is gone; wait() says why
+            pass
         return self
 
     def wait(self) -> Path:
-        if self._finish() != 0:
-            raise RuntimeError(f"drawing {self.path} failed:\n{self._err.strip()}")
-        return self.path
+        path, self._pending = self._pending, None
+        if path is None:
+            raise RuntimeError("no drawing was requested")
+        reply = self._proc.stdout.readline()
+        error = json.loads(reply).get("error") if reply else self._child_error()
+        if error:
+            raise RuntimeError(f"drawing {path} failed:\n{error.strip()}")
+        return path
 
-    def cancel(self) -> None:
-        """End the child: unused, it exits; sent a drawing, it finishes it first."""
-        self._finish()
+    def finish(self) -> None:
+        """Wait for a request nobody waited for (a failed drawing is let go: its job has ended)."""
+        if self._pending is not None:
+            try:
+                self.wait()
+            except RuntimeError:
+                pass
 
-    def _finish(self) -> int:
-        if self._proc.returncode is None:
-            self._close_stdin()
-            self._err = self._proc.stderr.read()
-            self._proc.stderr.close()
-            self._proc.wait()
-        return self._proc.returncode
-
-    def _close_stdin(self, request: str = "") -> None:
-        if self._proc.stdin.closed:
-            return
-        try:
-            self._proc.stdin.write(request)
+    def close(self) -> None:
+        """End the child, after the drawing it was asked for."""
+        self.finish()
+        if self._proc.poll() is None:
             self._proc.stdin.close()
-        except BrokenPipeError:  # the child is gone; wait() says why
-            pass
+            self._proc.wait()
+        self._proc.stdout.close()
+
+    def _child_error(self) -> str:
+        self._proc.wait()
+        self._errors.seek(0)
+        return self._errors.read()[-4000:] or f"the drawing process ended with code {self._proc.returncode}"
 
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m lata.plots ANALYSIS_JSON PNG TITLE`` draws one heatmap; with no arguments,
-    load matplotlib, then draw the request read from stdin (none: exit)."""
+    load matplotlib, then draw each request read from stdin (a JSON line) and reply on stdout
+    ``{}`` or ``{"error": traceback}``, until stdin ends."""
     args = argv if argv is not None else sys.argv[1:]
-    if not args:
-        new_figure()  # the imports, before the request comes
-        import matplotlib.backends.backend_agg  # noqa: F401  (what savefig to PNG loads)
-        request = sys.stdin.read()
-        if not request:
-            return
-        args = [(r := json.loads(request))["analysis"], r["png"], r["title"]]
-    analysis_json, path, title = args
+    if args:
+        _draw(*args)
+        return
+    new_figure()  # the imports, before the first request comes
+    import matplotlib.backends.backend_agg  # noqa: F401  (what savefig to PNG loads)
+    for line in sys.stdin:
+        try:
+            request = json.loads(line)
+            _draw(request["analysis"], request["png"], request["title"])
+            reply = {}
+        except Exception:
+            reply = {"error": traceback.format_exc()}
+        print(json.dumps(reply), flush=True)
+
+
+def _draw(analysis_json: str, path: str, title: str) -> None:
     data = json.loads(Path(analysis_json).read_text())
     layer_heatmap(data["similarities"], data["weights"], path, title=title)
 

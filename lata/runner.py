@@ -74,11 +74,8 @@ def format_layer_table(plan: MergePlan) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the main job for a composed config; return a summary dict (also written to disk).
-
-    ``heatmap``: a child process started early to draw layer_analysis.png (the CLI starts it
-    before torch loads; the caller ends it if unused); None: one is started when needed.
 
     Within one process (a multirun with the basic launcher) families, layer analyses and the
     evaluation model are reused between points (lata.sweep); a point whose results are stored
@@ -128,7 +125,7 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
             sweep.load_selections(family, cfg.paths.cache_dir)
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
-        drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}", heatmap)
+        drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
         if cfg.save_model:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,
@@ -166,20 +163,19 @@ def run(cfg: DictConfig, run_dir: str | Path, heatmap: HeatmapProcess | None = N
     return summary
 
 
-def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str,
-                         heatmap: HeatmapProcess | None = None) -> HeatmapProcess:
-    """layer_analysis.json / .csv and the printed table now; the .png by a child process
-    (``heatmap``, or a new one).
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:
+    """layer_analysis.json / .csv and the printed table now; the .png by the drawing process
+    (``HeatmapProcess.shared()``).
 
-    Decision: the heatmap (about 1.5 s of Python start, matplotlib and drawing here) is drawn
-    from layer_analysis.json by ``python -m lata.plots`` while this process merges and evaluates
-    (on a thread it shared the GIL with the merge and gained nothing); the job waits for it
-    before it counts as done.
+    Decision: the heatmap (matplotlib's import, about 1.2 s of CPU once per process, and
+    0.4-0.6 s of drawing here) is drawn from layer_analysis.json by ``python -m lata.plots``
+    while this process merges and evaluates (on a thread it shared the GIL with the merge and
+    gained nothing); the job waits for it before it counts as done.
     """
     write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
-    heatmap = (heatmap or HeatmapProcess()).draw(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
-                                                 f"{title}: similarity to the instruction vector")
+    heatmap = HeatmapProcess.shared().draw(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
+                                           f"{title}: similarity to the instruction vector")
     log.info("layer analysis (s = similarity to the instruction vector, w = layer weight):\n%s",
              format_layer_table(plan))
     return heatmap

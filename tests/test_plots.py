@@ -32,16 +32,47 @@ def test_a_failed_drawing_names_the_png_and_the_cause(tmp_path):
     assert not (tmp_path / "layer_analysis.png").exists()
 
 
+def test_one_child_draws_request_after_request_and_survives_a_failed_one(tmp_path):
+    good = tmp_path / "layer_analysis.json"
+    good.write_text(json.dumps({"similarities": SIMS, "weights": WEIGHTS}))
+    (tmp_path / "bad.json").write_text("{not json")
+    drawer = HeatmapProcess()
+    pid = drawer._proc.pid
+    assert _png_size(drawer.draw(good, tmp_path / "a.png", "a").wait()) == (720, 576)
+    with pytest.raises(RuntimeError, match=r"(?s)drawing .*b.png failed.*JSONDecodeError"):
+        drawer.draw(tmp_path / "bad.json", tmp_path / "b.png", "b").wait()
+    drawer.draw(good, tmp_path / "c.png", "c")  # never waited for: the next request waits first
+    assert _png_size(drawer.draw(good, tmp_path / "d.png", "d").wait()) == (720, 576)
+    assert _png_size(tmp_path / "c.png") == (720, 576) and drawer._proc.pid == pid
+    drawer.close()
+    assert drawer._proc.returncode == 0
+    drawer.close()  # twice is harmless
+
+
 def test_an_unused_drawer_ends_without_drawing(tmp_path):
     drawer = HeatmapProcess()
-    drawer.cancel()
+    drawer.close()
     assert drawer._proc.returncode == 0
-    drawer.cancel()  # twice is harmless
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cancel_after_a_request_lets_the_drawing_finish(tmp_path):
+def test_close_after_a_request_lets_the_drawing_finish(tmp_path):
     (tmp_path / "layer_analysis.json").write_text(json.dumps({"similarities": SIMS, "weights": WEIGHTS}))
     drawer = HeatmapProcess().draw(tmp_path / "layer_analysis.json", tmp_path / "layer_analysis.png", "t")
-    drawer.cancel()
+    drawer.close()
     assert _png_size(tmp_path / "layer_analysis.png") == (720, 576)
+
+
+def test_the_shared_drawer_is_one_per_process_and_restarts_if_it_ended():
+    first = HeatmapProcess.shared()
+    assert HeatmapProcess.shared() is first
+    first.close()
+    assert HeatmapProcess.shared() is not first and HeatmapProcess.shared()._proc.poll() is None
+
+
+def test_a_drawer_that_dies_is_reported_with_its_exit(tmp_path):
+    drawer = HeatmapProcess()
+    drawer._proc.kill()
+    drawer._proc.wait()
+    with pytest.raises(RuntimeError, match="drawing .*x.png failed"):
+        drawer.draw(tmp_path / "layer_analysis.json", tmp_path / "x.png", "t").wait()
