@@ -22,7 +22,7 @@ import torch
 from lata.kernels import FusedSlices
 from lata.methods.dare import keep_mask, rescale_kept
 from lata.methods.ta import task_arithmetic_
-from lata.methods.ties import disjoint_mean, keep_count, kth_largest, largest_below, ties
+from lata.methods.ties import disjoint_mean, keep_count, kth_largest_magnitude, largest_below, ties
 
 
 class TensorVectors(Protocol):
@@ -42,7 +42,7 @@ class _WholeVectors:
         self.shape = self.vectors[0].shape
 
     def kth_largest_magnitudes(self, k):
-        return [kth_largest(v.detach().reshape(-1).abs().float(), k, scratch=True) for v in self.vectors]
+        return [kth_largest_magnitude(v, k) for v in self.vectors]
 
 
 @dataclass(frozen=True)
