@@ -167,6 +167,8 @@ def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
     """Store the family's selections with those on disk, when it has new ones. Decision:
     concurrent processes may each rewrite the file (atomically); a selection lost that way is
     only selected again."""
+    if not family.selections:  # nothing selected (not TIES): no file to read
+        return
     file = _selections_file(family, cache_dir)
     stored = _stored_selections(file)
     if stored.keys() >= family.selections.keys():
