@@ -130,6 +130,7 @@ class HeatmapProcess:
             self._proc.stdin.close()
             self._proc.wait()
         self._proc.stdout.close()
+        self._errors.close()
 
     def _child_error(self) -> str:
         self._proc.wait()
