@@ -196,6 +196,7 @@ class Result:
     cpu_s: float
     load_before: float
     rc: int
+    points: int = 1  # a multirun (--sweep-lams): its points, all in this one run
 
 
 def evict(paths: list[Path]) -> None:
@@ -416,21 +417,22 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = runs_dir / f"mergekit-{method}.yaml"
                 cfg.write_text(json.dumps(mergekit_config(dirs, method, args.density, shape["dtype"]), indent=2))
                 out = runs_dir / f"out-mergekit-{method}"
-                jobs.append((f"mergekit {method}", "mergekit", out, mergekit_argv(args.mergekit, cfg, out, shard_params, args.device)))
+                jobs.append((f"mergekit {method}", "mergekit", out,
+                             mergekit_argv(args.mergekit, cfg, out, shard_params, args.device), 1))
             for weighting in weightings:
                 out = runs_dir / f"out-lata-{method}-{weighting}"
                 jobs.append((f"lata {method} + {weighting}", f"lata-{weighting}", out,
                              lata_argv(args.via, dirs, out, method, weighting, args.density,
                                        runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads,
-                                       args.device)))
+                                       args.device), 1))
                 if lams:
                     out = runs_dir / f"out-lata-{method}-{weighting}-sweep"
                     shutil.rmtree(runs_dir / f"hydra-{method}-{weighting}-sweep", ignore_errors=True)
                     jobs.append((f"lata {method} + {weighting}, {len(lams)} lambdas", f"lata-{weighting}-x{len(lams)}",
                                  out, lata_argv("cli", dirs, out, method, weighting, args.density,
                                                 runs_dir / f"hydra-{method}-{weighting}-sweep", args.shard_size,
-                                                args.threads, args.device, lams)))
-            for label, tag, out, cmd in jobs:
+                                                args.threads, args.device, lams), len(lams)))
+            for label, tag, out, cmd, points in jobs:
                 if out.exists():
                     shutil.rmtree(out)
                 env = None
@@ -444,6 +446,7 @@ def main(argv: list[str] | None = None) -> None:
                     warm(inputs)
                 res = measure(label, cmd, runs_dir / f"{tag}-{method}.log", env=env)
                 res.label = f"{method}: " + ("mergekit" if tag == "mergekit" else f"lata {tag[5:]}".replace("-x", " x"))
+                res.points = points
                 results.append(res)
                 outs[(method, tag)] = out
             if args.check and args.mergekit and (method, "lata-uniform") in outs:
@@ -472,10 +475,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:<26} {r.wall_s:8.2f} {r.cpu_s:7.1f} {r.maxrss_mb:12.0f} {r.wall_s / floor_s:8.2f} "
               f"{ratio_t:>8} {ratio_m:>7}")
     for label, r in best.items():
-        if " x" in label:  # a multirun: what one point of it costs
-            n = int(label.rsplit(" x", 1)[1])
-            print(f"{label}: {r.wall_s / n:.2f} s a point ({r.wall_s / n / floor_s:.2f} x floor), the first "
-                  f"included; one process for all {n}")
+        if r.points > 1:  # a multirun: what one point of it costs
+            print(f"{label}: {r.wall_s / r.points:.2f} s a point ({r.wall_s / r.points / floor_s:.2f} x floor), "
+                  f"the first included; one process for all {r.points}")
     failed = [r.label for r in results if r.rc != 0]
     if failed:
         print(f"FAILED: {', '.join(failed)}")
