@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -51,7 +52,8 @@ from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams
                          validate_weighting)
 from lata.family import Family
 from lata.methods import MergeMethod, build_method
-from lata.methods.ties import global_threshold, kth_largest, scaled_magnitude
+from lata.methods.ties import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
+                               scaled_magnitude)
 from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
 
@@ -63,6 +65,10 @@ DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger tr
 #: linear_rank, 2 workers, 3 alternating runs: thresholds 4.0-4.2 s -> 3.0-3.2 s, merge pass
 #: 9.0-9.5 s -> 8.6 s.
 MAGNITUDE_BYTES = 1 << 30
+#: Decision: with the fused kernels, tensors of at least this many values select their TIES
+#: threshold by band (``ties.band_around``: a sample places the band, one pass counts
+#: and gathers it); smaller ones, and every other path, select on all their magnitudes.
+BAND_MIN_VALUES = 1 << 20
 
 
 @dataclass
@@ -220,9 +226,39 @@ class _TensorVectors:
         keys = [("tensor", self.plan.anchor, expert, self.name, k) for expert in self.experts]
         missing = [i for i, key in enumerate(keys) if key not in memo]
         if missing:
-            selected = self._each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True), missing)
-            memo.update((keys[i], t) for i, t in zip(missing, selected))
+            memo.update((keys[i], t) for i, t in zip(missing, self._select(k, missing)))
         return [scaled_magnitude(memo[key], w) for key, w in zip(keys, self.ws)]
+
+    def _select(self, k: int, experts: list[int]) -> list[float]:
+        """The k-th largest |d_i| of the given experts: by band where the fused kernels run on a
+        large tensor (each expert's band counted over the slices, then the bands selected on the
+        workers; an expert whose band missed falls back), else on all the magnitudes."""
+        n = self.theta0.numel()
+        found: dict[int, float | None] = {}
+        if self.fused is not None and n >= BAND_MIN_VALUES:
+            positions = sample_positions(n)
+            counted = {}
+            for i in experts:
+                band = band_around(self.fused.sample(i, positions), n, k)
+                if band is not None:
+                    counted[i] = self._band(i, *band)
+            found = dict(zip(counted, self.plan.workers.each(lambda c: kth_largest_in_band(k, *c),
+                                                             list(counted.values()))))
+        rest = [i for i in experts if found.get(i) is None]
+        if rest:
+            found.update(zip(rest, self._each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True),
+                                                        rest)))
+        return [found[i] for i in experts]
+
+    def _band(self, i: int, lo: float, hi: float) -> tuple[int, np.ndarray]:
+        """How many |d_i| lie above hi, and a copy of those in [lo, hi] (gathered from the
+        slices, in order), counted over the slices on the workers."""
+        n = self.theta0.numel()
+        out = self.plan.scratch(1, n)[0].numpy()
+        counts = self.plan.workers.map(lambda start, stop: (start, *self.fused.band(i, lo, hi, out, start, stop)),
+                                       n, self.plan.chunk)
+        return (sum(above for _, above, _ in counts),
+                np.concatenate([out[start:start + inside] for start, _, inside in counts]))
 
     def _each_magnitude(self, fn, experts: list[int]) -> list:
         """``[fn(|d_i|) for i in experts]``, |d_i| flat float32 in a scratch buffer ``fn`` may

@@ -197,6 +197,37 @@ def _magnitudes(theta0, expert, out, start, stop):
             y[j] = abs(x[j] - a[j])
 
 
+def _band(theta0, expert, lo, hi, out, start, stop):
+    """Over [start, stop) of |theta_k - theta0| (float32): how many lie above hi, and those in
+    [lo, hi], their bit patterns written in order from out[start]; returns (above, inside).
+
+    Compared as bit patterns (lo, hi: those of non-negative float32 values): non-negative
+    floats order like their patterns, and NaN's lie above +inf's, so NaN counts as above, as
+    numpy's partition orders it. Branch-free: every value is stored, and the end advances only
+    past those in the band.
+    """
+    t0_bits, t0 = _rows(1)
+    e_bits, e = _rows(1)
+    width = np.uint32(hi - lo)
+    above = 0
+    inside = start
+    for s in range(start, stop, BLOCK):
+        m = min(BLOCK, stop - s)
+        a, x, patterns = t0[0, :m], e[0, :m], e_bits[0, :m]
+        _widen(theta0[s:s + m], t0_bits[0, :m])
+        _widen(expert[s:s + m], e_bits[0, :m])
+        for j in range(m):
+            x[j] = abs(x[j] - a[j])
+        count = np.int32(0)
+        for j in range(m):
+            p = patterns[j]
+            count += np.int32(p > hi)
+            out[inside] = p
+            inside += np.uint32(p - lo) <= width
+        above += count
+    return above, inside - start
+
+
 def _block_sum(tmp, m):
     """sum of tmp[:m] (float32, overwritten): halving pairwise sums, the last 16 added in float64."""
     h = m
@@ -270,7 +301,8 @@ def _compiled_kernels() -> SimpleNamespace | None:
                 # the kernels call these module globals: compiled in place before the kernels are
                 _widen, _store, _rows, _block_sum = (inline(f) for f in (_widen, _store, _rows, _block_sum))
                 jit = numba.njit(nogil=True, cache=True, **options)
-                _compiled = SimpleNamespace(ta=jit(_ta), ties=jit(_ties), magnitudes=jit(_magnitudes), gram=jit(_gram))
+                _compiled = SimpleNamespace(ta=jit(_ta), ties=jit(_ties), magnitudes=jit(_magnitudes), gram=jit(_gram),
+                                      band=jit(_band))
             except Exception as exc:  # a broken numba install: merges take the torch path
                 warnings.warn(f"lata: numba kernels unavailable ({type(exc).__name__}: {exc}); using torch")
                 _compiled = False
@@ -332,3 +364,24 @@ class FusedSlices:
         """|theta_k - theta_0| (unweighted) of elements [start, stop) into the float32 tensor
         ``out`` (flat, same positions)."""
         _compiled_kernels().magnitudes(self.theta0, self.experts[k], out.numpy(), start, stop)
+
+    def sample(self, k: int, positions: np.ndarray) -> np.ndarray:
+        """|theta_k - theta_0| (float32) at the given positions."""
+        return np.abs(_widened(self.experts[k][positions]) - _widened(self.theta0[positions]))
+
+    def band(self, k: int, lo: float, hi: float, out: np.ndarray, start: int, stop: int) -> tuple[int, int]:
+        """Of |theta_k - theta_0| over [start, stop): the count above ``hi`` (NaN included), and
+        the count in [lo, hi] (0 <= lo <= hi), those values written in order from ``out[start]``
+        (float32)."""
+        lo_bits, hi_bits = np.array([lo, hi], np.float32).view(np.uint32)
+        above, inside = _compiled_kernels().band(self.theta0, self.experts[k], lo_bits, hi_bits, out.view(np.uint32),
+                                                 start, stop)
+        return int(above), int(inside)
+
+
+def _widened(patterns: np.ndarray) -> np.ndarray:
+    """bfloat16 or float32 bit patterns as float32 values."""
+    wide = patterns.astype(np.uint32)
+    if patterns.itemsize == 2:
+        wide <<= np.uint32(16)
+    return wide.view(np.float32)

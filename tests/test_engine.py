@@ -79,16 +79,24 @@ def test_options(family, family_dirs, options):
     assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("path", ["torch", "fused", "band", "band-missed"])
 def test_ties_selects_once_per_family_and_tensor_and_matches_selecting_the_weighted_vectors(
-        family_dirs, monkeypatch, fused):
+        family_dirs, monkeypatch, path):
+    fused = path != "torch"
     if fused:
         pytest.importorskip("numba")
         monkeypatch.setattr(kernels, "MIN_BYTES", 0)
+    if path.startswith("band"):  # every tensor selects by band; "band-missed": every band misplaced
+        monkeypatch.setattr(engine, "BAND_MIN_VALUES", 0)
+        bands = []
+        real_band = engine.band_around
+        monkeypatch.setattr(engine, "band_around", lambda *a: bands.append(1) or (
+            (0.0, 0.0) if path == "band-missed" else real_band(*a)))
     fam = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
     selections = []
-    real = engine.kth_largest
-    monkeypatch.setattr(engine, "kth_largest", lambda *a, **k: selections.append(1) or real(*a, **k))
+    real = engine._TensorVectors._select
+    monkeypatch.setattr(engine._TensorVectors, "_select",
+                        lambda self, k, experts: selections.extend(experts) or real(self, k, experts))
     points = [("uniform", 0.8), ("linear_rank", 1.0), ("log_rank", 0.6), ("linear_rank", 1.3)]  # uniform: all active
     for i, (weighting, lam) in enumerate(points):
         plan = plan_merge(fam, MergeConfig(method="ties", density=0.3, lam=lam), WeightingConfig(name=weighting),
@@ -110,6 +118,8 @@ def test_ties_selects_once_per_family_and_tensor_and_matches_selecting_the_weigh
             expected = plan.method.delta(vectors, [plan.lams[k] for k in active], active, name) + theta0
             assert torch.equal(merged.reshape(-1), expected), (weighting, name)
     assert len(fam.selections) == len(selections)
+    if path.startswith("band"):
+        assert len(bands) == len(selections)
 
 
 def test_global_ties_thresholds_are_shared_by_points_with_the_same_weights(family_dirs, monkeypatch):

@@ -8,6 +8,7 @@ kernel's sums are checked against float64 sums (they are the more exact of the t
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,6 +96,29 @@ def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
     magnitudes = torch.empty(n)
     fused.magnitudes(k - 1, magnitudes, 0, n)
     assert torch.equal(magnitudes, pure_slice(experts[-1], theta0.float(), 1.0, "cpu").abs())  # unweighted
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_band_counts_and_gathers_what_numpy_finds(dtype):
+    torch.manual_seed(5)
+    n = 5 * kernels.BLOCK + 33
+    theta0 = (torch.randn(n) * 0.02).to(dtype)
+    expert = (theta0.float() + torch.randn(n) * 1e-3).to(dtype)
+    expert[:50] = theta0[:50]  # zeros
+    expert[60], expert[61], theta0[62] = math.inf, math.nan, -math.inf  # |d|: inf, NaN, inf
+    d = pure_slice(expert, theta0.float(), 1.0, "cpu").abs().numpy()
+    fused = kernels.FusedSlices(theta0, [expert], [1.0], torch.empty(n, dtype=dtype))
+    positions = np.array([0, 61, 7, n - 1])
+    assert np.array_equal(fused.sample(0, positions), d[positions], equal_nan=True)
+    finite = np.sort(d[np.isfinite(d)])
+    for lo, hi in [(0.0, math.inf), (finite[n // 3], finite[n // 2]), (0.0, 0.0), (finite[-1], math.inf)]:
+        out = np.full(n, -1.0, np.float32)
+        for start in range(0, n, 4000):  # any slicing: each slice writes from its own start
+            stop = min(n, start + 4000)
+            above, inside = fused.band(0, lo, hi, out, start, stop)
+            part = d[start:stop]
+            assert above == int(((part > hi) | np.isnan(part)).sum()), (lo, hi, start)
+            assert np.array_equal(out[start:start + inside], part[(part >= lo) & (part <= hi)]), (lo, hi, start)
 
 
 def test_bfloat16_output_rounds_to_nearest_even_as_torch_casts():

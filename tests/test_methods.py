@@ -2,13 +2,15 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lata.methods import build_method
 from lata.methods.dare import keep_mask
 from lata.methods.ta import task_arithmetic
-from lata.methods.ties import (disjoint_mean, global_threshold, keep_count, kth_largest, scaled_magnitude,
+from lata.methods.ties import (band_around, disjoint_mean, global_threshold, keep_count, kth_largest,
+                               kth_largest_in_band, sample_positions, scaled_magnitude,
                                tensor_threshold, ties)
 
 V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
@@ -64,6 +66,45 @@ def test_weighted_kth_magnitude_is_the_scaled_kth_magnitude(w):
     weighted = (d * w).abs()  # the engine's pure vector: a float32 product, as pure_slice computes it
     for k in range(1, d.numel() + 1, 7):
         assert scaled_magnitude(kth_largest(d.abs(), k), w) == kth_largest(weighted, k), k
+
+
+def _by_band(values, band, k):
+    """kth_largest_in_band after the kernel's counting pass, done in numpy (NaN counted above)."""
+    if band is None:
+        return None
+    lo, hi = band
+    above = int(((values > hi) | np.isnan(values)).sum())
+    return kth_largest_in_band(k, above, values[(values >= lo) & (values <= hi)].copy())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kth_largest_by_band_is_the_exact_kth_largest(seed):
+    rng = np.random.default_rng(seed)
+    n = 200_000
+    values = np.abs(rng.standard_normal(n).astype(np.float32)) * 1e-3
+    values[: n // 5] = np.round(values[: n // 5], 4)  # long runs of equal values
+    values[n // 5: n // 4] = 0.0
+    values[-3:] = [np.inf, np.nan, 5.0]
+    rng.shuffle(values)
+    positions = sample_positions(n)
+    assert np.array_equal(positions, sample_positions(n)) and positions.size == min(n, 1 << 14)
+    for k in [1, 2, 3, 4, 17, 20_000, 40_000, 100_000, 149_000, 150_001, n - 1, n]:
+        expected = float(np.partition(values, n - k)[n - k])
+        band = band_around(values[positions], n, k)
+        got = _by_band(values, band, k)
+        if k == 1:  # the NaN (largest, as numpy orders it) lies above any band: no answer, not a wrong one
+            assert got is None
+        else:
+            assert got == expected, k
+    assert band_around(np.array([1.0, np.nan], np.float32), n, 5) is None
+
+
+def test_a_misplaced_band_gives_no_answer_rather_than_a_wrong_one():
+    values = np.arange(1000, dtype=np.float32)
+    assert _by_band(values, (10.0, 20.0), 5) is None  # the 5th largest, 995, lies above
+    assert _by_band(values, (990.0, 998.0), 1) is None  # 999 lies above the band
+    assert _by_band(values, (990.0, 998.0), 5) == 995.0
+    assert _by_band(values, (0.0, math.inf), 1000) == 0.0
 
 
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.37, 0.5, 1.0])
