@@ -150,10 +150,8 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
             parts += [torch.dot(x[j], x[0]), torch.dot(x[j], x[j])]
         return torch.stack(parts).double()
 
-    def fused_block(start: int, stop: int):
-        return kernels.gram(flat, start, stop)  # the same sums, laid out alike (float64 numpy)
-
-    partials = (workers or SliceWorkers(1)).map(fused_block if fused else block, n, BLOCK)
+    # the fused kernel: the same sums, laid out alike (float64 numpy)
+    partials = (workers or SliceWorkers(1)).map(kernels.gram(flat) if fused else block, n, BLOCK)
     sums = partials[0]
     for part in partials[1:]:
         sums = sums + part
