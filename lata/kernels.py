@@ -7,8 +7,9 @@ values, so a merge gives the same values as the torch path (``torch.equal``; onl
 zero added to a theta_0 of -0.0 may differ) with a fraction of the memory traffic.
 
 - Merge: ``FusedSlices.ta`` / ``.ties`` write theta_0 + delta of a slice straight into the
-  output buffer; ``.magnitudes`` gives |theta_k - theta_0| for the TIES thresholds (selected
-  with numpy, as before).
+  output buffer. For the TIES thresholds, ``.band`` counts the |theta_k - theta_0| above a band
+  and gathers those in it (``lata.methods.ties.band_around``), and ``.magnitudes`` gives them
+  all where a tensor is selected whole (numpy's introselect).
 - Similarity pass: ``gram`` sums the float32 products per block by halving (pairwise) and adds
   the blocks in float64. Decision: this differs from the torch path (float32 ``torch.dot`` over
   a slice of 2^18) in the last digits, and is the more exact: on a 1.1B-shape MLP tensor (11.5M
@@ -301,8 +302,8 @@ def _compiled_kernels() -> SimpleNamespace | None:
                 # the kernels call these module globals: compiled in place before the kernels are
                 _widen, _store, _rows, _block_sum = (inline(f) for f in (_widen, _store, _rows, _block_sum))
                 jit = numba.njit(nogil=True, cache=True, **options)
-                _compiled = SimpleNamespace(ta=jit(_ta), ties=jit(_ties), magnitudes=jit(_magnitudes), gram=jit(_gram),
-                                      band=jit(_band))
+                _compiled = SimpleNamespace(ta=jit(_ta), ties=jit(_ties), magnitudes=jit(_magnitudes),
+                                            band=jit(_band), gram=jit(_gram))
             except Exception as exc:  # a broken numba install: merges take the torch path
                 warnings.warn(f"lata: numba kernels unavailable ({type(exc).__name__}: {exc}); using torch")
                 _compiled = False

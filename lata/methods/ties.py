@@ -62,7 +62,8 @@ def kth_largest_magnitude(v: torch.Tensor, k: int) -> float:
 #: values drawn (at fixed pseudo-random positions) to place the band of ``band_around``
 BAND_SAMPLE = 1 << 14
 #: the band reaches this many binomial standard deviations (plus a few ranks) either side of
-#: the k-th largest's expected place in the sample: a miss (about 1 in 16,000) only costs a selection on all values
+#: the k-th largest's expected place in the sample: a miss (under 1 in 16,000) only costs a
+#: selection on all the values
 BAND_SIGMAS = 4.0
 
 
