@@ -29,6 +29,9 @@ from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, th
 from lata.family import Family
 
 BLOCK = 1 << 18  # elements per float32 partial dot product (fixed: results never depend on settings)
+#: the fused kernel's slices: several BLOCKs per call on a worker, one partial sum per BLOCK as
+#: before (the same sums, added in the same order), with fewer slices for the thread pool
+FUSED_BLOCKS = 4
 
 
 @dataclass
@@ -150,8 +153,15 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
             parts += [torch.dot(x[j], x[0]), torch.dot(x[j], x[j])]
         return torch.stack(parts).double()
 
-    # the fused kernel: the same sums, laid out alike (float64 numpy)
-    partials = (workers or SliceWorkers(1)).map(kernels.gram(flat) if fused else block, n, BLOCK)
+    workers = workers or SliceWorkers(1)
+    if fused:  # the same sums, laid out alike (float64 numpy), FUSED_BLOCKS blocks a slice
+        over = kernels.gram(flat)
+        step = BLOCK * FUSED_BLOCKS
+        partials = [part for parts in workers.map(
+            lambda start, stop: [over(a, min(a + BLOCK, stop)) for a in range(start, stop, BLOCK)], n, step)
+            for part in parts]
+    else:
+        partials = workers.map(block, n, BLOCK)
     sums = partials[0]
     for part in partials[1:]:
         sums = sums + part

@@ -58,6 +58,10 @@ from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
 
 CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries
+#: elements per slice for the fused kernels, whose temporaries are per block of 2048 whatever the
+#: slice: larger slices only cut the thread pool's cost per slice (tens of microseconds, most of
+#: it holding the GIL). Measured on the 1.1B shape, uniform TIES merge in process: 6.3 -> 5.6-5.8 s.
+FUSED_CHUNK = 1 << 20
 DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
 #: Decision: the magnitudes |v_k| of every expert of one tensor are held together (one pass, the
 #: anchor read once, each expert's selection on its own worker) while they fit in 1 GiB; a
@@ -106,11 +110,13 @@ class MergePlan:
     def experts(self) -> list[str]:
         return self.family.expert_names
 
-    @property
-    def chunk(self) -> int:
+    def chunk(self, fused: bool = False) -> int:
+        """Elements per slice: ``chunk_size`` if set, else by where and how the slice is computed."""
         if self.chunk_size is not None:
             return max(1, int(self.chunk_size))
-        return CPU_CHUNK if torch.device(self.device).type == "cpu" else DEVICE_CHUNK
+        if torch.device(self.device).type != "cpu":
+            return DEVICE_CHUNK
+        return FUSED_CHUNK if fused else CPU_CHUNK
 
     def weight(self, expert: str, name: str) -> float:
         layer = self.family.layer_of(name)
@@ -180,7 +186,7 @@ class MergePlan:
             else:
                 flat_out[start:stop].copy_(delta.add_(t0))  # theta_0 + delta, cast to the output dtype
 
-        self.workers.map(work, theta0.numel(), self.chunk)
+        self.workers.map(work, theta0.numel(), self.chunk(fused is not None))
 
     def _fused(self, theta0: torch.Tensor, views: list[torch.Tensor], ws: list[float],
                out: torch.Tensor) -> kernels.FusedSlices | None:
@@ -256,7 +262,7 @@ class _TensorVectors:
         n = self.theta0.numel()
         out = self.plan.scratch(1, n)[0].numpy()
         counts = self.plan.workers.map(lambda start, stop: (start, *self.fused.band(i, lo, hi, out, start, stop)),
-                                       n, self.plan.chunk)
+                                       n, self.plan.chunk(fused=True))
         return (sum(above for _, above, _ in counts),
                 np.concatenate([out[start:start + inside] for start, _, inside in counts]))
 
@@ -283,7 +289,7 @@ class _TensorVectors:
             for row, i in enumerate(experts):
                 torch.abs(pure_slice(self.views[i][start:stop], t0, 1.0, device, buffer[1]), out=out[row, start:stop])
 
-        self.plan.workers.map(work, self.theta0.numel(), self.plan.chunk)
+        self.plan.workers.map(work, self.theta0.numel(), self.plan.chunk(self.fused is not None))
         return out
 
 
@@ -362,7 +368,7 @@ def _expert_vectors(plan: MergePlan, expert: str):
                     yield math.prod(anchor.shape(name))
                     continue
                 theta0, theta_k = anchor.get(name).reshape(-1), ckpt.get(name).reshape(-1)
-                n, step = theta0.numel(), plan.chunk
+                n, step = theta0.numel(), plan.chunk()
                 for start in range(0, n, step):
                     t0 = theta0[start:start + step].to(plan.device, torch.float32)
                     yield pure_slice(theta_k[start:start + step], t0, w, plan.device)

@@ -16,6 +16,7 @@ pytest.importorskip("numba")
 
 from conftest import write_family
 from lata import Family, MergeConfig, WeightingConfig, kernels, merge_state_dict, plan_merge
+from lata import analysis
 from lata.analysis import _gram, layer_similarities
 from lata.compute import pure_slice
 from lata.methods import build_method
@@ -141,6 +142,19 @@ def test_fused_similarity_sums_are_within_float32_product_rounding(families):
     for j in range(1, len(x)):
         assert fused[j][0] == pytest.approx(float(x[j] @ x[0]), rel=1e-6)
         assert fused[j][j] == pytest.approx(float(x[j] @ x[j]), rel=1e-6)
+
+
+def test_fused_similarity_sums_do_not_depend_on_how_many_blocks_a_slice_holds(families, monkeypatch):
+    d = families["bf16"]
+    family = Family.open(d["base"], d["instruct"], d["experts"])
+    monkeypatch.setattr(analysis, "BLOCK", 100)  # several blocks per tensor, a ragged last one
+    results = []
+    for blocks in (1, 3, 1000):
+        monkeypatch.setattr(analysis, "FUSED_BLOCKS", blocks)
+        results.append(layer_similarities(family, progress=False, threads=2).to_dict())
+    assert results[0] == results[1] == results[2]
+    monkeypatch.setattr(analysis, "BLOCK", 1 << 18)  # one block per tensor: other sums
+    assert layer_similarities(family, progress=False, threads=2).to_dict() != results[0]
 
 
 def test_similarities_with_and_without_kernels_agree(families, monkeypatch):
