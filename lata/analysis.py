@@ -19,6 +19,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -29,9 +30,6 @@ from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, th
 from lata.family import Family
 
 BLOCK = 1 << 18  # elements per float32 partial dot product (fixed: results never depend on settings)
-#: the fused kernel's slices: several BLOCKs per call on a worker, one partial sum per BLOCK as
-#: before (the same sums, added in the same order), with fewer slices for the thread pool
-FUSED_BLOCKS = 4
 
 
 @dataclass
@@ -154,12 +152,16 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
         return torch.stack(parts).double()
 
     workers = workers or SliceWorkers(1)
-    if fused:  # the same sums, laid out alike (float64 numpy), FUSED_BLOCKS blocks a slice
+    if fused:
+        # the same sums, laid out alike (float64 numpy), one per BLOCK: a worker's slice holds
+        # whole BLOCKs (about kernels.SLICE values), so the sums never depend on the slicing
         over = kernels.gram(flat)
-        step = BLOCK * FUSED_BLOCKS
-        partials = [part for parts in workers.map(
-            lambda start, stop: [over(a, min(a + BLOCK, stop)) for a in range(start, stop, BLOCK)], n, step)
-            for part in parts]
+
+        def blocks(start: int, stop: int) -> list[np.ndarray]:
+            return [over(a, min(a + BLOCK, stop)) for a in range(start, stop, BLOCK)]
+
+        per_slice = workers.map(blocks, n, max(1, kernels.SLICE // BLOCK) * BLOCK)
+        partials = [part for parts in per_slice for part in parts]
     else:
         partials = workers.map(block, n, BLOCK)
     sums = partials[0]

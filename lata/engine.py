@@ -58,10 +58,6 @@ from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
 
 CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries
-#: elements per slice for the fused kernels, whose temporaries are per block of 2048 whatever the
-#: slice: larger slices only cut the thread pool's cost per slice (tens of microseconds, most of
-#: it holding the GIL). Measured on the 1.1B shape, uniform TIES merge in process: 6.3 -> 5.6-5.8 s.
-FUSED_CHUNK = 1 << 20
 DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
 #: Decision: the magnitudes |v_k| of every expert of one tensor are held together (one pass, the
 #: anchor read once, each expert's selection on its own worker) while they fit in 1 GiB; a
@@ -116,7 +112,7 @@ class MergePlan:
             return max(1, int(self.chunk_size))
         if torch.device(self.device).type != "cpu":
             return DEVICE_CHUNK
-        return FUSED_CHUNK if fused else CPU_CHUNK
+        return kernels.SLICE if fused else CPU_CHUNK
 
     def weight(self, expert: str, name: str) -> float:
         layer = self.family.layer_of(name)

@@ -149,8 +149,8 @@ def test_fused_similarity_sums_do_not_depend_on_how_many_blocks_a_slice_holds(fa
     family = Family.open(d["base"], d["instruct"], d["experts"])
     monkeypatch.setattr(analysis, "BLOCK", 100)  # several blocks per tensor, a ragged last one
     results = []
-    for blocks in (1, 3, 1000):
-        monkeypatch.setattr(analysis, "FUSED_BLOCKS", blocks)
+    for values in (100, 350, 100_000):  # 1, 3 (not a multiple: rounded down) and 1000 blocks a slice
+        monkeypatch.setattr(kernels, "SLICE", values)
         results.append(layer_similarities(family, progress=False, threads=2).to_dict())
     assert results[0] == results[1] == results[2]
     monkeypatch.setattr(analysis, "BLOCK", 1 << 18)  # one block per tensor: other sums
