@@ -7,15 +7,13 @@ without the marker is never returned; it is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-from lata.atomic import atomic_directory
+from lata.atomic import atomic_directory, file_lock
 
 MARKER = "COMPLETE"
 
@@ -36,18 +34,6 @@ def is_complete(path: Path, key: str | None = None) -> bool:
     return key is None or (isinstance(marker, dict) and marker.get("key") == key)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if missing), held for the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def cached_build(cache_dir: str | os.PathLike, kind: str, config: dict,
                  build: Callable[[Path], None], code_version: str) -> Path:
     """Return ``cache_dir/<kind>-<key>``, calling ``build(tmp_dir)`` first if it is not complete.
@@ -62,7 +48,7 @@ def cached_build(cache_dir: str | os.PathLike, kind: str, config: dict,
     if is_complete(target, key):
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _file_lock(cache_dir / f".{kind}-{key}.lock"):
+    with file_lock(cache_dir / f".{kind}-{key}.lock"):
         if is_complete(target, key):  # built by another process while we waited
             return target
         marker: dict[str, Any] = {"kind": kind, "key": key, "config": config,
