@@ -8,6 +8,9 @@ The same dataclasses are the options of the Python API, so both paths share one 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -125,7 +128,7 @@ class LataConfig:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     save_model: Optional[str] = None
-    overwrite: bool = False
+    overwrite: Any = False  # false | true (only a directory LATA wrote) | force (lata.outputs)
     out_dtype: Optional[str] = None
     device: str = "cpu"
     shard_size: str = "2GB"
@@ -186,6 +189,7 @@ def validate_weighting(w: WeightingConfig) -> None:
     _one_of("weighting.name", w.name, WEIGHTINGS)
     _one_of("weighting.normalize", w.normalize, NORMALIZE)
     _in_range("weighting.drop", w.drop, 0.0, 1.0, low_open=False, high_open=True)
+    _in_range("weighting.threshold", w.threshold, -1.0, 1.0, low_open=False, high_open=False)
     if w.name == "explicit" and not w.weights:
         raise ConfigError("weighting=explicit needs weighting.weights: a list of one number per layer")
 
@@ -212,14 +216,40 @@ def validate_logger(logger: Any) -> None:
     _one_of("logger.mode", logger.mode, LOGGER_MODES)
 
 
+def check_known_keys(cfg: Any, schema: type = LataConfig, prefix: str = "") -> None:
+    """Refuse a key the schema does not have, naming it and the closest known key.
+
+    Hydra adds keys given with ``+`` or ``++`` even to a typed node, so a misspelt
+    ``++merge.densty=0.7`` would otherwise be carried along unused; this walks the composed
+    config against the dataclasses. Dict-typed keys (``model.experts``, ``merge.lams``) take any
+    name.
+    """
+    from omegaconf import DictConfig
+
+    if not isinstance(cfg, DictConfig):
+        return
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a known key{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            check_known_keys(cfg._get_node(key), hints[key], f"{prefix}{key}.")
+
+
 def validate(cfg: Any) -> None:
-    """Check every value of a composed config; raise ConfigError naming the key."""
+    """Check every key and value of a composed config; raise ConfigError naming the key."""
+    check_known_keys(cfg)
     validate_merge(cfg.merge, APP_METHODS)
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     if cfg.out_dtype is not None:
         _one_of("out_dtype", cfg.out_dtype, DTYPES)
+    if cfg.overwrite not in (False, True, "force"):
+        raise ConfigError(f"overwrite={cfg.overwrite!r} is not allowed; choose one of: false, true, force")
     if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):
         raise ConfigError(f"device={cfg.device!r} is not allowed; use cpu, cuda, cuda:N or mps")
     parse_size(cfg.shard_size, key="shard_size")
