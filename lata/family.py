@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import torch
+
 from lata.architectures import REST, Architecture, architecture_for
 from lata.checkpoints import Checkpoint, CheckpointError
 
@@ -119,7 +121,62 @@ class Family:
                 f"no tensor of {reference.path} matches the block prefixes of {arch.model_type} "
                 f"({', '.join(arch.layer_prefixes)})"
             )
+        for ckpt in self.checkpoints:
+            _check_config(arch, ckpt)
+        self._check_dtypes()
         return arch
+
+    def _check_dtypes(self) -> None:
+        """A tensor that is not floating point (integer, boolean) in any role is merged by no
+        method: it must have the same dtype and bytes in every role, and is then copied.
+
+        Decision: such tensors are compared here, when the family is opened (reading their bytes:
+        they are buffers and tables, small next to the weights), so a mismatch is refused
+        before any output; a floating tensor may differ in dtype between roles (every method
+        computes in float32)."""
+        for name in self.base.names:
+            holders = [c for c in self.checkpoints if name in c.files]
+            kinds = [c.torch_dtype(name) for c in holders]
+            odd = [c for c, kind in zip(holders, kinds) if kind is not None and not kind.is_floating_point]
+            if not odd:
+                continue
+            first = odd[0]
+            for other in holders:
+                if other.dtype_name(name) != first.dtype_name(name):
+                    raise CheckpointError(
+                        f"tensor '{name}' is {first.dtype_name(name)} in {first.role} ({first.path}) but "
+                        f"{other.dtype_name(name)} in {other.role} ({other.path}): LATA merges floating-point "
+                        f"tensors only, and an integer or boolean tensor must be the same in every model")
+                if not torch.equal(other.get(name), first.get(name)):
+                    raise CheckpointError(
+                        f"tensor '{name}' ({first.dtype_name(name)}, not floating point) differs between "
+                        f"{first.role} ({first.path}) and {other.role} ({other.path}): LATA merges floating-point "
+                        f"tensors only, and an integer or boolean tensor must be the same in every model")
+
+
+def _config_value(config: dict, key: str):
+    value = config.get(key)
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get(key)
+    return value
+
+
+def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
+    """config.json agrees with the tensors (layer count, vocabulary size, tied embeddings): the
+    anchor's config is copied into the merged checkpoint, and a model loads by it."""
+    where = f"{ckpt.role} ({ckpt.path / 'config.json'})"
+    layers, counted = arch.num_layers(ckpt.config), _count_layers(arch, ckpt.names)
+    if layers is not None and layers != counted:
+        raise CheckpointError(f"{where} says {arch.num_layers_key}={layers}, but its tensors hold {counted} layers")
+    tied = ckpt.config.get("tie_word_embeddings", arch.tie_word_embeddings_default)
+    for alias, embedding in arch.tied_weights:
+        vocab = _config_value(ckpt.config, "vocab_size")
+        if embedding in ckpt.files and vocab is not None and ckpt.shape(embedding)[0] != vocab:
+            raise CheckpointError(f"{where} says vocab_size={vocab}, but tensor '{embedding}' has "
+                                  f"{ckpt.shape(embedding)[0]} rows")
+        if not tied and embedding in ckpt.files and alias not in ckpt.files:
+            raise CheckpointError(f"{where} says tie_word_embeddings=false, but there is no tensor '{alias}' "
+                                  f"(a model loaded by this config would get a random '{alias}')")
 
 
 def _count_layers(arch: Architecture, names: list[str]) -> int:
