@@ -184,7 +184,7 @@ class Checkpoint:
         tensor = self.get(name) if tensor is None else tensor
         if not tensor.is_floating_point() or tensor.numel() == 0:
             return
-        if _finite_sum(tensor):
+        if finite_sum(tensor):
             return
         self.refuse_non_finite(name, tensor)
 
@@ -347,7 +347,7 @@ _mincore = libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.POI
 _madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 
-def _finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:
+def finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:
     """True if the float32 sum of ``x`` is finite (then every value is); summed by slices, which
     is much faster than one whole-tensor sum with a dtype change."""
     flat = x.reshape(-1)

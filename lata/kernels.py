@@ -107,17 +107,23 @@ def _widen(src, row):
 
 
 def _store(f_bits, out):
-    """out[:] = the float32 patterns f_bits, rounded to nearest even if out holds bfloat16."""
+    """out[:] = the float32 patterns f_bits, rounded to nearest even if out holds bfloat16;
+    returns 1 if any value written is not finite (NaN, or Inf after rounding), else 0."""
+    top = np.uint32(0)  # the largest |x| pattern: NaN's lie above Inf's, Inf's above every finite value
     if out.itemsize == 2:
         for j in range(out.size):
             x = f_bits[j]
+            top = max(top, x & np.uint32(0x7FFFFFFF))
             if (x & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000):  # NaN: torch writes 0x7FC0
                 out[j] = np.uint16(0x7FC0)
             else:
                 out[j] = (x + ((x >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)) >> np.uint32(16)
-    else:
-        for j in range(out.size):
-            out[j] = f_bits[j]
+        return np.int64(top >= np.uint32(0x7F7F8000))  # from there on, |x| rounds to Inf in bfloat16
+    for j in range(out.size):
+        x = f_bits[j]
+        top = max(top, x & np.uint32(0x7FFFFFFF))
+        out[j] = x
+    return np.int64(top >= np.uint32(0x7F800000))
 
 
 def _rows(count):
@@ -127,7 +133,9 @@ def _rows(count):
 
 
 def _ta(theta0, experts, ws, lams, out, start, stop):
-    """out[i] = theta0 + sum_k lams[k] * (ws[k] * (theta_k - theta0)), i in [start, stop)."""
+    """out[i] = theta0 + sum_k lams[k] * (ws[k] * (theta_k - theta0)), i in [start, stop);
+    returns how many blocks hold a value written that is not finite."""
+    bad = 0
     t0_bits, t0 = _rows(1)
     e_bits, e = _rows(1)
     acc_bits, acc = _rows(1)
@@ -146,11 +154,14 @@ def _ta(theta0, experts, ws, lams, out, start, stop):
                     y[j] = y[j] + (x[j] - a[j]) * w * lam
         for j in range(m):
             y[j] = y[j] + a[j]
-        _store(acc_bits[0, :m], out[s:s + m])
+        bad += _store(acc_bits[0, :m], out[s:s + m])
+    return bad
 
 
 def _ties(theta0, experts, ws, lams, keep_above, out, start, stop):
-    """TIES (trim, elect, disjoint mean) of elements [start, stop), as ``lata.methods.ties.ties``."""
+    """TIES (trim, elect, disjoint mean) of elements [start, stop), as ``lata.methods.ties.ties``;
+    returns how many blocks hold a value written that is not finite."""
+    bad = 0
     K = len(experts)
     t0_bits, t0 = _rows(1)
     u_bits, u = _rows(K)
@@ -187,7 +198,8 @@ def _ties(theta0, experts, ws, lams, keep_above, out, start, stop):
         for j in range(m):
             c = count[j]
             total[j] = total[j] * g[j] / (c if c > one else one) + a[j]
-        _store(acc_bits[1, :m], out[s:s + m])
+        bad += _store(acc_bits[1, :m], out[s:s + m])
+    return bad
 
 
 def _magnitudes(theta0, expert, out, start, stop):
@@ -365,13 +377,15 @@ class FusedSlices:
         self.ws = _floats(ws)
         self.out = bits(out.view(-1))
 
-    def ta(self, lams: Sequence[float], start: int, stop: int) -> None:
-        _compiled_kernels().ta(self.theta0, self.experts, self.ws, _floats(lams), self.out, start, stop)
+    def ta(self, lams: Sequence[float], start: int, stop: int) -> int:
+        """Task arithmetic of [start, stop) into the output; returns 0 where every value written is finite."""
+        return int(_compiled_kernels().ta(self.theta0, self.experts, self.ws, _floats(lams), self.out, start, stop))
 
-    def ties(self, lams: Sequence[float], keep_above: Sequence[float], start: int, stop: int) -> None:
-        """TIES keeping |v_k| > keep_above[k] (the float32 just below expert k's threshold)."""
-        _compiled_kernels().ties(self.theta0, self.experts, self.ws, _floats(lams), _floats(keep_above), self.out,
-                                 start, stop)
+    def ties(self, lams: Sequence[float], keep_above: Sequence[float], start: int, stop: int) -> int:
+        """TIES keeping |v_k| > keep_above[k] (the float32 just below expert k's threshold);
+        returns 0 where every value written is finite."""
+        return int(_compiled_kernels().ties(self.theta0, self.experts, self.ws, _floats(lams), _floats(keep_above),
+                                            self.out, start, stop))
 
     def magnitudes(self, k: int, out: torch.Tensor, start: int, stop: int) -> None:
         """|theta_k - theta_0| (unweighted) of elements [start, stop) into the float32 tensor

@@ -131,6 +131,24 @@ def test_bfloat16_output_rounds_to_nearest_even_as_torch_casts():
     assert torch.equal(out.view(torch.int16), halfway.to(torch.bfloat16).view(torch.int16))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_the_kernels_flag_a_slice_with_a_value_that_is_not_finite_once_written(out_dtype):
+    # float32 patterns at the edge: 0x7F7F7FFF is the largest that rounds to a finite bfloat16
+    edge = torch.tensor([0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF], dtype=torch.int32).view(torch.float32)
+    theta0 = torch.zeros(3)
+    for values, finite in [(edge[:1], True), (edge[1:2], out_dtype == torch.float32), (edge[2:], out_dtype == torch.float32),
+                           (torch.tensor([3e38]), True), (torch.tensor([-float("inf")]), False),
+                           (torch.tensor([float("nan")]), False)]:
+        row = torch.cat([torch.ones(2), values])
+        out = torch.empty(3, dtype=out_dtype)
+        slices = kernels.FusedSlices(theta0, [row], [1.0], out)
+        flagged = slices.ta([1.0], 0, 3)
+        assert (flagged == 0) == finite == bool(torch.isfinite(out).all()), (values, out_dtype)
+        # TIES trims a NaN difference away (it is not above the threshold): the check is on what is written
+        assert (slices.ties([1.0], [0.0], 0, 3) == 0) == bool(torch.isfinite(out).all()), (values, out_dtype)
+        assert bool(torch.isfinite(out).all()) == (finite or bool(values.isnan().all())), (values, out_dtype)
+
+
 def test_fused_similarity_sums_are_within_float32_product_rounding(families):
     d = families["f32"]
     family = Family.open(d["base"], d["instruct"], d["experts"])

@@ -68,9 +68,10 @@ class MergeMethod:
         """
         raise NotImplementedError
 
-    def fused_chunk(self, slices: FusedSlices, lams: Sequence[float], state: Any, start: int, stop: int) -> None:
+    def fused_chunk(self, slices: FusedSlices, lams: Sequence[float], state: Any, start: int, stop: int) -> int:
         """theta_0 + delta of elements [start, stop), written by a fused kernel into the output
-        that ``slices`` holds: the same values as ``delta_chunk`` plus theta_0."""
+        that ``slices`` holds: the same values as ``delta_chunk`` plus theta_0. Returns 0 where
+        every value written is finite."""
         raise NotImplementedError
 
     def delta(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
@@ -87,7 +88,7 @@ class TaskArithmetic(MergeMethod):
     fused = True
 
     def fused_chunk(self, slices, lams, state, start, stop):
-        slices.ta(lams, start, stop)
+        return slices.ta(lams, start, stop)
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         return task_arithmetic_(vectors, lams)
@@ -115,7 +116,7 @@ class Ties(MergeMethod):
         return ties(vectors, lams, state)
 
     def fused_chunk(self, slices, lams, state, start, stop):
-        slices.ties(lams, [largest_below(t) for t in state], start, stop)
+        return slices.ties(lams, [largest_below(t) for t in state], start, stop)
 
 
 @dataclass(frozen=True)
