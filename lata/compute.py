@@ -109,7 +109,7 @@ class SliceWorkers:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown()
+            self._pool.shutdown(cancel_futures=True)  # an interrupt: the slices not started are dropped
             self._pool = None
 
     def __enter__(self) -> "SliceWorkers":

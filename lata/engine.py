@@ -30,6 +30,7 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py; R
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -44,8 +45,9 @@ from tqdm.auto import tqdm
 
 from lata import kernels
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.atomic import atomic_directory, check_writable_dir
-from lata.checkpoints import TORCH_DTYPES, Prefetcher, copy_support_files, torch_dtype_of
+from lata.atomic import atomic_directory
+from lata.checkpoints import (TORCH_DTYPES, Checkpoint, CheckpointError, Prefetcher, copy_support_files, finite_sum,
+                              torch_dtype_of)
 from lata.compute import (SliceWorkers, as_float32, check_device, page_aligned_empty, pure_slice, thread_buffer,
                           torch_threads, tune_malloc)
 from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
@@ -54,8 +56,11 @@ from lata.family import Family
 from lata.methods import MergeMethod, build_method
 from lata.methods.ties import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
                                scaled_magnitude)
+from lata.outputs import check_space, check_target, write_marker, writer_lock
 from lata.shards import StreamingShardWriter
 from lata.weighting import layer_weights
+
+log = logging.getLogger("lata")
 
 CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-sized temporaries
 DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
@@ -151,12 +156,22 @@ class MergePlan:
         active = self.active_experts(name)
         if not active:  # every pure vector is 0: theta = theta_0
             out.copy_(stored)
-            return out, stored
-        self._merge_into(name, stored, active, out)
+            # theta_0 is finite (checked by pass 1); a narrower dtype may overflow it
+            bad = _non_finite(out.view(-1)) if _may_overflow(stored.dtype, out.dtype) else 0
+        else:
+            bad = self._merge_into(name, stored, active, out)
+        if bad:
+            bad = int(out.numel() - torch.isfinite(out).sum())
+            raise CheckpointError(
+                f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in {str(out.dtype)[6:]}; "
+                f"nothing was written. The lambdas scale the task vectors beyond the dtype's range"
+                f"{' (float16 ends at 65504: try out_dtype=bfloat16)' if out.dtype == torch.float16 else ''}")
         return out, stored
 
-    def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor) -> None:
-        """out[...] = theta_0 + delta, slice by slice."""
+    def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor) -> int:
+        """out[...] = theta_0 + delta, slice by slice; returns 0 where every value written is
+        finite (each slice is checked while it is in cache: by the fused kernels as they store,
+        else by a float32 sum, finite only if every value is)."""
         device = self.device
         views = [self.family.experts[k].get(name).reshape(-1) for k in active]
         ws = [self.weight(k, name) for k in active]
@@ -169,10 +184,9 @@ class MergePlan:
         flat_out = out.view(-1)
         direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
 
-        def work(start: int, stop: int) -> None:
+        def work(start: int, stop: int) -> int:
             if fused is not None:
-                self.method.fused_chunk(fused, lams, state, start, stop)
-                return
+                return self.method.fused_chunk(fused, lams, state, start, stop)
             buffer = thread_buffer("merge", len(views) + 1, stop - start, device)
             t0 = as_float32(theta0[start:stop], buffer[0], device)
             vs = [pure_slice(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
@@ -181,8 +195,9 @@ class MergePlan:
                 torch.add(delta, t0, out=flat_out[start:stop])  # theta_0 + delta
             else:
                 flat_out[start:stop].copy_(delta.add_(t0))  # theta_0 + delta, cast to the output dtype
+            return _non_finite(flat_out[start:stop])
 
-        self.workers.map(work, theta0.numel(), self.chunk(fused is not None))
+        return sum(self.workers.map(work, theta0.numel(), self.chunk(fused is not None)))
 
     def _fused(self, theta0: torch.Tensor, views: list[torch.Tensor], ws: list[float],
                out: torch.Tensor) -> kernels.FusedSlices | None:
@@ -289,6 +304,19 @@ class _TensorVectors:
         return out
 
 
+def _non_finite(values: torch.Tensor) -> int:
+    """How many of ``values`` (flat, floating) are NaN or Inf: 0 at the cost of one float32 sum
+    when the sum is finite (then every value is), else counted."""
+    if finite_sum(values):
+        return 0
+    return int(values.numel() - torch.isfinite(values).sum())
+
+
+def _may_overflow(stored: torch.dtype, out: torch.dtype) -> bool:
+    """Whether casting ``stored`` to ``out`` may overflow (a smaller largest finite value)."""
+    return torch.finfo(out).max < torch.finfo(stored).max
+
+
 def _is_float(ckpt, name: str) -> bool:
     dtype = ckpt.torch_dtype(name)
     return dtype is None or dtype.is_floating_point
@@ -319,6 +347,11 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
                          weights=None if weighting.weights is None else list(weighting.weights))
         for k in family.experts
     }
+    for k, w in weights.items():
+        if not any(w):
+            log.warning("weighting=%s gives every one of the %d layers of expert '%s' weight 0: of its task vector "
+                        "only the tensors outside the blocks (weight rest_weight=%g) are merged",
+                        weighting.name, family.num_layers, k, weighting.rest_weight)
     plan = MergePlan(
         family=family,
         method=method,
@@ -424,12 +457,25 @@ def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
         plan._scratch = None
 
 
-def _output_dtype(plan: MergePlan, name: str, target: torch.dtype | None) -> torch.dtype:
-    anchor = plan.family.anchor(plan.anchor)
+def _output_dtype(anchor: Checkpoint, name: str, target: torch.dtype | None) -> torch.dtype:
     stored = anchor.torch_dtype(name)
     if stored is None:
         stored = anchor.get(name).dtype
     return (target or stored) if stored.is_floating_point else stored
+
+
+def output_entries(family: Family, anchor: str = "instruct", out_dtype: str | None = None
+                   ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(name, shape, dtype) of every tensor of the merged checkpoint, from the headers."""
+    ckpt = family.anchor(anchor)
+    target = TORCH_DTYPES[out_dtype] if out_dtype else None
+    return [(n, ckpt.shape(n), _output_dtype(ckpt, n, target)) for n in family.tensor_names]
+
+
+def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None = None) -> int:
+    """Bytes of the merged checkpoint's tensors (what ``check_space`` asks the file system for)."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+               for _, shape, dtype in output_entries(family, anchor, out_dtype))
 
 
 def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True
@@ -437,11 +483,12 @@ def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = 
     """Yield (name, merged tensor on CPU) in the output dtype: ``out_dtype`` or the anchor's."""
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
     names = plan.family.tensor_names
+    anchor = plan.family.anchor(plan.anchor)
     with _writing(plan, target, names) as prefetcher:
         for i, name in enumerate(tqdm(names, desc=f"merge ({plan.method.name})", disable=not progress,
                                       leave=False)):
             prefetcher.advance(i)
-            plan._target = _output_dtype(plan, name, target)
+            plan._target = _output_dtype(anchor, name, target)
             merged, stored = plan.merged_tensor(name)
             if merged.is_floating_point():
                 merged = merged.to("cpu", target or stored.dtype)
@@ -454,18 +501,30 @@ def merge_state_dict(plan: MergePlan, out_dtype: str | None = None, progress: bo
 
 
 def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str | None = None,
-                 overwrite: bool = False, shard_size: str | int = "2GB", progress: bool = True) -> Path:
+                 overwrite: bool | str = False, shard_size: str | int = "2GB", progress: bool = True,
+                 record: dict | None = None, protected: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write the merged model as a sharded safetensors HF checkpoint, atomically.
 
-    Config, generation config and tokenizer come from the anchor model. The checkpoint is built
-    in a temporary sibling directory and renamed to ``out_dir`` only when whole. Shards are
-    planned from the headers and each tensor is written as soon as it is merged.
+    Config, generation config and tokenizer come from the anchor model. Before any tensor is
+    read, ``out_dir`` is checked (``lata.outputs``: never an input, ``overwrite`` false / true /
+    "force", writable, room for the output) and locked against other writers. The checkpoint is
+    built in a temporary sibling directory and renamed to ``out_dir`` only when whole; shards
+    are planned from the headers and each tensor is written as soon as it is merged, and
+    checked to be finite. The marker ``lata_merge.json`` (what was merged, ``record`` and every
+    file's size) is written last.
     """
     max_bytes = parse_size(shard_size, key="shard_size")
     anchor = plan.family.anchor(plan.anchor)
-    target = TORCH_DTYPES[out_dtype] if out_dtype else None
-    entries = [(n, anchor.shape(n), _output_dtype(plan, n, target)) for n in plan.family.tensor_names]
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    entries = output_entries(plan.family, plan.anchor, out_dtype)
+    inputs = {c.role: c.path for c in plan.family.checkpoints}
+    protected = {"current directory": Path.cwd(), **(protected or {})}
+
+    def check(path: Path) -> Path:
+        return check_target(path, overwrite=overwrite, inputs=inputs, protected=protected)
+
+    out = check(out_dir)
+    check_space(out, output_bytes(plan.family, plan.anchor, out_dtype))
+    with writer_lock(out), atomic_directory(out, check=check) as tmp:
         pool = _BufferPool(entries)
         writer = StreamingShardWriter(tmp, entries, max_bytes, threaded=plan.write_behind, direct=plan.direct_io,
                                       on_written=pool.give)
@@ -479,8 +538,13 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
             raise
         finally:
             plan._pool = None
-        copy_support_files(anchor.path, tmp, dtype=out_dtype or _anchor_dtype_name(plan))
-    return Path(out_dir)
+        dtype_name = out_dtype or _anchor_dtype_name(plan)
+        copy_support_files(anchor.path, tmp, dtype=dtype_name)
+        write_marker(tmp, {"written_by": "lata", "method": plan.method.name, "anchor": plan.anchor,
+                           "inputs": {c.role: c.source for c in plan.family.checkpoints}, "lams": plan.lams,
+                           "weights": plan.weights, "rest_weight": plan.rest_weight, "dtype": dtype_name,
+                           "shard_size": max_bytes, **(record or {})})
+    return out
 
 
 def _anchor_dtype_name(plan: MergePlan) -> str | None:
@@ -515,4 +579,4 @@ def merge_into_model(plan: MergePlan, model: torch.nn.Module, progress: bool = F
 
 
 __all__ = ["MergePlan", "plan_merge", "iter_merged", "merge_state_dict", "merge_to_dir", "merge_into_model",
-           "check_writable_dir"]
+           "output_bytes"]

@@ -10,6 +10,7 @@ written atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lata import sweep
-from lata.atomic import check_writable_dir, write_json_atomic, write_text_atomic
+from lata import outputs, sweep
+from lata.atomic import write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
-from lata.engine import MergePlan, merge_into_model, merge_to_dir, plan_merge
+from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
 from lata.plots import HeatmapProcess
 
 log = logging.getLogger("lata")
@@ -79,28 +80,51 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     Within one process (a multirun with the basic launcher) families, layer analyses and the
     evaluation model are reused between points (lata.sweep); a point whose results are stored
-    already is restored instead of recomputed when ``resume`` is true.
+    already is restored instead of recomputed when ``resume`` is true. With ``save_model`` the
+    run ends with that checkpoint whole (merged, copied from the stored point's own output, or
+    already there: ``_resume``) or fails; the output path is checked before any tensor is read
+    (``lata.outputs``) and locked for the rest of the job.
     """
     validate(cfg)
     check_device(cfg.device)
     run_dir = Path(run_dir)
     merging = cfg.merge.method != "none"
-    if cfg.save_model and merging:
-        check_writable_dir(cfg.save_model, cfg.overwrite)  # refuse before any work
+    saving = bool(cfg.save_model) and merging
+    protected = {"run directory": run_dir, "results directory": cfg.paths.results_dir,
+                 "cache directory": cfg.paths.cache_dir}
+    if saving:  # refuse before any work, on the inputs named in the config
+        outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=_named_inputs(cfg.model),
+                             protected=protected, defer_lata=True)
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)
     if merging and (paths.base is None or not paths.experts):
         raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
                           "it can only be evaluated (merge=none)")
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    key = None
+    with outputs.writer_lock(cfg.save_model) if saving and not cfg.dry_run else contextlib.nullcontext():
+        return _run(cfg, run_dir, paths, merging, saving, protected)
+
+
+def _named_inputs(model: Any) -> dict[str, str]:
+    """The checkpoints a config names itself (an embedded family's are known once built)."""
+    if model.embedded is not None:
+        return {}
+    return {"base": str(model.base), "instruct": str(model.instruct),
+            **{f"expert '{k}'": str(v) for k, v in model.experts.items()}}
+
+
+def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, saving: bool,
+         protected: dict) -> dict:
+    key = model_key = None
+    roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts} if merging
+             else {cfg.model.which: paths.role(cfg.model.which)})
     if not cfg.dry_run:
-        roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts} if merging
-                 else {cfg.model.which: paths.role(cfg.model.which)})
         key = sweep.point_key(cfg, roles)
+        model_key = sweep.model_key(cfg, roles) if saving else None
         stored = sweep.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
-        if stored is not None and (not cfg.save_model or not merging or Path(cfg.save_model).is_dir()):
-            log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
-            return sweep.restore(stored, run_dir)
+        if stored is not None:
+            resumed = _resume(cfg, stored, run_dir, key, model_key, roles, protected)
+            if resumed is not None:
+                return resumed
     summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
@@ -114,6 +138,10 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         family = sweep.open_family(paths.base, paths.instruct, paths.experts)
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
+        if saving:  # the family's resolved paths (hub ids), and room for the output, before any read
+            outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, protected=protected,
+                                 inputs={c.role: c.path for c in family.checkpoints})
+            outputs.check_space(cfg.save_model, output_bytes(family, cfg.merge.anchor, cfg.out_dtype))
         if cfg.dry_run:
             log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
                      family.architecture.model_type, family.num_layers, len(family.tensor_names))
@@ -126,10 +154,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
         drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
-        if cfg.save_model:
+        if saving:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,
-                                                      progress=cfg.progress))
+                                                      progress=cfg.progress, protected=protected,
+                                                      record={"model_key": model_key, "point": key}))
             log.info("merged model written to %s", summary["saved_model"])
         model_dir = str(family.anchor(plan.anchor).path)
         model = None
@@ -161,6 +190,35 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if key is not None:
         sweep.store(cfg.paths.results_dir, key, run_dir)
     return summary
+
+
+def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: str | None, roles: dict,
+            protected: dict) -> dict | None:
+    """A point whose results are stored: restored into ``run_dir``, with ``save_model`` holding
+    its merged model (already there, or copied from the stored run's own output when that is
+    still whole); None where the model must be merged again.
+
+    Decision: the results key (``sweep.point_key``) leaves out what changes only the written
+    bytes (out_dtype, shard_size); those are in ``model_key``, which the marker of every
+    written checkpoint carries, so a directory counts as saved only when it holds that key.
+    """
+    if model_key is None:
+        log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
+        return sweep.restore(stored, run_dir)
+    save = Path(cfg.save_model)
+    if outputs.holds_model(save, model_key):
+        log.info("point %s: results exist in %s and %s holds its merged model; skipped (resume=false "
+                 "recomputes)", key, stored, save)
+        return sweep.restore(stored, run_dir, saved_model=str(save))
+    source = sweep.stored_model(stored, model_key)
+    if source is None:
+        log.info("point %s: results exist in %s, but no whole copy of its merged model does: merging again",
+                 key, stored)
+        return None
+    outputs.copy_checkpoint(source, save, check=lambda target: outputs.check_target(
+        target, overwrite=cfg.overwrite, inputs=roles, protected=protected))
+    log.info("point %s: results exist in %s; its merged model was copied from %s to %s", key, stored, source, save)
+    return sweep.restore(stored, run_dir, saved_model=str(save))
 
 
 def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:

@@ -177,6 +177,12 @@ class StreamingShardWriter:
             raise self._error
 
     def _write(self, shard: int, name: str, tensor: torch.Tensor) -> None:
+        try:
+            self._write_tensor(shard, name, tensor)
+        except OSError as exc:  # a full disk, a lost mount: name the file
+            raise OSError(exc.errno, f"{exc.strerror or exc} (writing tensor '{name}')", str(self.paths[shard])) from None
+
+    def _write_tensor(self, shard: int, name: str, tensor: torch.Tensor) -> None:
         entries = self._shards[shard]
         if entries[0][0] == name:
             self._close_file()

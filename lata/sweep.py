@@ -38,9 +38,10 @@ from omegaconf import DictConfig
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory, write_json_atomic
 from lata.checkpoints import resolve
-from lata.config import to_plain
+from lata.config import parse_size, to_plain
 from lata.evaluation.tasks import mean_task_score, primary_metric
 from lata.family import Family
+from lata.outputs import holds_model
 
 log = logging.getLogger("lata")
 T = TypeVar("T")
@@ -225,18 +226,41 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
     })
 
 
+def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
+    """What determines the bytes of a saved merged model: checkpoint contents, merge, weighting,
+    output dtype and shard size (kept in its marker, ``lata.outputs``)."""
+    return _key({
+        "v": STORE_VERSION,
+        "checkpoints": {role: fingerprint(path) for role, path in checkpoints.items()},
+        "merge": to_plain(cfg.merge),
+        "weighting": to_plain(cfg.weighting),
+        "out_dtype": cfg.out_dtype,
+        "shard_size": parse_size(cfg.shard_size, key="shard_size"),
+    })
+
+
+def stored_model(stored: Path, model_key: str) -> Path | None:
+    """The merged model a stored point saved, where it is still there, whole, with ``model_key``."""
+    saved = json.loads((stored / "summary.json").read_text()).get("saved_model")
+    return Path(saved) if saved and holds_model(saved, model_key) else None
+
+
 def stored_result(results_dir: str | os.PathLike, key: str) -> Path | None:
     folder = Path(results_dir) / key
     return folder if (folder / "summary.json").is_file() else None
 
 
-def restore(stored: Path, run_dir: Path) -> dict:
-    """Copy a stored point's files into ``run_dir``; return its summary (marked as resumed)."""
+def restore(stored: Path, run_dir: Path, saved_model: str | None = None) -> dict:
+    """Copy a stored point's files into ``run_dir``; return its summary (marked as resumed),
+    naming this run's own directories: ``saved_model`` where this run saved one, else none."""
     summary = json.loads((stored / "summary.json").read_text())
     for name in RESULT_FILES[1:]:
         if (stored / name).is_file():
             shutil.copyfile(stored / name, run_dir / name)
     summary.update(resumed_from=summary.get("run_dir"), run_dir=str(run_dir))
+    summary.pop("saved_model", None)
+    if saved_model is not None:
+        summary["saved_model"] = saved_model
     write_json_atomic(run_dir / "summary.json", summary)
     return summary
 
