@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -33,19 +35,67 @@ def _task(cfg: DictConfig) -> float | None:
         HeatmapProcess.shared()
     hc = HydraConfig.get()
     try:
-        from lata.logger import log_job
-        from lata.runner import run
-        from lata.sweep import objective
+        with interruptible():
+            from lata.logger import log_job
+            from lata.runner import run
+            from lata.sweep import objective
 
-        summary = run(cfg, hc.runtime.output_dir)
-        group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-        log_job(cfg.logger, run_dir=Path(hc.runtime.output_dir), config=cfg, summary=summary, group=group,
-                job_name=hc.job.override_dirname or None)
-        return objective(summary.get("metrics"), cfg.objective)
+            summary = run(cfg, hc.runtime.output_dir)
+            group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+            log_job(cfg.logger, run_dir=Path(hc.runtime.output_dir), config=cfg, summary=summary, group=group,
+                    job_name=hc.job.override_dirname or None)
+            return objective(summary.get("metrics"), cfg.objective)
     except (ConfigError, FileExistsError, ValueError) as exc:
         # bad input: one clear line, no traceback
         print(f"lata: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # the machine said no (a full disk, a lost mount): one line, naming the file
+        print(f"lata: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as exc:
+        job = f"job {hc.job.num} ({hc.job.override_dirname})" if hc.mode == RunMode.MULTIRUN else "the run"
+        _interrupted(exc, f"{job} (run directory {hc.runtime.output_dir})")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (what ``kill`` and SLURM at a time limit send) or SIGINT, raised in the main thread."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible():
+    """For the block, SIGTERM and SIGINT raise ``Interrupted`` in the main thread, so the work
+    unwinds: every temporary output is removed on the way (``lata.atomic``), locks are let go.
+    A second signal during that clean-up is ignored. Outside the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        for sig in _SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in _SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, before in previous.items():
+            signal.signal(sig, before)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _interrupted(exc: KeyboardInterrupt, what: str) -> None:
+    """One line for an interrupt, and the exit status a shell gives it (128 + signal)."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    print(f"lata: interrupted by {signal.Signals(signum).name} in {what}: its temporary outputs were removed; "
+          f"finished points are stored, and the same command resumes after them", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def _preload_kernels(cfg: DictConfig) -> None:
@@ -93,7 +143,10 @@ def entry() -> None:
     0.4-0.5 s of each command here. Every output is a closed, renamed file by then. While a
     thread that is not a daemon is alive, the exit is the ordinary one (it waits for it).
     """
-    main()
+    try:
+        main()
+    except KeyboardInterrupt as exc:  # before or after a job (while Hydra starts, or reports)
+        _interrupted(exc, "lata")
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()
