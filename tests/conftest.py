@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+
+LATA = [sys.executable, "-m", "lata"]
+
+
+def run_lata(args, tmp_path, env_extra=None, check=True, run_dir=None):
+    """The ``lata`` command in a subprocess, with caches and results under ``tmp_path``."""
+    env = {**os.environ, "LATA_CACHE": str(tmp_path / "cache"), "LATA_RESULTS": str(tmp_path / "results"),
+           **(env_extra or {})}
+    result = subprocess.run(LATA + args + [f"hydra.run.dir={run_dir or tmp_path / 'run'}", "progress=false"],
+                            capture_output=True, text=True, env=env, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def family_args(d):
+    """The command-line overrides naming a family written by ``write_family``."""
+    return ["model=paths", f"++model.base={d['base']}", f"++model.instruct={d['instruct']}",
+            *(f"++model.experts.{k}={v}" for k, v in d["experts"].items()), "benchmark=none"]
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

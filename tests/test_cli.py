@@ -1,7 +1,6 @@
 """The `lata` app end to end, as a user runs it (subprocesses, real checkpoints on disk)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,30 +9,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reference
-from conftest import write_family
-
-LATA = [sys.executable, "-m", "lata"]
-
-
-def run_lata(args, tmp_path, env_extra=None, check=True):
-    env = {**os.environ, "LATA_CACHE": str(tmp_path / "cache"), "LATA_RESULTS": str(tmp_path / "results"),
-           **(env_extra or {})}
-    result = subprocess.run(LATA + args + [f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
-                            capture_output=True, text=True, env=env, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stderr[-3000:]
-    return result
+from conftest import family_args, run_lata, write_family
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     return write_family(tmp_path_factory.mktemp("family"))
-
-
-def family_args(d):
-    return ["model=paths", f"++model.base={d['base']}", f"++model.instruct={d['instruct']}",
-            f"++model.experts.math={d['experts']['math']}", f"++model.experts.code={d['experts']['code']}",
-            "benchmark=none"]
 
 
 def test_issue_command_merges_to_a_loadable_checkpoint(dirs, tmp_path):

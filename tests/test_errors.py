@@ -108,10 +108,13 @@ def test_non_empty_output_is_refused_unless_overwrite(dirs, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=f"output directory {out} is not empty; .* overwrite=true"):
+    with pytest.raises(ValueError, match=f"output directory {out} is not empty; .* overwrite=true"):
         merge_to_dir(plan, out, progress=False)
+    with pytest.raises(ValueError, match=f"output directory {out} was not written by LATA \\(precious.txt\\); "
+                                         f"overwrite=true only replaces LATA's own outputs.*overwrite=force"):
+        merge_to_dir(plan, out, overwrite=True, progress=False)
     assert (out / "precious.txt").read_text() == "keep me"
-    merge_to_dir(plan, out, overwrite=True, progress=False)
+    merge_to_dir(plan, out, overwrite="force", progress=False)
     assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
 
 
