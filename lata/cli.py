@@ -53,7 +53,7 @@ def _task(cfg: DictConfig) -> float | None:
         print(f"lata: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        job = f"job {hc.job.num} ({hc.job.override_dirname})" if hc.mode == RunMode.MULTIRUN else "the run"
+        job = f"job {hc.job.num} of the sweep" if hc.mode == RunMode.MULTIRUN else "the run"
         _interrupted(exc, f"{job} (run directory {hc.runtime.output_dir})")
 
 

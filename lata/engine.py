@@ -162,10 +162,11 @@ class MergePlan:
             bad = self._merge_into(name, stored, active, out)
         if bad:
             bad = int(out.numel() - torch.isfinite(out).sum())
-            raise CheckpointError(
-                f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in {str(out.dtype)[6:]}; "
-                f"nothing was written. The lambdas scale the task vectors beyond the dtype's range"
-                f"{' (float16 ends at 65504: try out_dtype=bfloat16)' if out.dtype == torch.float16 else ''}")
+            hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
+                    else "lower the lambdas, or look at the experts' largest values")
+            raise CheckpointError(f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in "
+                                  f"{str(out.dtype).removeprefix('torch.')}; nothing was written: the merged values "
+                                  f"exceed the dtype's range ({hint})")
         return out, stored
 
     def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor) -> int:
@@ -517,7 +518,6 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
     anchor = plan.family.anchor(plan.anchor)
     entries = output_entries(plan.family, plan.anchor, out_dtype)
     inputs = {c.role: c.path for c in plan.family.checkpoints}
-    protected = {"current directory": Path.cwd(), **(protected or {})}
 
     def check(path: Path) -> Path:
         return check_target(path, overwrite=overwrite, inputs=inputs, protected=protected)

@@ -55,6 +55,11 @@ def overwrite_mode(value: Any) -> bool | str:
     raise OutputError(f"overwrite={value!r} is not allowed; choose one of: false, true, force")
 
 
+def absolute(target: str | os.PathLike) -> Path:
+    """``target`` as the absolute path every check and lock uses (``~`` expanded, links kept)."""
+    return Path(os.path.abspath(os.path.expanduser(str(target))))
+
+
 def _nearest_existing(path: Path) -> Path:
     """The longest existing prefix of ``path`` (absolute); refuses a prefix that is a file."""
     for part in [path, *path.parents]:
@@ -107,30 +112,35 @@ def check_target(target: str | os.PathLike, *, overwrite: Any = False,
                  protected: Mapping[str, str | os.PathLike] | None = None, key: str = "save_model",
                  defer_lata: bool = False) -> Path:
     """Check that ``target`` may be written as a merged checkpoint (the rules above, without the
-    free space); return it as an absolute path. ``inputs``/``protected``: name -> path; an
-    input that is not a local path (a hub id) is skipped. ``key`` names the setting in messages.
+    free space); return it as an absolute path. ``inputs``/``protected``: name -> path (the
+    current directory is always protected); an input that is not a local path (a hub id) is
+    skipped. ``key`` names the setting in messages.
     ``defer_lata``: a directory LATA wrote passes even with overwrite=false, for a caller that
     checks again once it knows whether the directory already holds the model it would write.
     """
     mode = overwrite_mode(overwrite)
-    path = Path(os.path.abspath(os.path.expanduser(str(target))))
+    path = absolute(target)
     if path.is_symlink():
         raise OutputError(f"{key}={path} is a symbolic link; give the directory itself")
     existing = _nearest_existing(path)
     resolved = path.resolve()
     checks = [(f"input checkpoint {role}", p) for role, p in (inputs or {}).items()]
-    checks += [(what, p) for what, p in (protected or {}).items()]
+    checks += [(what, p) for what, p in {"current directory": Path.cwd(), **(protected or {})}.items()]
     for what, other in checks:
-        other = Path(os.path.expanduser(str(other)))
-        if not other.exists():
-            continue
+        other = absolute(other)
+        if what.startswith("input") and not other.exists():
+            continue  # a hub id: its local copy is checked once resolved
         relation = _related(resolved, other.resolve())
         if relation is not None and (what.startswith("input") or relation != "lies inside"):
-            raise OutputError(f"{key}={target} {relation} the {what} ({other.resolve()}): "
-                              f"LATA never writes over its inputs; choose another directory")
+            why = "LATA never writes over its inputs" if what.startswith("input") else "the run needs it"
+            raise OutputError(f"{key}={target} {relation} the {what} ({other.resolve()}): {why}; "
+                              f"choose another directory")
     if path.is_dir() and any(path.iterdir()):
         foreign = _foreign_entries(path)
         if mode is False and not (defer_lata and not foreign):
+            if not foreign:
+                raise OutputError(f"output directory {path} holds a checkpoint LATA wrote; "
+                                  f"choose another or set overwrite=true to replace it")
             raise OutputError(f"output directory {path} is not empty; choose another or set overwrite=true "
                               f"(replaces a directory LATA wrote)")
         if foreign and mode is True:
@@ -144,7 +154,7 @@ def check_target(target: str | os.PathLike, *, overwrite: Any = False,
 
 def check_space(target: str | os.PathLike, nbytes: int, key: str = "save_model") -> None:
     """Refuse when the file system of ``target`` reports less free space than ``nbytes``."""
-    where = _nearest_existing(Path(os.path.abspath(target)))
+    where = _nearest_existing(absolute(target))
     try:
         stat = os.statvfs(where)
     except (OSError, AttributeError):
@@ -169,7 +179,7 @@ _held: dict[str, int] = {}  # lock files this process holds -> nesting depth
 def writer_lock(target: str | os.PathLike) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside ``target`` for the block (re-entrant within a process); where
     another process holds it, raise OutputError naming that process at once."""
-    path = Path(os.path.abspath(target))
+    path = absolute(target)
     lock = path.parent / f".{path.name}.lock"
     if str(lock) in _held:
         _held[str(lock)] += 1
@@ -211,7 +221,7 @@ def write_marker(directory: Path, record: Mapping[str, Any]) -> None:
 def holds_model(directory: str | os.PathLike, model_key: str) -> bool:
     """Whether ``directory`` is a whole checkpoint LATA wrote with ``model_key``: its marker has
     that key and every file it lists is there with the size it had."""
-    directory = Path(directory)
+    directory = absolute(directory)
     marker = _marker(directory) if directory.is_dir() else None
     if marker is None or marker.get("model_key") != model_key or not marker.get("files"):
         return False

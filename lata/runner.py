@@ -205,7 +205,7 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
     if model_key is None:
         log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
         return sweep.restore(stored, run_dir)
-    save = Path(cfg.save_model)
+    save = outputs.absolute(cfg.save_model)
     if outputs.holds_model(save, model_key):
         log.info("point %s: results exist in %s and %s holds its merged model; skipped (resume=false "
                  "recomputes)", key, stored, save)

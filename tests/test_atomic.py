@@ -40,3 +40,32 @@ def test_a_failed_directory_leaves_the_old_one(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "model.safetensors").read_text() == "whole"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "two-renames"])
+def test_a_replacement_is_whole_with_or_without_the_atomic_swap(tmp_path, monkeypatch, swap):
+    from lata import atomic
+
+    swapped = []
+    real = atomic._exchange
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: swapped.append(real(a, b)) or swapped[-1])
+    if not swap:
+        monkeypatch.setattr(atomic, "_RENAMEAT2", None)
+    target = tmp_path / "merged"
+    with atomic_directory(target) as d:
+        (d / "model.safetensors").write_text("old")
+    with atomic_directory(target, overwrite=True) as d:
+        (d / "model.safetensors").write_text("new")
+    assert (target / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the old one removed
+    assert swapped == [swap]  # Linux swaps in one step; elsewhere two renames
+
+
+def test_paths_with_a_tilde_are_checked_and_locked_where_they_point(tmp_path, monkeypatch):
+    from lata.outputs import absolute, check_target, writer_lock
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert check_target("~/merged") == absolute("~/merged") == tmp_path / "merged"
+    with writer_lock("~/merged"):
+        assert (tmp_path / ".merged.lock").is_file()
+    assert not (tmp_path / ".merged.lock").exists()

@@ -103,21 +103,6 @@ def test_nan_or_inf_names_file_and_tensor_and_nothing_is_written(dirs, tmp_path,
         plan_merge(family, MergeConfig(), WeightingConfig(), progress=False)
 
 
-def test_non_empty_output_is_refused_unless_overwrite(dirs, tmp_path):
-    plan = plan_merge(open_family(dirs), MergeConfig(), WeightingConfig(), progress=False)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ValueError, match=f"output directory {out} is not empty; .* overwrite=true"):
-        merge_to_dir(plan, out, progress=False)
-    with pytest.raises(ValueError, match=f"output directory {out} was not written by LATA \\(precious.txt\\); "
-                                         f"overwrite=true only replaces LATA's own outputs.*overwrite=force"):
-        merge_to_dir(plan, out, overwrite=True, progress=False)
-    assert (out / "precious.txt").read_text() == "keep me"
-    merge_to_dir(plan, out, overwrite="force", progress=False)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
-
-
 def test_a_merge_failing_half_way_leaves_no_directory(dirs, tmp_path, monkeypatch):
     plan = plan_merge(open_family(dirs), MergeConfig(), WeightingConfig(), progress=False)
     original, calls = MergePlan.merged_tensor, []

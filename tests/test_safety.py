@@ -100,7 +100,7 @@ def test_overwrite_true_replaces_only_what_lata_wrote(family, tmp_path):
     merge_to_dir(plan, out, progress=False)
     marker = json.loads((out / MARKER).read_text())
     assert marker["method"] == "ta" and set(marker["files"]) == {p.name for p in out.iterdir()} - {MARKER}
-    with pytest.raises(OutputError, match="is not empty; choose another or set overwrite=true"):
+    with pytest.raises(OutputError, match="holds a checkpoint LATA wrote; choose another or set overwrite=true to replace it"):
         merge_to_dir(plan, out, progress=False)
     merge_to_dir(plan, out, overwrite=True, progress=False)  # LATA's own output: replaced
     (out / "notes.txt").write_text("mine")
@@ -109,6 +109,15 @@ def test_overwrite_true_replaces_only_what_lata_wrote(family, tmp_path):
     assert (out / "notes.txt").read_text() == "mine"
     merge_to_dir(plan, out, overwrite="force", progress=False)
     assert not (out / "notes.txt").exists() and (out / "model.safetensors").is_file()
+    theirs = tmp_path / "theirs"  # a directory with no marker at all
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("keep me")
+    with pytest.raises(OutputError, match=f"output directory {theirs} is not empty; .* overwrite=true"):
+        merge_to_dir(plan, theirs, progress=False)
+    with pytest.raises(OutputError, match=rf"output directory {theirs} was not written by LATA \(precious.txt\); "
+                                          rf"overwrite=true only replaces LATA's own outputs.*overwrite=force"):
+        merge_to_dir(plan, theirs, overwrite=True, progress=False)
+    assert (theirs / "precious.txt").read_text() == "keep me"
 
 
 def test_the_overwrite_check_is_made_again_just_before_the_rename(family, tmp_path, monkeypatch):
@@ -168,7 +177,7 @@ def test_rerunning_a_finished_command_keeps_its_model_without_overwrite(family, 
     assert digest(tmp_path / "out") == before
     # a shard size that changes the files is a different model: refused without overwrite
     other = run_lata(args + ["shard_size=20KB"], tmp_path, run_dir=tmp_path / "other", check=False)
-    assert other.returncode == 2 and "is not empty" in other.stderr
+    assert other.returncode == 2 and "holds a checkpoint LATA wrote; choose another or set overwrite=true" in other.stderr
 
 
 # ----------------------------------------------------------------------------- 3. misspelt keys
