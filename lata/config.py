@@ -236,7 +236,7 @@ def check_known_keys(cfg: Any, schema: type = LataConfig, prefix: str = "") -> N
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
             raise ConfigError(f"{prefix}{key} is not a known key{hint}")
         if dataclasses.is_dataclass(hints[key]):
-            check_known_keys(cfg._get_node(key), hints[key], f"{prefix}{key}.")
+            check_known_keys(cfg[key], hints[key], f"{prefix}{key}.")
 
 
 def validate(cfg: Any) -> None:
