@@ -8,10 +8,11 @@ math, 100 code and 50 forbidden requests, with token perplexity on held-out Shak
 Prints one JSON line per model; docs/zoo.md holds the results.
 
   python experiments/zoo_probe.py WORK INSTRUCT_MIX EXPERT_LR EXPERT_STEPS \
-      [LAYERS=4] [BASE_STEPS=360] [HIDDEN=256] [TASK_SHARE=0]
+      [LAYERS=4] [BASE_STEPS=360] [HIDDEN=256] [TASK_SHARE=0] [SEED=0]
 
 TASK_SHARE: share of the pretraining characters that are math word problems and code
 functions in plain text (no chat tokens; other seeds than the held-out sets, which are excluded).
+SEED: the zoo's build seed (data, held-out sets, initialisation).
 """
 import json
 import random
@@ -37,8 +38,9 @@ layers = int(sys.argv[5]) if len(sys.argv) > 5 else 4
 base_steps = int(sys.argv[6]) if len(sys.argv) > 6 else 360
 hidden = int(sys.argv[7]) if len(sys.argv) > 7 else 256
 task_share = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+seed = int(sys.argv[9]) if len(sys.argv) > 9 else 0
 cfg = replace(load_preset("small"), num_hidden_layers=layers, base_steps=base_steps, hidden_size=hidden,
-              intermediate_size=int(hidden * 688 / 256) // 8 * 8, heldout_math=200, heldout_code=100)
+              intermediate_size=int(hidden * 688 / 256) // 8 * 8, heldout_math=200, heldout_code=100, seed=seed)
 t_all = time.time()
 data = make_data(cfg)
 docs = base_corpus(cfg)
@@ -58,7 +60,7 @@ if task_share:
         extra_docs.append(text); size += len(text)
     docs = docs + extra_docs
     random.Random(993).shuffle(docs)
-tag = f"L{layers}-h{hidden}-b{base_steps}-t{task_share}"
+tag = f"L{layers}-h{hidden}-b{base_steps}-t{task_share}" + (f"-s{seed}" if seed else "")
 bdir = work / f"base-{tag}"
 if (bdir / "model.safetensors").is_file():
     from transformers import AutoTokenizer
