@@ -3,9 +3,10 @@
 A reader therefore sees either nothing, the previous complete output, or the new complete
 output; never a half-written file or directory.
 
-Temporary siblings are named ``.NAME.tmp-PID-XXXXXXXX`` after the process writing them. A run
-that is killed (SIGKILL, a node lost) cannot remove its own; the next write to the same place
-removes those whose process is gone (``clean_leftovers``).
+Temporary siblings are named ``.NAME.tmp-PID-...`` after the process writing them. A run that
+is killed (SIGKILL, a node lost) cannot remove its own; the next ``atomic_directory`` write to
+the same place removes those whose process is gone (``clean_leftovers``). Temporary files of
+``atomic_file`` (small JSON and text files) are not swept.
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ class MergePlan:
         else:
             bad = self._merge_into(name, stored, active, out)
         if bad:
-            bad = int(out.numel() - torch.isfinite(out).sum())
+            bad = _non_finite(out.view(-1))
             hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
                     else "lower the lambdas, or look at the experts' largest values")
             raise CheckpointError(f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in "
@@ -473,10 +473,12 @@ def output_entries(family: Family, anchor: str = "instruct", out_dtype: str | No
     return [(n, ckpt.shape(n), _output_dtype(ckpt, n, target)) for n in family.tensor_names]
 
 
-def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None = None) -> int:
-    """Bytes of the merged checkpoint's tensors (what ``check_space`` asks the file system for)."""
-    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-               for _, shape, dtype in output_entries(family, anchor, out_dtype))
+def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None = None,
+                 entries: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None) -> int:
+    """Bytes of the merged checkpoint's tensors (what ``check_space`` asks the file system for),
+    from ``entries`` where the caller has them already."""
+    entries = output_entries(family, anchor, out_dtype) if entries is None else entries
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in entries)
 
 
 def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True
@@ -523,7 +525,7 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
         return check_target(path, overwrite=overwrite, inputs=inputs, protected=protected)
 
     out = check(out_dir)
-    check_space(out, output_bytes(plan.family, plan.anchor, out_dtype))
+    check_space(out, output_bytes(plan.family, entries=entries))
     with writer_lock(out), atomic_directory(out, check=check) as tmp:
         pool = _BufferPool(entries)
         writer = StreamingShardWriter(tmp, entries, max_bytes, threaded=plan.write_behind, direct=plan.direct_io,

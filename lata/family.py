@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from lata.architectures import REST, Architecture, architecture_for
+from lata.architectures import REST, Architecture, architecture_for, config_value
 from lata.checkpoints import Checkpoint, CheckpointError
 
 RESERVED_ROLES = ("base", "instruct")
@@ -154,13 +154,6 @@ class Family:
                         f"tensors only, and an integer or boolean tensor must be the same in every model")
 
 
-def _config_value(config: dict, key: str):
-    value = config.get(key)
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get(key)
-    return value
-
-
 def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
     """config.json agrees with the tensors (layer count, vocabulary size, tied embeddings): the
     anchor's config is copied into the merged checkpoint, and a model loads by it."""
@@ -170,7 +163,7 @@ def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{where} says {arch.num_layers_key}={layers}, but its tensors hold {counted} layers")
     tied = ckpt.config.get("tie_word_embeddings", arch.tie_word_embeddings_default)
     for alias, embedding in arch.tied_weights:
-        vocab = _config_value(ckpt.config, "vocab_size")
+        vocab = config_value(ckpt.config, "vocab_size")
         if embedding in ckpt.files and vocab is not None and ckpt.shape(embedding)[0] != vocab:
             raise CheckpointError(f"{where} says vocab_size={vocab}, but tensor '{embedding}' has "
                                   f"{ckpt.shape(embedding)[0]} rows")

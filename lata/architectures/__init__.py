@@ -50,10 +50,15 @@ class Architecture:
         return dict(self.tied_weights) if tied else {}
 
     def num_layers(self, config: dict) -> int | None:
-        value = config.get(self.num_layers_key)
-        if value is None and isinstance(config.get("text_config"), dict):
-            value = config["text_config"].get(self.num_layers_key)
-        return value
+        return config_value(config, self.num_layers_key)
+
+
+def config_value(config: dict, key: str):
+    """``config[key]``, or the same key of its ``text_config`` (multimodal configs), or None."""
+    value = config.get(key)
+    if value is None and isinstance(config.get("text_config"), dict):
+        value = config["text_config"].get(key)
+    return value
 
 
 def known_model_types() -> list[str]:
