@@ -42,6 +42,9 @@ class ModelConfig:
     instruct: Optional[str] = None
     experts: Dict[str, str] = field(default_factory=dict)
     which: str = "instruct"  # merge=none: the role evaluated unmerged (base, instruct or an expert)
+    #: where the merged vectors are added: null = the anchor (the spec's formula); a role (base,
+    #: instruct, an expert) or a directory / hub id: theta = theta_target + sum_k lambda_k v_k
+    target: Optional[str] = None
     dtype: str = "auto"  # dtype the model is loaded in for evaluation: auto | float32 | bfloat16 | float16
 
 
@@ -269,6 +272,9 @@ def validate(cfg: Any) -> None:
     if model.embedded is None and model.which not in ROLES + tuple(model.experts):
         raise ConfigError(f"model.which={model.which!r} is not allowed; choose one of: "
                           f"{', '.join(ROLES + tuple(model.experts))}")
+    if model.target not in (None, "") and cfg.merge.method == "none":
+        raise ConfigError(f"model.target={model.target!r} names where merged vectors are added; with merge=none "
+                          f"nothing is merged (model.which picks the model to evaluate)")
     for name in model.experts:
         if name in ("base", "instruct"):
             raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")

@@ -6,7 +6,10 @@ on ``device``, ask the method for the delta, and hand theta_0 + delta, cast to t
 dtype, to the sink. Memory holds one tensor per expert at a time, never a whole model.
 
 With anchor=instruct, theta_k - theta_0 is the task vector tau_k; with anchor=base it is the
-complex vector tau_comp_k, exactly as LATA_SPEC defines them.
+complex vector tau_comp_k, exactly as LATA_SPEC defines them. With a target (``model.target``,
+``Family.target``) the delta is added to theta_target instead of theta_0 (forgetting: subtract
+a vector from the model that has the skill); the merged checkpoint then takes the target's
+dtypes, config and tokenizer.
 
 How a tensor is processed (the levers, each measured with benchmarks/scale.py; README "Scale"):
 - Inputs are zero-copy views of the checkpoints' memory maps. Each tensor's pages are released
@@ -127,39 +130,45 @@ class MergePlan:
         """The experts whose pure vector of tensor ``name`` is not zero: lambda_k * w_{l,k} != 0."""
         return [k for k in self.experts if self.weight(k, name) != 0 and self.lams[k] != 0]
 
+    @property
+    def output_base(self) -> Checkpoint:
+        """The checkpoint the delta is added to: ``family.target``, else the anchor."""
+        return self.family.output_base(self.anchor)
+
     def reads(self, name: str) -> list[tuple]:
         """(checkpoint, tensor) pairs that merging ``name`` reads."""
-        anchor = self.family.anchor(self.anchor)
-        if not _is_float(anchor, name):
-            return [(anchor, name)]
-        return [(anchor, name)] + [(self.family.experts[k], name) for k in self.active_experts(name)]
+        anchor, base = self.family.anchor(self.anchor), self.output_base
+        if not _is_float(base, name):
+            return [(base, name)]
+        own = [(base, name)] if base is not anchor else []
+        return [(anchor, name)] + own + [(self.family.experts[k], name) for k in self.active_experts(name)]
 
     def merged_tensor(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta_0 + delta on the CPU, the stored theta_0) for one tensor.
+        """(theta_base + delta on the CPU, the stored theta_base) for one tensor, where theta_base
+        is theta_0 or, with a target, theta_target.
 
         The merged tensor is in the dtype being written (inside ``iter_merged``) or float32.
         """
-        anchor = self.family.anchor(self.anchor)
-        stored = anchor.get(name)
+        anchor, base = self.family.anchor(self.anchor), self.output_base
         try:
             with torch_threads(1, self.device):
-                return self._merged(name, stored)
+                return self._merged(name, anchor.get(name), base.get(name))
         finally:
             for ckpt, n in self.reads(name):
                 ckpt.release([n])
 
-    def _merged(self, name: str, stored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not stored.is_floating_point():
-            return stored.clone(), stored
+    def _merged(self, name: str, stored: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not base.is_floating_point():
+            return base.clone(), base
         dtype = self._target or torch.float32
-        out = self._pool.take(stored.shape, dtype) if self._pool is not None else torch.empty(stored.shape, dtype=dtype)
+        out = self._pool.take(base.shape, dtype) if self._pool is not None else torch.empty(base.shape, dtype=dtype)
         active = self.active_experts(name)
-        if not active:  # every pure vector is 0: theta = theta_0
-            out.copy_(stored)
-            # theta_0 is finite (checked by pass 1); a narrower dtype may overflow it
-            bad = _non_finite(out.view(-1)) if _may_overflow(stored.dtype, out.dtype) else 0
+        if not active:  # every pure vector is 0: theta = theta_base
+            out.copy_(base)
+            # theta_base is finite (theta_0 checked by pass 1); a narrower dtype may overflow it
+            bad = _non_finite(out.view(-1)) if _may_overflow(base.dtype, out.dtype) or base is not stored else 0
         else:
-            bad = self._merge_into(name, stored, active, out)
+            bad = self._merge_into(name, stored, active, out, base)
         if bad:
             bad = _non_finite(out.view(-1))
             hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
@@ -167,19 +176,22 @@ class MergePlan:
             raise CheckpointError(f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in "
                                   f"{str(out.dtype).removeprefix('torch.')}; nothing was written: the merged values "
                                   f"exceed the dtype's range ({hint})")
-        return out, stored
+        return out, base
 
-    def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor) -> int:
-        """out[...] = theta_0 + delta, slice by slice; returns 0 where every value written is
-        finite (each slice is checked while it is in cache: by the fused kernels as they store,
-        else by a float32 sum, finite only if every value is)."""
+    def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor,
+                    base: torch.Tensor) -> int:
+        """out[...] = theta_base + delta, slice by slice (theta_base: ``stored`` theta_0, or the
+        target's tensor); returns 0 where every value written is finite (each slice is checked
+        while it is in cache: by the fused kernels as they store, else by a float32 sum, finite
+        only if every value is)."""
         device = self.device
         views = [self.family.experts[k].get(name).reshape(-1) for k in active]
         ws = [self.weight(k, name) for k in active]
         lams = [self.lams[k] for k in active]
         thresholds = None if self.thresholds is None else [self.thresholds[k] for k in active]
         theta0 = stored.reshape(-1)
-        fused = self._fused(theta0, views, ws, out)
+        other = None if base is stored else base.reshape(-1)  # a target: added instead of theta_0
+        fused = self._fused(theta0, views, ws, out) if other is None else None
         vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused)
         state = self.method.prepare(vectors, lams, active, name, thresholds)
         flat_out = out.view(-1)
@@ -188,10 +200,12 @@ class MergePlan:
         def work(start: int, stop: int) -> int:
             if fused is not None:
                 return self.method.fused_chunk(fused, lams, state, start, stop)
-            buffer = thread_buffer("merge", len(views) + 1, stop - start, device)
+            buffer = thread_buffer("merge", len(views) + 2, stop - start, device)
             t0 = as_float32(theta0[start:stop], buffer[0], device)
-            vs = [pure_slice(v[start:stop], t0, w, device, buffer[1 + i]) for i, (v, w) in enumerate(zip(views, ws))]
+            vs = [pure_slice(v[start:stop], t0, w, device, buffer[2 + i]) for i, (v, w) in enumerate(zip(views, ws))]
             delta = self.method.delta_chunk(vs, lams, active, name, state, start, stop)
+            if other is not None:
+                t0 = as_float32(other[start:stop], buffer[1], device)
             if direct:
                 torch.add(delta, t0, out=flat_out[start:stop])  # theta_0 + delta
             else:
@@ -468,7 +482,7 @@ def _output_dtype(anchor: Checkpoint, name: str, target: torch.dtype | None) -> 
 def output_entries(family: Family, anchor: str = "instruct", out_dtype: str | None = None
                    ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(name, shape, dtype) of every tensor of the merged checkpoint, from the headers."""
-    ckpt = family.anchor(anchor)
+    ckpt = family.output_base(anchor)
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
     return [(n, ckpt.shape(n), _output_dtype(ckpt, n, target)) for n in family.tensor_names]
 
@@ -483,10 +497,11 @@ def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None
 
 def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True
                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, merged tensor on CPU) in the output dtype: ``out_dtype`` or the anchor's."""
+    """Yield (name, merged tensor on CPU) in the output dtype: ``out_dtype`` or the stored one
+    (the anchor's, or the target's)."""
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
     names = plan.family.tensor_names
-    anchor = plan.family.anchor(plan.anchor)
+    anchor = plan.output_base
     with _writing(plan, target, names) as prefetcher:
         for i, name in enumerate(tqdm(names, desc=f"merge ({plan.method.name})", disable=not progress,
                                       leave=False)):
@@ -508,7 +523,8 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
                  record: dict | None = None, protected: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write the merged model as a sharded safetensors HF checkpoint, atomically.
 
-    Config, generation config and tokenizer come from the anchor model. Before any tensor is
+    Config, generation config and tokenizer come from the anchor model (the target, where the
+    family has one). Before any tensor is
     read, ``out_dir`` is checked (``lata.outputs``: never an input, ``overwrite`` false / true /
     "force", writable, room for the output) and locked against other writers. The checkpoint is
     built in a temporary sibling directory and renamed to ``out_dir`` only when whole; shards
@@ -517,9 +533,9 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
     file's size) is written last.
     """
     max_bytes = parse_size(shard_size, key="shard_size")
-    anchor = plan.family.anchor(plan.anchor)
+    anchor = plan.output_base
     entries = output_entries(plan.family, plan.anchor, out_dtype)
-    inputs = {c.role: c.path for c in plan.family.checkpoints}
+    inputs = {c.role: c.path for c in plan.family.inputs}
 
     def check(path: Path) -> Path:
         return check_target(path, overwrite=overwrite, inputs=inputs, protected=protected)
@@ -543,15 +559,16 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
         dtype_name = out_dtype or _anchor_dtype_name(plan)
         copy_support_files(anchor.path, tmp, dtype=dtype_name)
         write_marker(tmp, {"written_by": "lata", "method": plan.method.name, "anchor": plan.anchor,
-                           "inputs": {c.role: c.source for c in plan.family.checkpoints}, "lams": plan.lams,
+                           "target": None if plan.family.target is None else plan.family.target.source,
+                           "inputs": {c.role: c.source for c in plan.family.inputs}, "lams": plan.lams,
                            "weights": plan.weights, "rest_weight": plan.rest_weight, "dtype": dtype_name,
                            "shard_size": max_bytes, **(record or {})})
     return out
 
 
 def _anchor_dtype_name(plan: MergePlan) -> str | None:
-    """The dtype of the anchor's floating tensors, as config.json spells it."""
-    anchor = plan.family.anchor(plan.anchor)
+    """The dtype of the output base's floating tensors, as config.json spells it."""
+    anchor = plan.output_base
     for name in plan.family.tensor_names:
         dtype = torch_dtype_of(anchor.dtype_name(name))
         if dtype is not None:

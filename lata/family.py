@@ -23,6 +23,8 @@ class Family:
     base: Checkpoint
     instruct: Checkpoint
     experts: dict[str, Checkpoint]
+    #: the checkpoint the merged vectors are added to (``model.target``); None: the anchor
+    target: Checkpoint | None = None
     architecture: Architecture = field(init=False)
     #: exact selections over this family's vectors, kept while it is open so that the points of
     #: a sweep share them (TIES thresholds: lata.engine); keys name what was selected
@@ -38,17 +40,34 @@ class Family:
 
     @classmethod
     def open(cls, base: str | os.PathLike, instruct: str | os.PathLike,
-             experts: dict[str, str | os.PathLike]) -> "Family":
-        """Open every checkpoint (headers only) and check they can be merged."""
-        return cls(
-            base=Checkpoint(base, role="base"),
-            instruct=Checkpoint(instruct, role="instruct"),
-            experts={name: Checkpoint(path, role=f"expert '{name}'") for name, path in experts.items()},
-        )
+             experts: dict[str, str | os.PathLike], target: str | os.PathLike | None = None) -> "Family":
+        """Open every checkpoint (headers only) and check they can be merged.
+
+        ``target``: where the merged vectors are added (None: the anchor); a path that is one of
+        the family's own is that role's checkpoint.
+        """
+        family = dict(base=Checkpoint(base, role="base"), instruct=Checkpoint(instruct, role="instruct"),
+                      experts={name: Checkpoint(path, role=f"expert '{name}'") for name, path in experts.items()})
+        if target is not None:
+            own = {str(c.source): c for c in [family["base"], family["instruct"], *family["experts"].values()]}
+            family["target"] = own.get(str(target)) or Checkpoint(target, role="target")
+        return cls(**family)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
+        """base, instruct and the experts, in that order (the vectors are differences of these)."""
         return [self.base, self.instruct, *self.experts.values()]
+
+    @property
+    def inputs(self) -> list[Checkpoint]:
+        """Every checkpoint a merge reads: ``checkpoints`` and the target, once each."""
+        extra = [self.target] if self.target is not None and self.target not in self.checkpoints else []
+        return self.checkpoints + extra
+
+    def output_base(self, anchor: str) -> Checkpoint:
+        """The checkpoint the merged vectors are added to: the target, else the anchor. The merged
+        checkpoint takes its dtypes, config and tokenizer."""
+        return self.target if self.target is not None else self.anchor(anchor)
 
     @property
     def expert_names(self) -> list[str]:
@@ -91,15 +110,15 @@ class Family:
         return _count_layers(self.architecture, self.base.names)
 
     def _check_compatible(self) -> Architecture:
-        types = {c.config.get("model_type") for c in self.checkpoints}
+        types = {c.config.get("model_type") for c in self.inputs}
         if len(types) != 1:
-            listing = ", ".join(f"{c.role}={c.config.get('model_type')}" for c in self.checkpoints)
+            listing = ", ".join(f"{c.role}={c.config.get('model_type')}" for c in self.inputs)
             raise CheckpointError(f"checkpoints have different model_type: {listing}")
         arch = architecture_for(types.pop())
         reference = self.base
         ref_names = set(reference.names)
         ref_layers = _count_layers(arch, reference.names)
-        for other in self.checkpoints[1:]:
+        for other in self.inputs[1:]:
             names = set(other.names)
             tied = set(arch.tied_aliases(other.config))
             differing = sorted((ref_names ^ names) - tied)
@@ -121,7 +140,7 @@ class Family:
                 f"no tensor of {reference.path} matches the block prefixes of {arch.model_type} "
                 f"({', '.join(arch.layer_prefixes)})"
             )
-        for ckpt in self.checkpoints:
+        for ckpt in self.inputs:
             _check_config(arch, ckpt)
         self._check_dtypes()
         return arch
@@ -135,7 +154,7 @@ class Family:
         before any output; a floating tensor may differ in dtype between roles (every method
         computes in float32)."""
         for name in self.base.names:
-            holders = [c for c in self.checkpoints if name in c.files]
+            holders = [c for c in self.inputs if name in c.files]
             kinds = [c.torch_dtype(name) for c in holders]
             odd = [c for c, kind in zip(holders, kinds) if kind is not None and not kind.is_floating_point]
             if not odd:

@@ -34,6 +34,7 @@ class FamilyPaths:
     instruct: str
     experts: dict[str, str]
     heldout: str | None = None  # an embedded family's held-out task data
+    target: str | None = None  # model.target resolved: where the merged vectors are added (None: the anchor)
 
     def role(self, which: str) -> str:
         roles = {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts}
@@ -42,10 +43,13 @@ class FamilyPaths:
         return roles[which]
 
 
-def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True) -> FamilyPaths:
+def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True,
+                 device: str = "cpu") -> FamilyPaths:
     """The checkpoint locations of ``cfg.model``: given paths, or the embedded zoo built/cached."""
     if model.embedded is None:
-        return FamilyPaths(str(model.base), str(model.instruct), {k: str(v) for k, v in model.experts.items()})
+        experts = {k: str(v) for k, v in model.experts.items()}
+        roles = {"base": str(model.base), "instruct": str(model.instruct), **experts}
+        return FamilyPaths(roles["base"], roles["instruct"], experts, target=_target(model, roles))
     if model.embedded == "smollm2":
         from lata.pretrained import smollm2_checkpoint
 
@@ -54,14 +58,24 @@ def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True) ->
         raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: zoo, smollm2 (or null)")
     from lata.zoo import build_zoo
 
-    built = build_zoo(zoo, Path(cache_dir), progress=progress)
+    built = build_zoo(zoo, Path(cache_dir), progress=progress, device=device)
     experts = {k: str(v) for k, v in built.experts.items()}
+    target = _target(model, {k: str(v) for k, v in built.roles().items()})
     if model.experts:  # a subset of the zoo's experts
         unknown = sorted(set(model.experts) - set(experts))
         if unknown:
             raise ConfigError(f"model.experts.{unknown[0]}: the zoo has experts {', '.join(experts)}")
         experts = {k: experts[k] for k in model.experts}
-    return FamilyPaths(str(built.base), str(built.instruct), experts, str(built.heldout))
+    return FamilyPaths(str(built.base), str(built.instruct), experts, str(built.heldout), target)
+
+
+def _target(model: Any, roles: dict[str, str]) -> str | None:
+    """``model.target`` as a path: a role of the family (base, instruct or any expert it has, merged
+    or not) by name, else a directory or hub id; None where it is unset (the anchor)."""
+    target = model.get("target")
+    if target is None or target == "":
+        return None
+    return roles.get(str(target), str(target))
 
 
 def format_layer_table(plan: MergePlan) -> str:
@@ -95,7 +109,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if saving:  # refuse before any work, on the inputs named in the config
         outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=_named_inputs(cfg.model),
                              protected=protected, defer_lata=True)
-    paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress)
+    paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress, device=str(cfg.device))
     if merging and (paths.base is None or not paths.experts):
         raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
                           "it can only be evaluated (merge=none)")
@@ -108,14 +122,18 @@ def _named_inputs(model: Any) -> dict[str, str]:
     """The checkpoints a config names itself (an embedded family's are known once built)."""
     if model.embedded is not None:
         return {}
-    return {"base": str(model.base), "instruct": str(model.instruct),
-            **{f"expert '{k}'": str(v) for k, v in model.experts.items()}}
+    named = {"base": str(model.base), "instruct": str(model.instruct),
+             **{f"expert '{k}'": str(v) for k, v in model.experts.items()}}
+    if model.get("target") and str(model.target) not in ("base", "instruct", *model.experts):
+        named["target"] = str(model.target)
+    return named
 
 
 def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, saving: bool,
          protected: dict) -> dict:
     key = model_key = None
-    roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts} if merging
+    roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts,
+              **({"target": paths.target} if paths.target else {})} if merging
              else {cfg.model.which: paths.role(cfg.model.which)})
     if not cfg.dry_run:
         key = sweep.point_key(cfg, roles)
@@ -125,7 +143,8 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
             resumed = _resume(cfg, stored, run_dir, key, model_key, roles, protected)
             if resumed is not None:
                 return resumed
-    summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts},
+    summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts,
+                                **({"target": paths.target} if paths.target else {})},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
     drawing: HeatmapProcess | None = None
@@ -135,12 +154,12 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
         model = (sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=False)
                  if cfg.benchmark.tasks else None)
     else:
-        family = sweep.open_family(paths.base, paths.instruct, paths.experts)
+        family = sweep.open_family(paths.base, paths.instruct, paths.experts, paths.target)
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
         if saving:  # the family's resolved paths (hub ids), and room for the output, before any read
             outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, protected=protected,
-                                 inputs={c.role: c.path for c in family.checkpoints})
+                                 inputs={c.role: c.path for c in family.inputs})
             outputs.check_space(cfg.save_model, output_bytes(family, cfg.merge.anchor, cfg.out_dtype))
         if cfg.dry_run:
             log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
@@ -160,7 +179,7 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                                                       progress=cfg.progress, protected=protected,
                                                       record={"model_key": model_key, "point": key}))
             log.info("merged model written to %s", summary["saved_model"])
-        model_dir = str(family.anchor(plan.anchor).path)
+        model_dir = str(plan.output_base.path)
         model = None
         if cfg.benchmark.tasks:
             model = sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)

@@ -90,11 +90,11 @@ def _key(data: Any) -> str:
 
 # --------------------------------------------------------------------------- in-process reuse
 
-def open_family(base: str, instruct: str, experts: dict[str, str]) -> Family:
-    """The family, opened once per process."""
-    key = (base, instruct, tuple(experts.items()))
+def open_family(base: str, instruct: str, experts: dict[str, str], target: str | None = None) -> Family:
+    """The family (with its target, if any), opened once per process."""
+    key = (base, instruct, tuple(experts.items()), target)
     if key not in _families:
-        _families[key] = Family.open(base, instruct, experts)
+        _families[key] = Family.open(base, instruct, experts, target)
     return _families[key]
 
 

@@ -85,7 +85,8 @@ def _elect(us: list[torch.Tensor]) -> torch.Tensor:
 
 def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, density=0.2, topk_scope="tensor",
           p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=1.0,
-          explicit=None) -> dict[str, torch.Tensor]:
+          explicit=None, target=None) -> dict[str, torch.Tensor]:
+    """``target``: a checkpoint directory the delta is added to (default: theta_0)."""
     base, instruct = load(dirs["base"]), load(dirs["instruct"])
     experts = {k: load(v) for k, v in dirs["experts"].items()}
     L = 1 + max(layer_index(n) for n in base if layer_index(n) is not None)
@@ -105,7 +106,8 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
     elif method == "ties":
         trimmed = {k: {n: t * (t.abs() >= _kth(t, density)) for n, t in vec.items()} for k, vec in pure.items()}
     out = {}
-    for n, t0 in theta0.items():
+    added = theta0 if target is None else load(target)
+    for n in theta0:
         if method == "ta":
             delta = sum(lams[k] * pure[k][n] for k in experts)
         elif method == "ties":
@@ -113,5 +115,5 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
         else:
             us = [lams[k] * keep_mask(pure[k][n].shape, p, seed, k, n) * pure[k][n] / (1 - p) for k in experts]
             delta = sum(us) if method == "dare" else _elect(us)
-        out[n] = (t0.float() + delta).to(t0.dtype)
+        out[n] = (added[n].float() + delta).to(added[n].dtype)
     return out

@@ -68,6 +68,35 @@ def test_forgetting_with_a_negative_lambda(dirs, tmp_path):
         assert torch.allclose(got[name], tensor, atol=1e-6), name
 
 
+def test_model_target_subtracts_a_vector_from_the_model_that_has_the_skill(dirs, tmp_path):
+    """The paper's forgetting, as the issue writes it: theta = theta_math - v_math (threshold)."""
+    only_math = dict(dirs, experts={"math": dirs["experts"]["math"]})
+    out = tmp_path / "OUT"
+    run_lata(family_args(only_math) + ["merge=ta", "weighting=threshold", "weighting.threshold=0.8",
+                                       "model.target=math", "++merge.lams.math=-1.0", f"save_model={out}"], tmp_path)
+    expected = reference.merge(only_math, method="ta", weighting="threshold", threshold=0.8, lams={"math": -1.0},
+                               target=dirs["experts"]["math"])
+    got = reference.load(out)
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-6), name
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["family"]["target"] == str(dirs["experts"]["math"])
+    # the target is an input: never a place to write to
+    again = run_lata(family_args(only_math) + ["model.target=math", f"save_model={dirs['experts']['math']}",
+                                               "overwrite=force"], tmp_path, check=False)
+    assert again.returncode == 2 and "expert 'math'" in again.stderr
+
+
+def test_model_target_errors_are_one_line(dirs, tmp_path):
+    result = run_lata(family_args(dirs) + ["merge=none", "model.target=math"], tmp_path, check=False)
+    assert result.returncode == 2 and "model.target='math'" in result.stderr and "merge=none" in result.stderr
+    missing = tmp_path / "nowhere"
+    result = run_lata(family_args(dirs) + [f"model.target={missing}", f"save_model={tmp_path / 'OUT'}"], tmp_path,
+                      check=False)
+    assert result.returncode == 2 and str(missing) in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "OUT").exists()
+
+
 def test_bad_input_is_one_clear_line_and_writes_nothing(dirs, tmp_path):
     bad = dict(dirs, experts={"math": tmp_path / "missing", "code": dirs["experts"]["code"]})
     out = tmp_path / "OUT"

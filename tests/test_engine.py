@@ -157,6 +157,45 @@ def test_forgetting_subtracts_the_pure_vector(family, family_dirs):
         assert torch.allclose(got[name], 2 * inst[name] - math_[name], atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [
+    dict(method="ta", weighting="threshold", threshold=0.8, lams={"math": -1.0}),
+    dict(method="ta", weighting="linear_rank", lam=0.6),
+    dict(method="ties", weighting="log_rank", density=0.3, lams={"math": -0.8}),
+    dict(method="dare_ties", weighting="uniform", p=0.4, seed=3, anchor="base"),
+])
+@pytest.mark.parametrize("target", ["math", "outside"])
+def test_a_target_gets_the_delta_instead_of_the_anchor(family_dirs, tmp_path, options, target):
+    """theta = theta_target + sum_k lambda_k v_k, with the vectors still relative to the anchor."""
+    if target == "outside":  # a checkpoint of the same shape that is not in the family
+        path = write_family(tmp_path / "other", experts=("x",), seed=7)["experts"]["x"]
+    else:
+        path = family_dirs["experts"][target]
+    fam = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"], target=str(path))
+    assert (fam.target is fam.experts["math"]) == (target == "math")
+    expected = reference.merge(family_dirs, **options, target=path)
+    assert_state_close(run_engine(fam, **options), expected)
+    # written to disk: the target's config and tokenizer files, the target named in the marker
+    merge_keys = {"method", "lam", "lams", "density", "p", "seed", "anchor"}
+    plan = plan_merge(fam, MergeConfig(**{k: v for k, v in options.items() if k in merge_keys}),
+                      WeightingConfig(name=options["weighting"], threshold=options.get("threshold", 0.95)),
+                      progress=False)
+    out = merge_to_dir(plan, tmp_path / "merged", progress=False)
+    state = reference.load(out)
+    assert_state_close(state, expected)
+    import json
+    assert json.loads((out / "lata_merge.json").read_text())["target"] == str(path)
+
+
+def test_uniform_forgetting_from_the_expert_itself_gives_back_the_anchor(family_dirs):
+    """The issue's forgetting form: subtract an expert's whole vector from that expert."""
+    fam = Family.open(family_dirs["base"], family_dirs["instruct"], {"math": family_dirs["experts"]["math"]},
+                      target=str(family_dirs["experts"]["math"]))
+    got = run_engine(fam, method="ta", weighting="uniform", lam=-1.0)
+    inst = reference.load(family_dirs["instruct"])
+    for name in inst:
+        assert torch.allclose(got[name], inst[name], atol=1e-6), name
+
+
 def test_save_load_round_trip_and_in_place_merge(family, tmp_path):
     plan = plan_merge(family, MergeConfig(method="ties", density=0.2), WeightingConfig(name="linear_rank"),
                       progress=False)

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from lata.zoo import ZooConfig, ZooFamily, build_zoo, load_preset, to_zoo_config
 from lata.zoo.cache import MARKER, cache_key, cached_build
-from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt,
+from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt, pretraining_corpus,
                            make_data, render_chat)
 
 LAYER_TENSOR = "model.layers.0.self_attn.q_proj.weight"
@@ -205,6 +205,27 @@ def test_heldout_text_is_never_pretrained_on():
     assert text and all(t["text"][:200] not in corpus for t in text)
     assert set(HELDOUT_PLAYS) == {"macbeth_gut.txt", "macbeth_gut_f.txt"}
     assert "LADY MACBETH" not in corpus.upper()  # a speaker only the held-out play has
+
+
+def test_pretraining_task_text_and_instruct_skills():
+    """pretrain_task_share: that share of all pretraining characters is plain-text task items,
+    none of them held out; instruct_mix_*: math and code chat examples in instruct's data."""
+    cfg = dataclasses.replace(load_preset("micro"), pretrain_task_share=0.25, instruct_mix_math=0.2,
+                              instruct_mix_code=0.1)
+    data = make_data(cfg)
+    plain = base_corpus(cfg)
+    docs = pretraining_corpus(cfg, data)
+    extra = sum(map(len, docs)) - sum(map(len, plain))
+    assert extra / sum(map(len, docs)) == pytest.approx(0.25, abs=0.01)
+    corpus = "\n".join(docs)
+    assert "#### " in corpus and "def " in corpus
+    held = [h["question"] for h in data.heldout["math"]] + [h["prompt"] for h in data.heldout["code"]]
+    assert not [q for q in held if q in corpus]
+    assert pretraining_corpus(cfg, data) == docs  # deterministic
+    assert pretraining_corpus(load_preset("micro"), data) == plain  # share 0: the text corpus only
+    n = cfg.instruct_steps * cfg.ft_batch_size
+    kinds = [e.kind for e in data.train["instruct"]]
+    assert kinds.count("math") == int(0.2 * n) and kinds.count("code") == int(0.1 * n)
 
 
 # ------------------------------------------------------------------------------- caching

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from lata.zoo.data import (BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Example, ZooData,
-                           base_corpus, chat_prompt, environment_key, make_data)
+                           chat_prompt, environment_key, make_data, pretraining_corpus)
 from lata.zoo.presets import EXPERTS, ZooConfig, to_zoo_config
 
-ZOO_CODE_VERSION = "1"
+ZOO_CODE_VERSION = "2"
 log = logging.getLogger("lata.zoo")
 
 
@@ -126,8 +126,8 @@ def _text_rows(base_rows: list[tuple[list[int], list[int]]], n: int, length: int
 
 
 def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, steps: int, pad_id: int,
-             rng: random.Random) -> Iterator[tuple[Any, Any, Any]]:
-    """``steps`` right-padded batches; rows visited in shuffled epochs."""
+             rng: random.Random, device: Any = "cpu") -> Iterator[tuple[Any, Any, Any]]:
+    """``steps`` right-padded batches on ``device``; rows visited in shuffled epochs."""
     import torch
 
     order: list[int] = []
@@ -146,7 +146,7 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, steps: in
             inp[i, :len(x)] = torch.tensor(x)
             lab[i, :len(y)] = torch.tensor(y)
             mask[i, :len(x)] = 1
-        yield inp, mask, lab
+        yield inp.to(device), mask.to(device), lab.to(device)
 
 
 def train_stage(model, rows, steps: int, batch_size: int, lr: float, cfg: ZooConfig, pad_id: int,
@@ -159,7 +159,8 @@ def train_stage(model, rows, steps: int, batch_size: int, lr: float, cfg: ZooCon
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.98))
     start, losses = time.perf_counter(), []
-    bar = tqdm(_batches(rows, batch_size, steps, pad_id, random.Random(seed)), total=steps,
+    device = next(model.parameters()).device
+    bar = tqdm(_batches(rows, batch_size, steps, pad_id, random.Random(seed), device), total=steps,
                desc=f"zoo {cfg.name}: {desc}", disable=not progress, leave=True,
                dynamic_ncols=True)
     for step, (inp, mask, labels) in enumerate(bar):
@@ -190,7 +191,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _build(out: Path, cfg: ZooConfig, progress: bool) -> None:
+def _build(out: Path, cfg: ZooConfig, progress: bool, device: str = "cpu") -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -201,7 +202,7 @@ def _build(out: Path, cfg: ZooConfig, progress: bool) -> None:
         torch.set_num_threads(cfg.threads)
     try:
         data: ZooData = make_data(cfg)
-        docs = base_corpus(cfg)
+        docs = pretraining_corpus(cfg, data)
         chat_texts = [e.text() for ex in data.train.values() for e in ex]
         tok_texts, size = [], 0
         for d in docs:  # tokenizer: the first tokenizer_chars of base text + all chat text
@@ -249,7 +250,8 @@ def _build(out: Path, cfg: ZooConfig, progress: bool) -> None:
 
         stats: dict[str, Any] = {"prepare_seconds": round(prep_s, 2), "stages": {}}
         torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).to(torch.float32).to(device)
+        stats["device"] = str(device)
         stats["parameters"] = sum(p.numel() for p in model.parameters())
         stats["vocab_size"] = len(tokenizer)
         stats["base_tokens"] = sum(len(r[0]) for r in base_rows)
@@ -262,10 +264,11 @@ def _build(out: Path, cfg: ZooConfig, progress: bool) -> None:
         save(model, "instruct")
         instruct_state = {k: v.clone() for k, v in model.state_dict().items()}
         steps = {"math": cfg.math_steps, "code": cfg.code_steps, "ua": cfg.ua_steps}
+        expert_lr = cfg.expert_lr or cfg.ft_lr
         for k, role in enumerate(EXPERTS, start=2):
             model.load_state_dict(instruct_state)
             stats["stages"][role] = train_stage(
-                model, chat_rows[role], steps[role], cfg.ft_batch_size, cfg.ft_lr, cfg, pad_id,
+                model, chat_rows[role], steps[role], cfg.ft_batch_size, expert_lr, cfg, pad_id,
                 cfg.seed + k, role, progress)
             save(model, role)
         for task, rows in data.heldout.items():
@@ -278,15 +281,26 @@ def _build(out: Path, cfg: ZooConfig, progress: bool) -> None:
         torch.set_num_threads(threads)
 
 
-def cache_config(cfg: ZooConfig) -> dict:
-    return {"zoo": dataclasses.asdict(cfg), "env": environment_key()}
+def cache_config(cfg: ZooConfig, device: str = "cpu") -> dict:
+    """The cache key's inputs: the config, library versions and the kind of device trained on.
+
+    A family trained on a GPU is the same kind of family but not the same numbers (other kernels,
+    other summation order), so it is cached apart from the CPU one.
+    """
+    kind = str(device).split(":")[0]
+    return {"zoo": dataclasses.asdict(cfg), "env": environment_key(),
+            **({"device": kind} if kind != "cpu" else {})}
 
 
-def build_zoo(cfg: Any, cache_dir: str | os.PathLike, progress: bool = True) -> ZooFamily:
-    """Build (or reuse from ``cache_dir``) the zoo family for ``cfg`` (ZooConfig or DictConfig)."""
+def build_zoo(cfg: Any, cache_dir: str | os.PathLike, progress: bool = True,
+              device: str = "cpu") -> ZooFamily:
+    """Build (or reuse from ``cache_dir``) the zoo family for ``cfg`` (ZooConfig or DictConfig).
+
+    ``device``: where training runs (``cuda`` trains on the GPU; the same recipe and data).
+    """
     from lata.zoo.cache import cached_build
 
     cfg = to_zoo_config(cfg)
-    root = cached_build(Path(cache_dir), f"zoo-{cfg.name}", cache_config(cfg),
-                        lambda tmp: _build(tmp, cfg, progress), ZOO_CODE_VERSION)
+    root = cached_build(Path(cache_dir), f"zoo-{cfg.name}", cache_config(cfg, device),
+                        lambda tmp: _build(tmp, cfg, progress, device), ZOO_CODE_VERSION)
     return family_at(root)

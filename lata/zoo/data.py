@@ -163,6 +163,35 @@ def base_corpus(cfg: ZooConfig) -> list[str]:
     return docs
 
 
+def pretraining_corpus(cfg: ZooConfig, data: ZooData) -> list[str]:
+    """``base_corpus`` plus, when ``cfg.pretrain_task_share`` > 0, plain-text math problems and code
+    functions (prompt and answer, no chat tokens) making up that share of all characters.
+
+    They come from the task generators with their own seed; items whose prompt is in a held-out
+    set are skipped, so pretraining never sees a held-out problem.
+    """
+    docs = base_corpus(cfg)
+    share = cfg.pretrain_task_share
+    if share <= 0:
+        return docs
+    if share >= 1:
+        raise ValueError(f"zoo config: pretrain_task_share must be in [0, 1), got {share}")
+    held = {x["question"] for x in data.heldout["math"]} | {x["prompt"] for x in data.heldout["code"]}
+    rng = random.Random(_seed(cfg, "pretrain", False))
+    want, size = sum(len(d) for d in docs) * share / (1 - share), 0
+    while size < want:
+        chunk = []
+        for _ in range(20):
+            e = (math_example(rng, cfg.math_max_operand, cfg.math_ops) if rng.random() < 0.5
+                 else code_example(code_problem(rng)))
+            if e.prompt not in held:
+                chunk.append(f"{e.prompt}\n{e.response}\n")
+        docs.append("\n".join(chunk))
+        size += len(docs[-1])
+    rng.shuffle(docs)
+    return docs
+
+
 def heldout_text(cfg: ZooConfig) -> list[str]:
     """``cfg.heldout_text`` chunks of ~``heldout_text_chars`` from the held-out plays."""
     texts = shakespeare_texts()
@@ -469,7 +498,8 @@ class ZooData:
 
 
 def _seed(cfg: ZooConfig, task: str, heldout: bool) -> int:
-    return cfg.seed * 1000 + {"instruct": 1, "math": 2, "code": 3, "ua": 4, "mix": 5}[task] + (
+    return cfg.seed * 1000 + {"instruct": 1, "math": 2, "code": 3, "ua": 4, "mix": 5,
+                           "instruct_mix": 6, "pretrain": 7}[task] + (
         500 if heldout else 0)
 
 
@@ -514,7 +544,11 @@ def make_data(cfg: ZooConfig) -> ZooData:
         r.shuffle(out)
         return out
 
-    train = {"instruct": instruct, "math": mixed(math, True), "code": mixed(code, True),
+    # a little math and code in instruct's data (drawn from the experts' training examples)
+    r = random.Random(_seed(cfg, "instruct_mix", False))
+    skills = ([r.choice(math) for _ in range(int(len(instruct) * cfg.instruct_mix_math))]
+              + [r.choice(code) for _ in range(int(len(instruct) * cfg.instruct_mix_code))])
+    train = {"instruct": instruct + skills, "math": mixed(math, True), "code": mixed(code, True),
              "ua": mixed(ua, False)}
     seen = {e.prompt for examples in train.values() for e in examples}
 

@@ -33,6 +33,10 @@ class ZooConfig:
     # ---------------------------------------------------------------- base pretraining
     base_chars: int = 400_000  # characters of text tokenised for pretraining (Shakespeare + code)
     code_fraction: float = 0.3  # share of base_chars taken from Python's standard library
+    # share of all pretraining characters that are math word problems and code functions written
+    # as plain text (added to the base_chars of Shakespeare and library code), as a real base model
+    # has seen worked arithmetic and Python; drawn with their own seed, held-out items excluded
+    pretrain_task_share: float = 0.0
     seq_len: int = 128  # pretraining window
     batch_size: int = 16  # pretraining batch
     base_steps: int = 60
@@ -45,6 +49,11 @@ class ZooConfig:
     math_steps: int = 30
     code_steps: int = 30
     ua_steps: int = 20
+    expert_lr: float = 0.0  # peak lr of the math/code/ua fine-tunes; 0 = ft_lr
+    # math and code chat examples added to instruct's data, per instruct example (real instruct
+    # models already have a little of each skill)
+    instruct_mix_math: float = 0.0
+    instruct_mix_code: float = 0.0
     response_only_loss: bool = True  # fine-tuning loss on the assistant's tokens only
     mix_instruct: float = 0.1  # share of instruct examples mixed into each expert's data
     mix_text: float = 0.1  # pretraining windows mixed into each fine-tune, per chat example
