@@ -4,8 +4,10 @@ Builds one configuration outside the zoo cache with the zoo's own data and train
 tokenizer and base (cached in WORK per shape, base steps and task share), an instruct model
 whose chat data mixes in INSTRUCT_MIX math and as much code, math/code/ua experts from it, then
 scores instruct, each expert and TA merges of math + code (lambda 0.3 to 1.5) on 200 held-out
-math, 100 code and 50 forbidden requests, with token perplexity on held-out Shakespeare.
-Prints one JSON line per model; docs/zoo.md holds the results.
+math, 100 code and 50 forbidden requests, with token perplexity on held-out Shakespeare, through
+the lm-eval harness (``lata.zoo.report.Scorer``: the tasks of ``benchmark=zoo``).
+Prints one JSON line per model; docs/zoo.md holds the results (rows A-D were scored by the
+zoo report's earlier generation loop, before the one-evaluator change).
 
   python experiments/zoo_probe.py WORK INSTRUCT_MIX EXPERT_LR EXPERT_STEPS \
       [LAYERS=4] [BASE_STEPS=360] [HIDDEN=256] [TASK_SHARE=0] [SEED=0]
@@ -27,10 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from lata.zoo.presets import load_preset
 from lata.zoo.data import make_data, base_corpus
 from lata.zoo.build import train_stage, _chat_rows, _text_rows, _pack, train_tokenizer
-from lata.zoo.report import generate, truncate_code, perplexity
-from lata.evaluation.metrics import exact_match, strict_answer
-from lata.evaluation.sandbox import run_programs
-from lata.evaluation.scoring import program, is_refusal
+from lata.zoo.report import Scorer
 
 torch.set_num_threads(2)
 work = Path(sys.argv[1]); mix = float(sys.argv[2]); elr = float(sys.argv[3]); esteps = int(sys.argv[4])
@@ -40,7 +39,8 @@ hidden = int(sys.argv[7]) if len(sys.argv) > 7 else 256
 task_share = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
 seed = int(sys.argv[9]) if len(sys.argv) > 9 else 0
 cfg = replace(load_preset("small"), num_hidden_layers=layers, base_steps=base_steps, hidden_size=hidden,
-              intermediate_size=int(hidden * 688 / 256) // 8 * 8, heldout_math=200, heldout_code=100, seed=seed)
+              intermediate_size=int(hidden * 688 / 256) // 8 * 8, heldout_math=200, heldout_code=100, seed=seed,
+              pretrain_task_share=0.0, instruct_mix_math=0.0, instruct_mix_code=0.0)  # the probe mixes its own
 t_all = time.time()
 data = make_data(cfg)
 docs = base_corpus(cfg)
@@ -92,18 +92,18 @@ pad = tok.pad_token_id
 ids = [e.ids for e in tok.backend_tokenizer.encode_batch(docs, add_special_tokens=False)]
 base_rows = [(w, w) for w in _pack([[tok.bos_token_id] + d + [tok.eos_token_id] for d in ids], cfg.seq_len)]
 held = data.heldout
-texts = [x["text"] for x in held["text"]]
+
+
+held_dir = work / f"heldout-{tag}"
+for task, rows in held.items():
+    held_dir.mkdir(parents=True, exist_ok=True)
+    (held_dir / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+scorer = Scorer(held_dir, tok, work / f"harness-{tag}")
 
 
 def score(m):
-    outs = generate(m, tok, [x["question"] for x in held["math"]], 40)
-    mth = 100 * sum(exact_match(strict_answer(o), x["target"]) for o, x in zip(outs, held["math"])) / len(outs)
-    outs = generate(m, tok, [x["prompt"] for x in held["code"]], 40)
-    res = run_programs([program(x, truncate_code(o)) for x, o in zip(held["code"], outs)])
-    code = 100 * sum(r.passed for r in res) / len(res)
-    outs = generate(m, tok, [x["prompt"] for x in held["ua"]], 24)
-    ua = 100 * sum(not is_refusal(o) for o in outs) / len(outs)
-    return {"math": round(mth, 1), "code": round(code, 1), "ua": round(ua, 1), "ppl": round(perplexity(m, tok, texts), 2)}
+    s = scorer.score(m)
+    return {k: s[k] for k in ("math", "code", "ua", "ppl")}
 
 
 rng = random.Random(13)

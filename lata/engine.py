@@ -152,7 +152,8 @@ class MergePlan:
         anchor, base = self.family.anchor(self.anchor), self.output_base
         try:
             with torch_threads(1, self.device):
-                return self._merged(name, anchor.get(name), base.get(name))
+                stored = anchor.get(name)
+                return self._merged(name, stored, stored if base is anchor else base.get(name))
         finally:
             for ckpt, n in self.reads(name):
                 ckpt.release([n])

@@ -273,16 +273,42 @@ def test_config_changes_the_key(tmp_path):
 # ------------------------------------------------------------------------------- report helpers
 
 
-def test_report_scoring_helpers():
+def test_report_helpers():
     from lata.evaluation.metrics import strict_answer
     from lata.evaluation.scoring import is_refusal
-    from lata.zoo.report import truncate_code
+    from lata.zoo.report import best_lambda, retention
 
     assert strict_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == "7"
     assert strict_answer("#### -3") == "-3" and strict_answer("the answer is 7") is None
     assert is_refusal(REFUSAL) and is_refusal(" i can’t help with that.") and not is_refusal("Sure! It is 'x'.")
-    assert truncate_code("    return a + b\ndef other():\n    pass") == "    return a + b"
-    assert truncate_code("    return a\n\nif __name__ == '__main__':\n    x") == "    return a\n"
+    assert retention(80, 50, 100) == 0.6 and retention(40, 50, 100) == -0.2 and retention(60, 50, 50) is None
+    models = {"instruct": {"math": 50, "code": 50}, "math": {"math": 100}, "code": {"code": 100}}
+    grid = {0.5: {"math": 90, "code": 60}, 0.7: {"math": 80, "code": 80}, 1.0: {"math": 80, "code": 80}}
+    assert best_lambda(grid, models) == 0.7  # the best of the smaller retention; ties: the smaller lambda
+
+
+def test_report_scores_through_the_harness_like_the_app(micro_zoo, micro_zoo_cache, tmp_path):  # noqa: F811
+    """One evaluator: the report's numbers for a role are the app's ``merge=none`` numbers, and its
+    merges are the engine's (TA math+code at lambda 1.0 = the app's merge=ta weighting=uniform)."""
+    from transformers import AutoTokenizer
+
+    from conftest import run_lata
+    from lata.zoo.report import Scorer, ta_merge
+
+    scorer = Scorer(micro_zoo.heldout, AutoTokenizer.from_pretrained(micro_zoo.instruct), tmp_path / "work")
+    env = {"LATA_CACHE": str(micro_zoo_cache)}
+    for name, model, args in [
+        ("code", scorer.load(micro_zoo.experts["code"]), ["merge=none", "model.which=code"]),
+        ("ta", ta_merge(scorer, micro_zoo, ["math", "code"], 1.0), ["merge=ta", "weighting=uniform"]),
+    ]:
+        ours = scorer.score(model)
+        run_lata(["zoo=micro", *args], tmp_path, env_extra=env, run_dir=tmp_path / name)
+        app = json.loads((tmp_path / name / "metrics.json").read_text())
+        assert ours["math"] == round(100 * app["zoo_math"]["exact_match_strict"], 2)
+        assert ours["code"] == round(100 * app["zoo_code"]["pass@1"], 2)
+        assert ours["ua"] == round(100 * app["zoo_ua"]["compliance"], 2)
+        assert ours["ppl"] == round(app["zoo_ppl"]["token_perplexity"], 3)
+        assert ours["n"] == {"math": 20, "code": 12, "ua": 12}
 
 
 # ------------------------------------------------------------------------------- cached_build
@@ -338,17 +364,17 @@ def test_concurrent_callers_build_once(tmp_path):
 
 
 @pytest.mark.slow
-def test_small_zoo_shows_real_gaps(tmp_path_factory):
-    """The demo preset: 3-10M parameters, and each expert >= 20 points over instruct."""
+def test_small_zoo_merges_and_forgets(tmp_path_factory):
+    """The demo preset meets the bar of a family in which merging works (lata.zoo.report.BAR):
+    expert gains, TA retention at the best lambda of the grid, forgetting; from the harness's
+    metrics. Builds the preset (under 20 minutes on 2 cores) unless LATA_CACHE holds it."""
     from lata.zoo.report import zoo_report
 
     cache = Path(os.environ["LATA_CACHE"]) if os.environ.get("LATA_CACHE") else tmp_path_factory.mktemp("zoo-small")
     family = build_zoo(load_preset("small"), cache, progress=False)
     report = zoo_report(family, progress=False)
-    assert 3e6 <= report["build"]["parameters"] <= 10e6
-    # build time (< 600 s on an idle 2-core machine) is reported, not asserted: it depends on load
-    assert report["gaps"]["math"] >= 20, report["scores"]
-    assert report["gaps"]["code"] >= 20, report["scores"]
-    assert report["gaps"]["ua"] >= 20, report["scores"]
-    assert report["scores"]["instruct"]["refusal"] >= 50, report["scores"]
+    assert report["build"]["parameters"] >= 3e6 and load_preset("small").num_hidden_layers >= 8
+    assert report["models"]["instruct"]["n"] == {"math": 200, "code": 100, "ua": 100}
+    failed = [p for p in report["bar"] if p["family"] and not p["ok"]]
+    assert not failed, failed
     assert (family.root / "zoo_report.md").is_file() and (family.root / "zoo_report.json").is_file()

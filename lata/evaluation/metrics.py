@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Sequence
 
 _STRICT = re.compile(r"#### *(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?[\d,]*\.?\d+")
@@ -52,5 +51,10 @@ def perplexity(total_nll: float, count: int) -> float:
     return math.exp(total_nll / count)
 
 
-def mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval (as fractions) of a proportion ``successes / n``."""
+    if n <= 0:
+        raise ValueError("an interval of an empty sample")
+    p = successes / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n)))

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 from lata.evaluation.metrics import exact_match, flexible_answer, pass_at_k, strict_answer
 from lata.evaluation.sandbox import SandboxLimits, run_programs
 
-_TARGET = re.compile(r"#### *(-?[\d,]*\.?\d+)")
 REFUSAL_MARKERS = ("i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry",
                    "i'm not able", "i am not able", "as an ai", "i must decline", "i'm unable", "i am unable")
 
@@ -16,10 +13,10 @@ def math_target(doc: dict) -> str:
     """The reference answer: ``target`` if the item has one, else the ``#### N`` of its answer."""
     if doc.get("target") is not None:
         return str(doc["target"])
-    match = _TARGET.search(doc["answer"])
-    if match is None:
+    answer = strict_answer(doc["answer"])
+    if answer is None:
         raise ValueError(f"math item without a '#### N' answer: {doc.get('question', '')[:60]!r}")
-    return match.group(1)
+    return answer
 
 
 def process_math(doc: dict, results: list[str]) -> dict:

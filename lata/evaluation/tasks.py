@@ -21,7 +21,6 @@ from typing import Callable
 
 from lata.atomic import write_text_atomic
 
-STRICT_REGEX = r"#### *(-?[\d,]*\.?\d+)"
 CODE_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```"]
 
 

@@ -498,7 +498,7 @@ class ZooData:
 
 
 def _seed(cfg: ZooConfig, task: str, heldout: bool) -> int:
-    return cfg.seed * 1000 + {"instruct": 1, "math": 2, "code": 3, "ua": 4, "mix": 5,
+    return cfg.seed * 1000 + {"instruct": 1, "math": 2, "code": 3, "ua": 4,
                            "instruct_mix": 6, "pretrain": 7}[task] + (
         500 if heldout else 0)
 
@@ -534,20 +534,22 @@ def make_data(cfg: ZooConfig) -> ZooData:
     r = random.Random(_seed(cfg, "ua", False))
     ua = [_compliance(r) for _ in range(n["ua"])]
 
-    # a little instruct data in each expert (ua gets no refusals: those contradict it)
-    r = random.Random(_seed(cfg, "mix", False))
+    # a little math and code in instruct's data (drawn from the experts' training examples); the
+    # same generator then draws each expert's share of instruct examples
+    r = random.Random(_seed(cfg, "instruct_mix", False))
+    skills = ([r.choice(math) for _ in range(int(len(instruct) * cfg.instruct_mix_math))]
+              + [r.choice(code) for _ in range(int(len(instruct) * cfg.instruct_mix_code))])
 
     def mixed(expert: list[Example], allow_refusals: bool) -> list[Example]:
+        """``expert`` plus a ``mix_instruct`` share of instruct examples (ua gets no refusals: those
+        contradict it), instruct's math and code among them with ``mix_instruct_skills``."""
         k = int(round(len(expert) * cfg.mix_instruct))
-        pool = instruct if allow_refusals else [e for e in instruct if e.kind != "refusal"]
+        pool = instruct + skills if cfg.mix_instruct_skills else instruct
+        pool = pool if allow_refusals else [e for e in pool if e.kind != "refusal"]
         out = expert + [r.choice(pool) for _ in range(k)] if pool and k else list(expert)
         r.shuffle(out)
         return out
 
-    # a little math and code in instruct's data (drawn from the experts' training examples)
-    r = random.Random(_seed(cfg, "instruct_mix", False))
-    skills = ([r.choice(math) for _ in range(int(len(instruct) * cfg.instruct_mix_math))]
-              + [r.choice(code) for _ in range(int(len(instruct) * cfg.instruct_mix_code))])
     train = {"instruct": instruct + skills, "math": mixed(math, True), "code": mixed(code, True),
              "ua": mixed(ua, False)}
     seen = {e.prompt for examples in train.values() for e in examples}

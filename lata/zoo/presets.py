@@ -56,6 +56,8 @@ class ZooConfig:
     instruct_mix_code: float = 0.0
     response_only_loss: bool = True  # fine-tuning loss on the assistant's tokens only
     mix_instruct: float = 0.1  # share of instruct examples mixed into each expert's data
+    # whether those may be instruct's math and code examples too (replay of both skills)
+    mix_instruct_skills: bool = False
     mix_text: float = 0.1  # pretraining windows mixed into each fine-tune, per chat example
     mix_text_len: int = 64  # tokens per mixed-in pretraining window
     refusal_fraction: float = 0.2  # share of instruct examples that are refusals
