@@ -268,6 +268,9 @@ def test_config_changes_the_key(tmp_path):
     a, b = load_preset("micro"), dataclasses.replace(load_preset("micro"), seed=1)
     assert cache_key("zoo-micro", cache_config(a), "1") != cache_key("zoo-micro", cache_config(b), "1")
     assert cache_config(a)["env"]["python"] == list(__import__("sys").version_info[:2])
+    # a family trained on a GPU is cached apart from the CPU one (any GPU index: the same kind)
+    assert cache_config(a, "cpu") == cache_config(a)
+    assert cache_config(a, "cuda") != cache_config(a) and cache_config(a, "cuda:1") == cache_config(a, "cuda")
 
 
 # ------------------------------------------------------------------------------- report helpers
