@@ -50,7 +50,8 @@ class Family:
                       experts={name: Checkpoint(path, role=f"expert '{name}'") for name, path in experts.items()})
         if target is not None:
             own = {str(c.source): c for c in [family["base"], family["instruct"], *family["experts"].values()]}
-            family["target"] = own.get(str(target)) or Checkpoint(target, role="target")
+            same = own.get(str(target))
+            family["target"] = same if same is not None else Checkpoint(target, role="target")
         return cls(**family)
 
     @property
@@ -61,7 +62,7 @@ class Family:
     @property
     def inputs(self) -> list[Checkpoint]:
         """Every checkpoint a merge reads: ``checkpoints`` and the target, once each."""
-        extra = [self.target] if self.target is not None and self.target not in self.checkpoints else []
+        extra = [self.target] if self.target is not None and all(self.target is not c for c in self.checkpoints) else []
         return self.checkpoints + extra
 
     def output_base(self, anchor: str) -> Checkpoint:
