@@ -16,12 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lata.config import ConfigError, register_configs
-
-
-def config_dir() -> str:
-    """``conf/`` of the repository (editable install) unless LATA_CONFIG_DIR says otherwise."""
-    return os.environ.get("LATA_CONFIG_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+from lata.config import ConfigError, config_dir, register_configs
 
 
 def _task(cfg: DictConfig) -> float | None:

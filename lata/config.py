@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
+import os
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from lata.zoo.presets import ZooConfig
+
+def config_dir() -> str:
+    """The config groups (``conf/``): ``$LATA_CONFIG_DIR`` if set, else the package's own copy
+    (``lata/conf``, found with importlib.resources: in a checkout a link to the repository's
+    ``conf/``, in a wheel the files themselves)."""
+    return os.environ.get("LATA_CONFIG_DIR") or str(importlib.resources.files("lata") / "conf")
+
 
 METHODS = ("ta", "ties", "dare", "dare_ties")
 APP_METHODS = METHODS + ("none",)  # merge=none evaluates one model of the family unmerged

@@ -84,7 +84,9 @@ def repo_root() -> Path:
 
 
 def preset_path(name: str) -> Path:
-    return repo_root() / "conf" / "zoo" / f"{name}.yaml"
+    from lata.config import config_dir  # lata.config imports this module
+
+    return Path(config_dir()) / "zoo" / f"{name}.yaml"
 
 
 def to_zoo_config(cfg: Any) -> ZooConfig:

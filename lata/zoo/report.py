@@ -34,7 +34,6 @@ from typing import Any
 from lata.atomic import write_json_atomic, write_text_atomic
 from lata.evaluation.metrics import wilson_interval
 from lata.zoo.build import ZooFamily
-from lata.zoo.presets import repo_root
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.2, 1.5)
 #: task -> (harness task, primary metric); accuracies are reported in percent
@@ -51,10 +50,10 @@ def zoo_benchmark() -> Any:
     are the app's (batching included: padding can change a greedy token)."""
     from omegaconf import OmegaConf
 
-    from lata.config import BenchmarkConfig
+    from lata.config import BenchmarkConfig, config_dir
 
     return OmegaConf.merge(OmegaConf.structured(BenchmarkConfig),
-                           OmegaConf.load(repo_root() / "conf" / "benchmark" / "zoo.yaml"))
+                           OmegaConf.load(Path(config_dir()) / "benchmark" / "zoo.yaml"))
 
 
 class Scorer:
