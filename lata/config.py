@@ -93,9 +93,11 @@ class BenchmarkConfig:
     code_samples: int = 1  # completions per problem; >1 samples at `temperature` for pass@k
     temperature: float = 0.8
     code_timeout_s: float = 5.0
-    #: tokens of context in evaluation (HFLM's max_length; generation keeps half for the prompt);
-    #: null = the model's max_position_embeddings. Bounds memory: logits are batch x length x vocab
-    max_length: Optional[int] = None
+    #: tokens of context in evaluation (HFLM's max_length; generation keeps half for the prompt),
+    #: never more than the model's max_position_embeddings; null = the model's whole context.
+    #: Bounds time and memory (logits are batch x length x vocab): a CPU finishes in minutes at
+    #: 2048 where a model's 8192-token context takes hours
+    max_length: Optional[int] = 2048
     ppl_window: Optional[int] = None  # strided token perplexity window; null = the context length
     ppl_stride: int = 512
 

@@ -42,6 +42,11 @@ def test_default_config():
     assert cfg.model.embedded == "zoo" and cfg.zoo.name == "small" and dict(cfg.model.experts) == {"math": "", "code": ""}
     assert cfg.merge.method == "ta" and cfg.weighting.name == "linear_rank" and cfg.benchmark.name == "zoo"
     assert cfg.save_model is None and cfg.device == "cpu"
+    assert cfg.model.target is None
+    # evaluation context: 2048 tokens on every suite unless raised; null gives the model's own
+    for suite in ("zoo", "offline", "paper"):
+        assert compose(config_name="config", overrides=[f"benchmark={suite}"]).benchmark.max_length == 2048
+    assert compose(config_name="config", overrides=["benchmark.max_length=null"]).benchmark.max_length is None
 
 
 @pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare_ties"])  # merge=none builds nothing
