@@ -160,33 +160,17 @@ class Checkpoint:
     def nbytes(self, name: str) -> int:
         return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.dtype_name(name), 4)
 
-    def get(self, name: str, check_finite: bool = False) -> torch.Tensor:
-        """One tensor (CPU, stored dtype); optionally refuse NaN/Inf, naming file and tensor.
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor (CPU, stored dtype).
 
         The tensor is a zero-copy view of the file's private memory map: writing to it changes
         this process's copy only (copy on write), never the file.
         """
         file = self.files[name]
         try:
-            tensor = self._view(name)
+            return self._view(name)
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor '{name}' from {file}: {exc}") from exc
-        if check_finite:
-            self.check_finite(name, tensor)
-        return tensor
-
-    def check_finite(self, name: str, tensor: torch.Tensor | None = None) -> None:
-        """Refuse NaN/Inf in a tensor, naming file and tensor.
-
-        Fast path: a sum is finite only if every term is; a non-finite sum (NaN/Inf, or an
-        overflow of huge finite values) is then checked element by element.
-        """
-        tensor = self.get(name) if tensor is None else tensor
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            return
-        if finite_sum(tensor):
-            return
-        self.refuse_non_finite(name, tensor)
 
     def refuse_non_finite(self, name: str, tensor: torch.Tensor | None = None) -> None:
         """Element-by-element check; raises naming file and tensor if any value is NaN or Inf."""

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from lata.architectures import REST, Architecture, architecture_for, config_value
+from lata.architectures import Architecture, architecture_for, config_value
 from lata.checkpoints import Checkpoint, CheckpointError
 
 RESERVED_ROLES = ("base", "instruct")
@@ -101,10 +101,6 @@ class Family:
 
     def layer_of(self, name: str) -> int | None:
         return self.architecture.layer_of(name)
-
-    def group_of(self, name: str) -> int | str:
-        layer = self.layer_of(name)
-        return REST if layer is None else layer
 
     @cached_property
     def num_layers(self) -> int:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).parent
 
-REST = "rest"  # the group of every tensor outside the transformer blocks
-
 
 @dataclass(frozen=True)
 class Architecture:

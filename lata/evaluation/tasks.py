@@ -145,8 +145,9 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in [
 
 def task_yaml(spec: TaskSpec, paths: DataPaths, num_fewshot: int = 0, code_samples: int = 1,
               temperature: float = 0.8, context: int = 1 << 20) -> str:
-    """``context``: the model's maximum length; generation keeps at most half of it."""
-    """The lm-eval YAML of one task (JSON is valid YAML; ``!function`` lines are appended)."""
+    """The lm-eval YAML of one task (JSON is valid YAML; ``!function`` lines are appended).
+
+    ``context``: the model's maximum length; generation keeps at most half of it."""
     data = spec.data(paths)
     config = {"task": spec.name, "dataset_path": data["dataset_path"], "test_split": data["test_split"],
               "doc_to_text": spec.doc_to_text, "doc_to_target": spec.doc_to_target or " "}

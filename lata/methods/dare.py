@@ -1,4 +1,4 @@
-"""DARE drop-and-rescale, alone and followed by TIES' sign election (LATA_SPEC `dare`, `dare_ties`).
+"""DARE's masks and rescaling (LATA_SPEC `dare`, `dare_ties`: the methods are in ``lata.methods``).
 
 Decision: masks are drawn on the CPU from a torch.Generator seeded by sha256(seed, expert,
 tensor), so a merge is identical whatever the device, the tensor order or the thread count.
@@ -10,8 +10,6 @@ import hashlib
 from typing import Sequence
 
 import torch
-
-from lata.methods.ties import disjoint_mean
 
 
 def mask_seed(seed: int, expert: str, tensor: str) -> int:
@@ -25,27 +23,7 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, seed: int, expert: st
     return torch.rand(tuple(shape), generator=generator) < (1.0 - p)
 
 
-def drop_and_rescale(v: torch.Tensor, lam: float, p: float, seed: int, expert: str, tensor: str) -> torch.Tensor:
-    """u = lambda * m * v / (1 - p)."""
-    return rescale_kept(v, keep_mask(v.shape, p, seed, expert, tensor), lam, p)
-
-
 def rescale_kept(v: torch.Tensor, mask: torch.Tensor, lam: float, p: float) -> torch.Tensor:
     """u = lambda * m * v / (1 - p) for a given mask m (any slice of the tensor with its mask)."""
     mask = mask.to(v.device).view(v.shape)
     return torch.where(mask, v * (lam / (1.0 - p)), torch.zeros((), dtype=v.dtype, device=v.device))
-
-
-def dare(vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str], tensor: str,
-         p: float, seed: int) -> torch.Tensor:
-    """sum_k u_k."""
-    total = torch.zeros_like(vectors[0])
-    for v, lam, expert in zip(vectors, lams, experts):
-        total += drop_and_rescale(v, lam, p, seed, expert, tensor)
-    return total
-
-
-def dare_ties(vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str], tensor: str,
-              p: float, seed: int) -> torch.Tensor:
-    """Sign election and disjoint mean of the u_k."""
-    return disjoint_mean([drop_and_rescale(v, lam, p, seed, e, tensor) for v, lam, e in zip(vectors, lams, experts)])
