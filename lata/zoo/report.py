@@ -197,6 +197,10 @@ def zoo_report(family: ZooFamily, progress: bool = True, device: str = "cpu",
                grid: tuple[float, ...] = GRID) -> dict:
     """Score the family (roles, merges, forgetting); write ``zoo_report.{json,md}``; print it."""
     from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    from lata.analysis import layer_similarities
+    from lata.family import Family
 
     start = time.perf_counter()
     bar = tqdm(total=5 + len(grid) + 2 + 4, desc="zoo report", disable=not progress, dynamic_ncols=True)
@@ -206,19 +210,16 @@ def zoo_report(family: ZooFamily, progress: bool = True, device: str = "cpu",
         bar.update(1)
         return out
 
-    from lata.analysis import layer_similarities
-    from lata.family import Family
-
     sims = layer_similarities(Family.open(family.base, family.instruct, {k: str(v) for k, v in family.experts.items()}),
                               device=device, progress=False).similarities
     with tempfile.TemporaryDirectory(prefix="lata-zoo-report-") as tmp:
-        from transformers import AutoTokenizer
-
         scorer = Scorer(family.heldout, AutoTokenizer.from_pretrained(family.instruct), Path(tmp), device)
         models = {role: scored(scorer.load(path)) for role, path in family.roles().items()}
         mc = {str(lam): scored(ta_merge(scorer, family, ["math", "code"], lam)) for lam in grid}
         best = best_lambda({float(k): v for k, v in mc.items()}, models)
-        three = {str(lam): scored(ta_merge(scorer, family, ["math", "code", "ua"], lam)) for lam in sorted({best, 1.0})}
+        lams3 = sorted({best, 1.0})
+        bar.total = 5 + len(grid) + len(lams3) + 4
+        three = {str(lam): scored(ta_merge(scorer, family, ["math", "code", "ua"], lam)) for lam in lams3}
         merged3 = Path(tmp) / "math_code_ua"
         ta_merge(scorer, family, ["math", "code", "ua"], best, save=merged3)
         forgetting = {}
