@@ -81,10 +81,12 @@ class WeightingConfig:
 
 @dataclass
 class BenchmarkConfig:
-    """A suite of lm-eval tasks (lata.evaluation.tasks.TASKS) and how to run them."""
+    """A suite of lm-eval tasks and how to run them: LATA's own (lata.evaluation.tasks.TASKS),
+    lm-eval's registry, or the user's task YAMLs in ``include_path``."""
 
     name: str = "none"
     tasks: List[str] = field(default_factory=list)
+    include_path: Optional[str] = None  # a directory of the user's lm-eval task YAMLs
     limit: Optional[float] = None  # documents per task (int) or fraction (float < 1); null = all
     batch_size: int = 8  # set on HFLM
     num_fewshot: int = 0  # math tasks
@@ -209,10 +211,12 @@ def validate_weighting(w: WeightingConfig) -> None:
 
 
 def validate_benchmark(b: BenchmarkConfig) -> None:
-    from lata.evaluation.tasks import TASKS
-
-    for task in b.tasks:
-        _one_of("benchmark.tasks", task, tuple(TASKS))
+    """Values only: task names are checked against LATA's tasks, lm-eval's registry and
+    ``include_path`` when the harness loads them, before any generation."""
+    if any(not isinstance(t, str) or not t for t in b.tasks):
+        raise ConfigError(f"benchmark.tasks={list(b.tasks)} must be a list of task names")
+    if getattr(b, "include_path", None) and not os.path.isdir(os.path.expanduser(str(b.include_path))):
+        raise ConfigError(f"benchmark.include_path={b.include_path} is not a directory (of lm-eval task YAMLs)")
     if b.limit is not None and b.limit <= 0:
         raise ConfigError(f"benchmark.limit={b.limit} must be positive (or null for every document)")
     if b.batch_size < 1 or b.code_samples < 1:

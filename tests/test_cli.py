@@ -136,6 +136,42 @@ def test_default_app_merges_the_zoo_and_evaluates_it(micro_zoo_cache, tmp_path):
     assert 0 <= metrics["zoo_math"]["exact_match_strict"] <= 1 and metrics["zoo_ppl"]["token_perplexity"] > 1
 
 
+USER_TASK = """task: my_pick
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: 0
+metric_list:
+  - metric: acc
+"""
+
+
+def test_a_users_lm_eval_task_runs_beside_latas_own(micro_zoo_cache, tmp_path):
+    """benchmark.include_path: the user's task YAML over a local JSON file, scored by lm-eval.
+    One choice per question: accuracy is 1 whatever the model."""
+    tasks = tmp_path / "my_tasks"
+    tasks.mkdir()
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"question": f"Q{i}?", "choices": [f"A{i}"]}) + "\n" for i in range(3)))
+    (tasks / "my_pick.yaml").write_text(USER_TASK.format(data=data))
+    run_lata(["zoo=micro", "merge=none", "benchmark.tasks=[my_pick,zoo_ppl]", f"benchmark.include_path={tasks}",
+              "benchmark.limit=2"], tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)})
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["my_pick"]["acc"] == 1.0 and metrics["my_pick"]["samples"] == 2
+    assert metrics["zoo_ppl"]["samples"] == 2 and metrics["zoo_ppl"]["token_perplexity"] > 1
+    # a name in neither LATA's tasks, lm-eval's registry nor the include path: one line, exit 2
+    result = run_lata(["zoo=micro", "merge=none", "benchmark.tasks=[my_pik]", f"benchmark.include_path={tasks}"],
+                      tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)}, check=False,
+                      run_dir=tmp_path / "bad")
+    assert result.returncode == 2 and "unknown benchmark task 'my_pik'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_merge_none_evaluates_one_role_unmerged(micro_zoo_cache, tmp_path):
     run_lata(["zoo=micro", "merge=none", "model.which=math", "benchmark.tasks=[zoo_ppl]", "benchmark.limit=2"],
              tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)})

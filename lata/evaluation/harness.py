@@ -49,7 +49,15 @@ def strided_perplexity(model: Any, tokenizer: Any, texts: list[str], window: int
 
 def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: Path,
              zoo_heldout: Path | None = None) -> dict[str, dict[str, float]]:
-    """Run ``bench.tasks`` on the model; return {task: {metric: value}}."""
+    """Run ``bench.tasks`` on the model; return {task: {metric: value}}.
+
+    A name LATA defines (``lata.evaluation.tasks.TASKS``) is rendered with its data and scored by
+    LATA (code in the sandbox); any other name is looked up in lm-eval's own registry and in
+    ``bench.include_path`` (a directory of the user's task YAMLs) and scored by lm-eval, with
+    every numeric metric it reports (for a group: the group's and each subtask's). Unknown names
+    are refused before any generation. lm-eval's own tasks that execute model-written code stay
+    refused by lm-eval: such code runs only in LATA's sandbox.
+    """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -59,13 +67,30 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     if any(TASKS[n].kind == "code" for n in names if n in TASKS):
         ensure_code_execution_allowed(bool(bench.allow_code_execution))  # before any generation
     context = context_length(model, bench.max_length)
-    specs = render_tasks(names, Path(work_dir) / "lm_eval_tasks", DataPaths(Path(data_dir), zoo_heldout),
+    own, others = [n for n in names if n in TASKS], [n for n in names if n not in TASKS]
+    specs = render_tasks(own, Path(work_dir) / "lm_eval_tasks", DataPaths(Path(data_dir), zoo_heldout),
                          num_fewshot=int(bench.num_fewshot), code_samples=int(bench.code_samples),
                          temperature=float(bench.temperature), context=context)
-    manager = TaskManager(include_path=str(Path(work_dir) / "lm_eval_tasks"), include_defaults=False)
+    user_dir = getattr(bench, "include_path", None)
+    include = [str(Path(work_dir) / "lm_eval_tasks")] + ([str(Path(user_dir).expanduser())] if user_dir else [])
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if any(n not in manager.all_tasks for n in others):  # indexing lm-eval's registry takes seconds
+        manager = TaskManager(include_path=include, include_defaults=True)
+    unknown = [n for n in others if n not in manager.all_tasks]
+    if unknown:
+        raise ValueError(f"unknown benchmark task '{unknown[0]}': not one of LATA's ({', '.join(TASKS)}), nor in "
+                         f"lm-eval's registry{' or in ' + str(user_dir) if user_dir else ''}")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size), max_length=context)
     limit = bench.limit
     metrics: dict[str, dict[str, float]] = {}
+    if others:  # lm-eval's tasks and the user's, plain prompts, scored by lm-eval
+        out = simple_evaluate(model=lm, tasks=others, task_manager=manager, limit=limit, log_samples=True,
+                              random_seed=0)
+        for name, result in out["results"].items():
+            values = _numeric(result)
+            if name in out.get("samples", {}):
+                values["samples"] = float(len(out["samples"][name]))
+            metrics[name] = values
     for chat in (False, True):
         group = [s for s in specs if s.chat == chat]
         if not group:
@@ -73,8 +98,7 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
         out = simple_evaluate(model=lm, tasks=[s.name for s in group], task_manager=manager, limit=limit,
                               log_samples=True, apply_chat_template=chat, random_seed=0)
         for spec in group:
-            values = {k.split(",")[0]: float(v) for k, v in out["results"][spec.name].items()
-                      if "," in k and not k.split(",")[0].endswith("_stderr") and _is_number(v)}
+            values = _numeric(out["results"][spec.name])
             values.pop("bypass", None)
             if spec.kind == "code":
                 samples = sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])
@@ -90,6 +114,12 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
             values["samples"] = float(len(out["samples"][spec.name]))
             metrics[spec.name] = values
     return metrics
+
+
+def _numeric(result: dict) -> dict[str, float]:
+    """{metric: value} of one lm-eval result entry ("metric,filter" keys; stderrs left out)."""
+    return {k.split(",")[0]: float(v) for k, v in result.items()
+            if "," in k and not k.split(",")[0].endswith("_stderr") and _is_number(v)}
 
 
 def _completions(sample: dict) -> list[str]:
