@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from lata.zoo.presets import ZooConfig
 
+
 def config_dir() -> str:
     """The config groups (``conf/``): ``$LATA_CONFIG_DIR`` if set, else the package's own copy
     (``lata/conf``, found with importlib.resources: in a checkout a link to the repository's

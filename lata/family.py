@@ -107,15 +107,16 @@ class Family:
         return _count_layers(self.architecture, self.base.names)
 
     def _check_compatible(self) -> Architecture:
-        types = {c.config.get("model_type") for c in self.inputs}
+        inputs = self.inputs
+        types = {c.config.get("model_type") for c in inputs}
         if len(types) != 1:
-            listing = ", ".join(f"{c.role}={c.config.get('model_type')}" for c in self.inputs)
+            listing = ", ".join(f"{c.role}={c.config.get('model_type')}" for c in inputs)
             raise CheckpointError(f"checkpoints have different model_type: {listing}")
         arch = architecture_for(types.pop())
         reference = self.base
         ref_names = set(reference.names)
         ref_layers = _count_layers(arch, reference.names)
-        for other in self.inputs[1:]:
+        for other in inputs[1:]:
             names = set(other.names)
             tied = set(arch.tied_aliases(other.config))
             differing = sorted((ref_names ^ names) - tied)
@@ -137,7 +138,7 @@ class Family:
                 f"no tensor of {reference.path} matches the block prefixes of {arch.model_type} "
                 f"({', '.join(arch.layer_prefixes)})"
             )
-        for ckpt in self.inputs:
+        for ckpt in inputs:
             _check_config(arch, ckpt)
         self._check_dtypes()
         return arch
@@ -150,8 +151,9 @@ class Family:
         they are buffers and tables, small next to the weights), so a mismatch is refused
         before any output; a floating tensor may differ in dtype between roles (every method
         computes in float32)."""
+        inputs = self.inputs
         for name in self.base.names:
-            holders = [c for c in self.inputs if name in c.files]
+            holders = [c for c in inputs if name in c.files]
             kinds = [c.torch_dtype(name) for c in holders]
             odd = [c for c, kind in zip(holders, kinds) if kind is not None and not kind.is_floating_point]
             if not odd:

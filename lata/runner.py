@@ -122,10 +122,11 @@ def _named_inputs(model: Any) -> dict[str, str]:
     """The checkpoints a config names itself (an embedded family's are known once built)."""
     if model.embedded is not None:
         return {}
-    named = {"base": str(model.base), "instruct": str(model.instruct),
-             **{f"expert '{k}'": str(v) for k, v in model.experts.items()}}
-    if model.get("target") and str(model.target) not in ("base", "instruct", *model.experts):
-        named["target"] = str(model.target)
+    experts = {k: str(v) for k, v in model.experts.items()}
+    named = {"base": str(model.base), "instruct": str(model.instruct), **{f"expert '{k}'": v for k, v in experts.items()}}
+    target = _target(model, {"base": named["base"], "instruct": named["instruct"], **experts})
+    if target is not None and target not in named.values():
+        named["target"] = target
     return named
 
 

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -184,6 +185,21 @@ def train_stage(model, rows, steps: int, batch_size: int, lr: float, cfg: ZooCon
 # =========================================================================== build
 
 
+@contextmanager
+def quiet_hf_bars() -> Iterator[None]:
+    """Hugging Face's per-model progress bars ("Loading weights", "Writing shards") off within
+    the block: noise when the zoo saves or loads many small models."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -194,7 +210,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _build(out: Path, cfg: ZooConfig, progress: bool, device: str = "cpu") -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
@@ -239,13 +254,8 @@ def _build(out: Path, cfg: ZooConfig, progress: bool, device: str = "cpu") -> No
 
         def save(model, role: str) -> None:
             model.generation_config = gen
-            bars = hf_logging.is_progress_bar_enabled()
-            hf_logging.disable_progress_bar()
-            try:
+            with quiet_hf_bars():
                 model.save_pretrained(out / role)
-            finally:
-                if bars:
-                    hf_logging.enable_progress_bar()
             tokenizer.save_pretrained(out / role)
 
         stats: dict[str, Any] = {"prepare_seconds": round(prep_s, 2), "stages": {}}

@@ -33,7 +33,7 @@ from typing import Any
 
 from lata.atomic import write_json_atomic, write_text_atomic
 from lata.evaluation.metrics import wilson_interval
-from lata.zoo.build import ZooFamily
+from lata.zoo.build import ZooFamily, quiet_hf_bars
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.2, 1.5)
 #: task -> (harness task, primary metric); accuracies are reported in percent
@@ -66,15 +66,9 @@ class Scorer:
     def load(self, path: str | Path) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
-        from transformers.utils import logging as hf_logging
 
-        bars = hf_logging.is_progress_bar_enabled()
-        hf_logging.disable_progress_bar()  # the per-model "Loading weights" bar is noise here
-        try:
+        with quiet_hf_bars():
             return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(self.device).eval()
-        finally:
-            if bars:
-                hf_logging.enable_progress_bar()
 
     def score(self, model: Any) -> dict[str, float]:
         from lata.evaluation.harness import evaluate
