@@ -25,7 +25,7 @@ _EXPORTS = {
     "ConfigError": "lata.config", "MergeConfig": "lata.config", "WeightingConfig": "lata.config",
     "MergePlan": "lata.engine", "iter_merged": "lata.engine", "merge_into_model": "lata.engine",
     "merge_state_dict": "lata.engine", "merge_to_dir": "lata.engine", "plan_merge": "lata.engine",
-    "Family": "lata.family", "layer_weights": "lata.weighting",
+    "Family": "lata.family", "layer_weights": "lata.weightings",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -44,4 +44,4 @@ if TYPE_CHECKING:
     from lata.config import ConfigError, MergeConfig, WeightingConfig
     from lata.engine import MergePlan, iter_merged, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
     from lata.family import Family
-    from lata.weighting import layer_weights
+    from lata.weightings import layer_weights

@@ -3,7 +3,10 @@
 The dataclasses are registered in Hydra's ConfigStore (``register_configs``) as the schema of
 ``conf/config.yaml``, so a misspelt key is refused by OmegaConf when the config is composed.
 ``validate`` then checks values (ranges, allowed names) and names the key and what is allowed.
-The same dataclasses are the options of the Python API, so both paths share one set of defaults.
+``merge`` and ``weighting`` hold the common keys only: each method and weighting declares its
+own in its registry (``lata.methods.METHODS``, ``lata.weightings.WEIGHTINGS``), which
+``validate_merge`` and ``validate_weighting`` read; the zoo's recipe is checked by the zoo.
+The same classes are the options of the Python API, so both paths share one set of defaults.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from lata.zoo.presets import ZooConfig
+from lata.registry import ConfigError, coerce, in_range, one_of, plain as to_plain
 
 
 def config_dir() -> str:
@@ -26,13 +29,9 @@ def config_dir() -> str:
     return os.environ.get("LATA_CONFIG_DIR") or str(importlib.resources.files("lata") / "conf")
 
 
-METHODS = ("ta", "ties", "dare", "dare_ties")
-APP_METHODS = METHODS + ("none",)  # merge=none evaluates one model of the family unmerged
+UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (model.which)
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
-TOPK_SCOPES = ("tensor", "global")
-WEIGHTINGS = ("uniform", "threshold", "linear_rank", "log_rank", "explicit")
-NORMALIZE = ("none", "mean")
 DTYPES = ("float32", "float16", "bfloat16")
 LOGGERS = ("none", "wandb")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
@@ -58,26 +57,57 @@ class ModelConfig:
     dtype: str = "auto"  # dtype the model is loaded in for evaluation: auto | float32 | bfloat16 | float16
 
 
-@dataclass
 class MergeConfig:
-    method: str = "ta"
-    lam: float = 1.0
-    lams: Dict[str, float] = field(default_factory=dict)
-    density: float = 0.2
-    topk_scope: str = "tensor"
-    p: float = 0.9
-    seed: int = 0
-    anchor: str = "instruct"
+    """``merge``: the method (a registry name, ``lata.methods.METHODS``, or a dotted path), the
+    scales lambda (``lam``, per expert ``lams``), the anchor, and the method's own keys
+    (``params``: TIES's density, DARE's p, ...; each method declares its own).
+
+    ``MergeConfig(method="ties", density=0.3)`` in Python; ``MergeConfig.of(cfg.merge)`` from a
+    composed config. Values are checked by ``validate_merge``.
+    """
+
+    COMMON = ("method", "lam", "lams", "anchor")
+
+    def __init__(self, method: str = "ta", lam: float = 1.0, lams: Optional[Dict[str, float]] = None,
+                 anchor: str = "instruct", **params: Any):
+        self.method, self.lam, self.anchor = method, lam, anchor
+        self.lams = dict(lams or {})
+        self.params = params
+
+    @classmethod
+    def of(cls, node: Any) -> "MergeConfig":
+        """A MergeConfig from itself, a mapping or a config node."""
+        return node if isinstance(node, cls) else cls(**to_plain(node))
+
+    def as_dict(self) -> dict:
+        """The plain ``merge`` node: what the resume key and the summaries record."""
+        return {"method": self.method, "lam": self.lam, "lams": dict(self.lams), "anchor": self.anchor, **self.params}
+
+    def __repr__(self) -> str:
+        return f"MergeConfig({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
-@dataclass
 class WeightingConfig:
-    name: str = "linear_rank"
-    drop: float = 0.5
-    threshold: float = 0.95
-    normalize: str = "none"
-    rest_weight: float = 1.0
-    weights: Optional[List[float]] = None
+    """``weighting``: the layer weighting (a registry name, ``lata.weightings.WEIGHTINGS``, or a
+    dotted path), ``normalize`` (none | mean), ``rest_weight`` (tensors outside the blocks; None:
+    the weighting's default, 1.0 for all but LiNeS) and the weighting's own keys (``params``)."""
+
+    COMMON = ("name", "normalize", "rest_weight")
+
+    def __init__(self, name: str = "linear_rank", normalize: str = "none", rest_weight: Optional[float] = None,
+                 **params: Any):
+        self.name, self.normalize, self.rest_weight = name, normalize, rest_weight
+        self.params = params
+
+    @classmethod
+    def of(cls, node: Any) -> "WeightingConfig":
+        return node if isinstance(node, cls) else cls(**to_plain(node))
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "normalize": self.normalize, "rest_weight": self.rest_weight, **self.params}
+
+    def __repr__(self) -> str:
+        return f"WeightingConfig({', '.join(f'{k}={v!r}' for k, v in self.as_dict().items())})"
 
 
 @dataclass
@@ -137,12 +167,16 @@ class ObjectiveConfig:
 @dataclass
 class LataConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
-    merge: MergeConfig = field(default_factory=MergeConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    #: the common keys; conf/merge/<method>.yaml adds the method's own (lata.methods registry)
+    merge: Dict[str, Any] = field(default_factory=lambda: MergeConfig().as_dict())
+    #: the common keys; conf/weighting/<name>.yaml adds the weighting's own (lata.weightings)
+    weighting: Dict[str, Any] = field(default_factory=lambda: WeightingConfig().as_dict())
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    zoo: ZooConfig = field(default_factory=ZooConfig)
+    #: the embedded zoo's recipe (conf/zoo/<preset>.yaml); its keys and types are those of
+    #: lata.zoo.presets.ZooConfig, checked when the zoo is built (config imports no zoo)
+    zoo: Dict[str, Any] = field(default_factory=dict)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     save_model: Optional[str] = None
     overwrite: Any = False  # false | true (only a directory LATA wrote) | force (lata.outputs)
@@ -155,13 +189,6 @@ class LataConfig:
     resume: bool = True
 
 
-def to_plain(node: Any) -> Any:
-    """A config node as plain dicts/lists (resolved); anything else unchanged."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def register_configs() -> None:
     """Register the schema with Hydra (``defaults: [lata_schema, ...]`` in conf/config.yaml)."""
     from hydra.core.config_store import ConfigStore
@@ -170,29 +197,21 @@ def register_configs() -> None:
     cs.store(name="lata_schema", node=LataConfig)
 
 
-class ConfigError(ValueError):
-    """A config value is out of range or not one of the allowed names."""
+def validate_merge(merge: Any):
+    """Check a ``merge`` node (or MergeConfig) against the method registry; return the checked
+    method object (``lata.methods.MergeMethod``). ConfigError names the key."""
+    from lata.methods import METHODS
 
-
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")
-
-
-def _in_range(key: str, value: float, low: float, high: float, *, low_open: bool, high_open: bool) -> None:
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ConfigError(f"{key}={value} is out of range; it must lie in {interval}")
-
-
-def validate_merge(m: MergeConfig, allowed: tuple[str, ...] = METHODS) -> None:
-    _one_of("merge.method", m.method, allowed)
-    _one_of("merge.anchor", m.anchor, ANCHORS)
-    _one_of("merge.topk_scope", m.topk_scope, TOPK_SCOPES)
-    _in_range("merge.density", m.density, 0.0, 1.0, low_open=True, high_open=False)
-    _in_range("merge.p", m.p, 0.0, 1.0, low_open=False, high_open=True)
+    m = MergeConfig.of(merge)
+    if "." not in str(m.method):
+        one_of("merge.method", m.method, METHODS.names())
+    one_of("merge.anchor", m.anchor, ANCHORS)
+    coerce("merge.lam", m.lam, float)
+    if not isinstance(m.lams, dict):
+        raise ConfigError(f"merge.lams={m.lams!r} must map expert names to numbers")
+    for name, value in m.lams.items():
+        coerce(f"merge.lams.{name}", value, float)
+    return METHODS.build(m.method, m.params)
 
 
 def validate_lams(lams: Dict[str, float], experts: List[str]) -> None:
@@ -202,13 +221,16 @@ def validate_lams(lams: Dict[str, float], experts: List[str]) -> None:
         raise ConfigError(f"merge.lams.{unknown[0]} names no expert; experts are: {', '.join(experts)}")
 
 
-def validate_weighting(w: WeightingConfig) -> None:
-    _one_of("weighting.name", w.name, WEIGHTINGS)
-    _one_of("weighting.normalize", w.normalize, NORMALIZE)
-    _in_range("weighting.drop", w.drop, 0.0, 1.0, low_open=False, high_open=True)
-    _in_range("weighting.threshold", w.threshold, -1.0, 1.0, low_open=False, high_open=False)
-    if w.name == "explicit" and not w.weights:
-        raise ConfigError("weighting=explicit needs weighting.weights: a list of one number per layer")
+def validate_weighting(weighting: Any):
+    """Check a ``weighting`` node (or WeightingConfig) against the weighting registry; return
+    the checked weighting object (``lata.weightings.Weighting``)."""
+    from lata.weightings import NORMALIZE, WEIGHTINGS
+
+    w = WeightingConfig.of(weighting)
+    one_of("weighting.normalize", w.normalize, NORMALIZE)
+    if w.rest_weight is not None:
+        coerce("weighting.rest_weight", w.rest_weight, float)
+    return WEIGHTINGS.build(w.name, w.params)
 
 
 def validate_benchmark(b: BenchmarkConfig) -> None:
@@ -231,8 +253,8 @@ def validate_benchmark(b: BenchmarkConfig) -> None:
 
 
 def validate_logger(logger: Any) -> None:
-    _one_of("logger.name", logger.name, LOGGERS)
-    _one_of("logger.mode", logger.mode, LOGGER_MODES)
+    one_of("logger.name", logger.name, LOGGERS)
+    one_of("logger.mode", logger.mode, LOGGER_MODES)
 
 
 def check_known_keys(cfg: Any, schema: type = LataConfig, prefix: str = "") -> None:
@@ -261,12 +283,21 @@ def check_known_keys(cfg: Any, schema: type = LataConfig, prefix: str = "") -> N
 def validate(cfg: Any) -> None:
     """Check every key and value of a composed config; raise ConfigError naming the key."""
     check_known_keys(cfg)
-    validate_merge(cfg.merge, APP_METHODS)
+    if cfg.merge.method == UNMERGED:
+        extra = sorted(set(cfg.merge) - set(MergeConfig.COMMON))
+        if extra:
+            raise ConfigError(f"merge.{extra[0]} is not a key of merge=none (a model evaluated unmerged)")
+    else:
+        from lata.methods import METHODS
+
+        if "." not in str(cfg.merge.method):
+            one_of("merge.method", cfg.merge.method, METHODS.names() + [UNMERGED])
+        validate_merge(cfg.merge)
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     if cfg.out_dtype is not None:
-        _one_of("out_dtype", cfg.out_dtype, DTYPES)
+        one_of("out_dtype", cfg.out_dtype, DTYPES)
     if cfg.overwrite not in (False, True, "force"):
         raise ConfigError(f"overwrite={cfg.overwrite!r} is not allowed; choose one of: false, true, force")
     if not (cfg.device == "cpu" or cfg.device == "mps" or str(cfg.device).startswith("cuda")):
@@ -284,7 +315,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.{missing[0]} is not set: give a directory or hub id (++model.{missing[0]}=...)")
         if not model.experts:
             raise ConfigError("model.experts is empty: add at least one, e.g. ++model.experts.math=PATH")
-    _one_of("model.dtype", model.dtype, ("auto",) + DTYPES)
+    one_of("model.dtype", model.dtype, ("auto",) + DTYPES)
     if model.embedded is None and model.which not in ROLES + tuple(model.experts):
         raise ConfigError(f"model.which={model.which!r} is not allowed; choose one of: "
                           f"{', '.join(ROLES + tuple(model.experts))}")

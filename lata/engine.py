@@ -53,15 +53,14 @@ from lata.checkpoints import (TORCH_DTYPES, Checkpoint, CheckpointError, Prefetc
                               torch_dtype_of)
 from lata.compute import (SliceWorkers, as_float32, check_device, page_aligned_empty, pure_slice, thread_buffer,
                           torch_threads, tune_malloc)
-from lata.config import (MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge,
-                         validate_weighting)
+from lata.config import MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge, validate_weighting
 from lata.family import Family
-from lata.methods import MergeMethod, build_method
+from lata.methods import MergeMethod
 from lata.methods.ties import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
                                scaled_magnitude)
 from lata.outputs import check_space, check_target, write_marker, writer_lock
 from lata.shards import StreamingShardWriter
-from lata.weighting import layer_weights
+from lata.weightings import normalized
 
 log = logging.getLogger("lata")
 
@@ -91,7 +90,8 @@ class MergePlan:
     anchor: str
     analysis: LayerAnalysis
     device: str = "cpu"
-    thresholds: dict[str, float] | None = None  # TIES global scope: expert -> |v| threshold
+    #: expert -> whole-model |v| threshold, where the method asks for one (``global_density``)
+    thresholds: dict[str, float] | None = None
     #: a read-ahead thread asks the kernel for the next tensors' bytes (never changes the result)
     prefetch: bool = True
     #: merge_to_dir writes from a writer thread, overlapping the next tensor's merge (same bytes)
@@ -279,7 +279,7 @@ class _TensorVectors:
                                                              list(counted.values()))))
         rest = [i for i in experts if found.get(i) is None]
         if rest:
-            found.update(zip(rest, self._each_magnitude(lambda magnitudes: kth_largest(magnitudes, k, scratch=True),
+            found.update(zip(rest, self._each_magnitude(lambda _, magnitudes: kth_largest(magnitudes, k, scratch=True),
                                                         rest)))
         return [found[i] for i in experts]
 
@@ -293,14 +293,18 @@ class _TensorVectors:
         return (sum(above for _, above, _ in counts),
                 np.concatenate([out[start:start + inside] for start, _, inside in counts]))
 
+    def each_magnitude(self, fn) -> list:
+        """``[fn(i, |d_i|) for each expert i]`` (``lata.methods.TensorVectors``)."""
+        return self._each_magnitude(fn, list(range(len(self.experts))))
+
     def _each_magnitude(self, fn, experts: list[int]) -> list:
-        """``[fn(|d_i|) for i in experts]``, |d_i| flat float32 in a scratch buffer ``fn`` may
+        """``[fn(i, |d_i|) for i in experts]``, |d_i| flat float32 in a scratch buffer ``fn`` may
         reorder; the calls run on the workers, on different buffers."""
         n = self.theta0.numel()
         if len(experts) * n * 4 <= MAGNITUDE_BYTES:
             out = self._magnitudes(experts, self.plan.scratch(len(experts), n))
-            return self.plan.workers.each(fn, list(out))
-        return [fn(self._magnitudes([i], self.plan.scratch(1, n))[0]) for i in experts]
+            return self.plan.workers.each(lambda pair: fn(*pair), list(zip(experts, out)))
+        return [fn(i, self._magnitudes([i], self.plan.scratch(1, n))[0]) for i in experts]
 
     def _magnitudes(self, experts: list[int], out: torch.Tensor) -> torch.Tensor:
         """|d_i| of the given experts into the rows of ``out``, in one pass over the slices."""
@@ -345,48 +349,43 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
 
     ``threads``: CPU slice workers for both passes (None: ``lata.compute.auto_threads()``).
     """
-    merge = merge if merge is not None else MergeConfig()
-    weighting = weighting if weighting is not None else WeightingConfig()
-    validate_merge(merge)
-    validate_weighting(weighting)
+    merge = MergeConfig.of(merge) if merge is not None else MergeConfig()
+    weighting = WeightingConfig.of(weighting) if weighting is not None else WeightingConfig()
+    method = validate_merge(merge)
+    scheme = validate_weighting(weighting)
     check_device(device)
     validate_lams(merge.lams, family.expert_names)
-    method = build_method(merge.method, density=merge.density, topk_scope=merge.topk_scope, p=merge.p, seed=merge.seed)
     if method.fused and kernels.worthwhile(family.nbytes, device):
         kernels.preload()
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
-    sims = analysis.similarities
-    weights = {
-        k: layer_weights(sims[k], weighting.name, drop=weighting.drop, threshold=weighting.threshold,
-                         normalize=weighting.normalize,
-                         weights=None if weighting.weights is None else list(weighting.weights))
-        for k in family.experts
-    }
+    weights = {k: normalized(scheme.weights_for(analysis.similarities[k]), weighting.normalize) for k in family.experts}
+    rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
     for k, w in weights.items():
         if not any(w):
             log.warning("weighting=%s gives every one of the %d layers of expert '%s' weight 0: of its task vector "
                         "only the tensors outside the blocks (weight rest_weight=%g) are merged",
-                        weighting.name, family.num_layers, k, weighting.rest_weight)
+                        weighting.name, family.num_layers, k, rest_weight)
     plan = MergePlan(
         family=family,
         method=method,
         weights=weights,
         lams={k: float(merge.lams.get(k, merge.lam)) for k in family.experts},
-        rest_weight=float(weighting.rest_weight),
+        rest_weight=rest_weight,
         anchor=merge.anchor,
         analysis=analysis,
         device=device,
         threads=threads,
     )
-    if plan.method.needs_global_thresholds:
-        plan.thresholds = {k: _global_threshold(plan, k, merge.density) for k in family.experts}
+    if method.global_density is not None:
+        plan.thresholds = {k: _global_threshold(plan, k, method.global_density) for k in family.experts}
     return plan
 
 
 def _global_threshold(plan: MergePlan, expert: str, density: float) -> float:
-    """Expert k's whole-model TIES threshold, kept in the family's ``selections`` for the
-    weights it was selected with (the points of a lambda sweep share it)."""
+    """Expert k's whole-model magnitude threshold at ``density`` (``MergeMethod.global_density``),
+    kept in the family's ``selections`` for the weights it was selected with (the points of a
+    lambda sweep share it)."""
     key = ("global", plan.anchor, expert, density, tuple(plan.weights[expert]), plan.rest_weight)
     if key not in plan.family.selections:
         tune_malloc()

@@ -32,6 +32,20 @@ def family_args(d):
             *(f"++model.experts.{k}={v}" for k, v in d["experts"].items()), "benchmark=none"]
 
 
+def engine_configs(options: dict):
+    """(MergeConfig, WeightingConfig) from the flat options of ``reference.merge``: each method and
+    weighting takes the keys its registry entry declares (``explicit`` is weighting.weights)."""
+    from lata.config import MergeConfig, WeightingConfig
+    from lata.methods import METHODS
+    from lata.weightings import WEIGHTINGS
+
+    method, name = options.get("method", "ta"), options.get("weighting", "uniform")
+    merge = {k: options[k] for k in ("lam", "lams", "anchor", *METHODS.parameters(method)) if k in options}
+    flat = {**options, "weights": options.get("explicit")}
+    weighting = {k: flat[k] for k in ("normalize", "rest_weight", *WEIGHTINGS.parameters(name)) if k in flat}
+    return MergeConfig(method=method, **merge), WeightingConfig(name=name, **weighting)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     kwargs = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=48, max_position_embeddings=32, tie_word_embeddings=False)

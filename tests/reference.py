@@ -2,7 +2,9 @@
 
 It loads every state dict fully, concatenates layer vectors, ranks with numpy and trims with
 torch.topk / sort, so it shares no code path with the streaming engine (except the seeded DARE
-mask, which is the spec's definition of m_k and is tested statistically on its own).
+mask and DELLA's seeded draws, which define m_k and are tested statistically on their own).
+Breadcrumbs keeps positions of a full sort (mergekit's way) where LATA selects two thresholds;
+DELLA ranks with numpy's stable argsort where LATA sorts with torch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from lata.methods.dare import keep_mask
+from lata.methods.dare import keep_mask, mask_seed
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -43,7 +45,7 @@ def similarities(base, instruct, expert, L):
     return sims
 
 
-def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=None):
+def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=None, alpha=0.5, beta=0.5):
     L = len(sims)
     order = np.lexsort((np.arange(L), -np.asarray(sims)))  # by -s, then by index
     p = np.empty(L, dtype=int)
@@ -60,6 +62,8 @@ def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=Non
         w = np.where(p < D, 0.0, np.log(1 + (p - D + 1)) / np.log(1 + (L - D)))
     elif name == "explicit":
         w = np.asarray(explicit, dtype=float)
+    elif name == "lines":
+        w = alpha + beta * np.arange(L) / max(L - 1, 1)
     if normalize == "mean":
         w = w / w.mean()
     return [float(x) for x in w]
@@ -83,19 +87,45 @@ def _elect(us: list[torch.Tensor]) -> torch.Tensor:
     return torch.where(count > 0, out / count.clamp(min=1), torch.zeros_like(out))
 
 
+def _breadcrumbs(v: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep the values ranked n_top+1 .. n_top+kept by |v| from the top (mergekit's sort)."""
+    n = v.numel()
+    kept = max(1, math.ceil(round(density * n, 9)))
+    top = min(math.floor(round(gamma * n, 9)), n - kept)
+    order = torch.sort(v.abs().flatten(), descending=True, stable=True).indices
+    mask = torch.zeros(n)
+    mask[order[top:top + kept]] = 1.0
+    return v * mask.view(v.shape)
+
+
+def _della_scale(d: torch.Tensor, density: float, epsilon: float, seed: int, expert: str, tensor: str) -> torch.Tensor:
+    """1/p_i where kept, else 0: p_i linear in the stable rank of |d_i| over the tensor."""
+    n = d.numel()
+    ranks = np.empty(n)
+    ranks[np.argsort(d.abs().flatten().numpy(), kind="stable")] = np.arange(n)
+    p = torch.from_numpy((density - epsilon) + 2 * epsilon * ranks / max(n - 1, 1)).float()
+    if n == 1:
+        p[:] = density
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(mask_seed(seed, expert, tensor)))
+    return torch.where(draws < p, 1.0 / p, torch.zeros(())).view(d.shape)
+
+
 def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, density=0.2, topk_scope="tensor",
-          p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=1.0,
-          explicit=None, target=None) -> dict[str, torch.Tensor]:
-    """``target``: a checkpoint directory the delta is added to (default: theta_0)."""
+          p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=None,
+          explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5) -> dict[str, torch.Tensor]:
+    """``target``: a checkpoint directory the delta is added to (default: theta_0);
+    ``rest_weight`` None: 1, or alpha for LiNeS."""
     base, instruct = load(dirs["base"]), load(dirs["instruct"])
     experts = {k: load(v) for k, v in dirs["experts"].items()}
     L = 1 + max(layer_index(n) for n in base if layer_index(n) is not None)
     theta0 = instruct if anchor == "instruct" else base
     lams = {k: (lams or {}).get(k, lam) for k in experts}
     # pure vectors, float32
+    if rest_weight is None:
+        rest_weight = alpha if weighting == "lines" else 1.0
     pure = {}
     for k, ex in experts.items():
-        w = weights(similarities(base, instruct, ex, L), weighting, drop, threshold, normalize, explicit)
+        w = weights(similarities(base, instruct, ex, L), weighting, drop, threshold, normalize, explicit, alpha, beta)
         pure[k] = {n: (rest_weight if layer_index(n) is None else w[layer_index(n)])
                    * (ex[n].float() - theta0[n].float()) for n in theta0}
     if method == "ties" and topk_scope == "global":
@@ -112,6 +142,13 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
             delta = sum(lams[k] * pure[k][n] for k in experts)
         elif method == "ties":
             delta = _elect([lams[k] * trimmed[k][n] for k in experts])
+        elif method.startswith("breadcrumbs"):
+            us = [lams[k] * _breadcrumbs(pure[k][n], density, gamma) for k in experts]
+            delta = _elect(us) if method == "breadcrumbs_ties" else sum(us)
+        elif method.startswith("della"):
+            us = [lams[k] * pure[k][n] * _della_scale(experts[k][n].float() - theta0[n].float(), density, epsilon,
+                                                      seed, k, n) for k in experts]
+            delta = _elect(us) if method == "della" else sum(us)
         else:
             us = [lams[k] * keep_mask(pure[k][n].shape, p, seed, k, n) * pure[k][n] / (1 - p) for k in experts]
             delta = sum(us) if method == "dare" else _elect(us)

@@ -5,12 +5,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError
 
 from lata.cli import config_dir
 from lata.config import ConfigError, register_configs, validate
-from lata.methods import Dare, DareTies, TaskArithmetic, Ties, build_method
-from lata.weighting import layer_weights
+from lata.config import WeightingConfig
+from lata.methods import METHODS, build_method
+from lata.weightings import WEIGHTINGS, layer_weights
 
 CONF = Path(config_dir())
 PATHS = ["model=paths", "++model.base=B", "++model.instruct=I", "++model.experts.math=M", "benchmark=none"]
@@ -27,9 +28,12 @@ def hydra_context():
         yield
 
 
-def test_conf_groups_exist():
-    assert options("merge") == ["dare", "dare_ties", "none", "ta", "ties"]
-    assert options("weighting") == ["explicit", "linear_rank", "log_rank", "threshold", "uniform"]
+def test_conf_groups_exist_one_yaml_per_registered_method_and_weighting():
+    assert options("merge") == sorted(METHODS.names() + ["none"])
+    assert options("weighting") == WEIGHTINGS.names()
+    assert {"ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= set(
+        METHODS.names())
+    assert {"uniform", "threshold", "linear_rank", "log_rank", "explicit", "lines"} <= set(WEIGHTINGS.names())
     assert "none" in options("benchmark") and "none" in options("logger")
     assert {"paths", "zoo"} <= set(options("model"))
     assert {"micro", "small"} <= set(options("zoo"))
@@ -49,30 +53,30 @@ def test_default_config():
     assert compose(config_name="config", overrides=["benchmark.max_length=null"]).benchmark.max_length is None
 
 
-@pytest.mark.parametrize("method", ["ta", "ties", "dare", "dare_ties"])  # merge=none builds nothing
-def test_every_merge_config_builds_its_method(method):
+@pytest.mark.parametrize("method", METHODS.names())  # merge=none builds nothing
+def test_every_merge_config_builds_its_method_with_the_declared_defaults(method):
     cfg = compose(config_name="config", overrides=[f"merge={method}"])
     validate(cfg)
-    built = build_method(**cfg.merge)
-    expected = {"ta": TaskArithmetic(), "ties": Ties(density=0.2, topk_scope="tensor"),
-                "dare": Dare(p=0.9, seed=0), "dare_ties": DareTies(p=0.9, seed=0)}[method]
-    assert built == expected
+    params = {k: v for k, v in cfg.merge.items() if k not in ("method", "lam", "lams", "anchor")}
+    assert set(params) == set(METHODS.parameters(method))  # the YAML lists every key the method has
+    built = build_method(cfg.merge.method, **params)
+    assert built == METHODS.get(method)() and built.name == method
 
 
-@pytest.mark.parametrize("weighting", ["uniform", "threshold", "linear_rank", "log_rank", "explicit"])
+# w for similarities [0.99, 0.1, 0.5, 0.7] (L = 4), by the formulas in docs/method.md
+EXPECTED_WEIGHTS = {"uniform": [1, 1, 1, 1], "threshold": [0, 1, 1, 1], "linear_rank": [0, 1, 0.5, 0],
+                    "log_rank": [0, 1, 0.6309297535714575, 0], "explicit": [0, 0, 0.5, 1],
+                    "lines": [0.5, 0.5 + 0.5 / 3, 0.5 + 1 / 3, 1.0]}
+
+
+@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
 def test_every_weighting_config_computes_weights(weighting):
     overrides = [f"weighting={weighting}"] + (["weighting.weights=[0,0,0.5,1]"] if weighting == "explicit" else [])
     cfg = compose(config_name="config", overrides=overrides)
     validate(cfg)
-    w = cfg.weighting
-    got = layer_weights([0.99, 0.1, 0.5, 0.7], w.name, drop=w.drop, threshold=w.threshold,
-                        normalize=w.normalize, weights=w.weights)
-    expected = {"uniform": [1, 1, 1, 1], "threshold": [0, 1, 1, 1], "linear_rank": [0, 1, 0.5, 0],
-                "explicit": [0, 0, 0.5, 1]}
-    if weighting in expected:
-        assert got == expected[weighting]
-    else:
-        assert got[0] == 0 and got[3] == 0 and got[1] == 1 and 0.5 < got[2] < 1
+    w = WeightingConfig.of(cfg.weighting)
+    got = layer_weights([0.99, 0.1, 0.5, 0.7], w.name, normalize=w.normalize, **w.params)
+    assert got == pytest.approx(EXPECTED_WEIGHTS[weighting], abs=1e-12)
 
 
 def test_experiment_config():
@@ -91,12 +95,33 @@ def test_issue_command_line_composes():
 
 def test_misspelt_key_is_refused():
     with pytest.raises((ConfigCompositionException, ConfigKeyError), match="densty"):
-        compose(config_name="config", overrides=["merge.densty=0.3"])
+        compose(config_name="config", overrides=["merge=ties", "merge.densty=0.3"])
+    # added with +: refused by the method's registry entry, with the key it was close to
+    with pytest.raises(ConfigError, match=r"merge.densty is not a key of merge=ties; did you mean merge.density\?"):
+        validate(compose(config_name="config", overrides=["merge=ties", "+merge.densty=0.3"]))
+    with pytest.raises(ConfigError, match="weighting.drop is not a key of weighting=lines; its keys: alpha, beta"):
+        validate(compose(config_name="config", overrides=["weighting=lines", "+weighting.drop=0.3"]))
+
+
+def test_a_key_of_another_method_is_refused_and_left_out_of_the_node():
+    # merge=ta carries no density, p or seed (so they never enter its resume key)
+    cfg = compose(config_name="config", overrides=["merge=ta"])
+    assert set(cfg.merge) == {"method", "lam", "lams", "anchor"}
+    with pytest.raises(ConfigCompositionException, match="merge.density"):
+        compose(config_name="config", overrides=["merge=ta", "merge.density=0.3"])
+    with pytest.raises(ConfigError, match="merge.density is not a key of merge=ta; it has no keys of its own"):
+        validate(compose(config_name="config", overrides=["merge=ta", "+merge.density=0.3"]))
+    with pytest.raises(ConfigError, match="merge.p is not a key of merge=none"):
+        validate(compose(config_name="config", overrides=PATHS + ["merge=none", "+merge.p=0.3"]))
 
 
 def test_wrong_type_is_refused():
-    with pytest.raises((ConfigCompositionException, ValidationError), match="density"):
-        compose(config_name="config", overrides=["merge.density=lots"])
+    with pytest.raises(ConfigError, match="merge.density='lots' must be a number"):
+        validate(compose(config_name="config", overrides=["merge=ties", "merge.density=lots"]))
+    with pytest.raises(ConfigError, match="merge.seed=0.5 must be an integer"):
+        validate(compose(config_name="config", overrides=["merge=dare", "merge.seed=0.5"]))
+    with pytest.raises(ConfigError, match="merge.lam='abc' must be a number"):
+        validate(compose(config_name="config", overrides=["merge.lam=abc"]))
 
 
 def test_unknown_group_option_lists_the_allowed_ones():
@@ -105,12 +130,17 @@ def test_unknown_group_option_lists_the_allowed_ones():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("merge.density=0", r"merge.density=0.0 is out of range; it must lie in \(0.0, 1.0\]"),
-    ("merge.density=1.5", "merge.density=1.5 is out of range"),
+    ("merge=ties merge.density=0", r"merge.density=0.0 is out of range; it must lie in \(0.0, 1.0\]"),
+    ("merge=ties merge.density=1.5", "merge.density=1.5 is out of range"),
     ("weighting.drop=1.0", r"weighting.drop=1.0 is out of range; it must lie in \[0.0, 1.0\)"),
-    ("merge.p=1.0", "merge.p=1.0 is out of range"),
-    ("merge.method=foo", "merge.method='foo' is not allowed; choose one of: ta, ties, dare, dare_ties"),
-    ("merge.topk_scope=layer", "merge.topk_scope='layer' is not allowed; choose one of: tensor, global"),
+    ("merge=dare merge.p=1.0", "merge.p=1.0 is out of range"),
+    ("merge.method=foo", "merge.method='foo' is not allowed; choose one of: breadcrumbs, breadcrumbs_ties, dare, "
+                         "dare_ties, della, della_linear, ta, ties, none"),
+    ("merge=ties merge.topk_scope=layer", "merge.topk_scope='layer' is not allowed; choose one of: tensor, global"),
+    ("merge=breadcrumbs merge.gamma=1", r"merge.gamma=1.0 is out of range; it must lie in \[0.0, 1.0\)"),
+    ("merge=della merge.epsilon=0.5", "merge.density=0.5 and merge.epsilon=0.5: the keep probabilities"),
+    ("weighting=threshold weighting.threshold=2", "weighting.threshold=2.0 is out of range"),
+    ("merge.method=no_such_module.Method", "merge.method='no_such_module.Method' cannot be imported"),
     ("merge.anchor=expert", "merge.anchor='expert' is not allowed; choose one of: instruct, base"),
     ("weighting.normalize=max", "weighting.normalize='max' is not allowed; choose one of: none, mean"),
     ("out_dtype=int8", "out_dtype='int8' is not allowed"),
@@ -121,7 +151,7 @@ def test_unknown_group_option_lists_the_allowed_ones():
     ("++merge.lams.chemistry=1.0", "merge.lams.chemistry names no expert; experts are: math"),
 ])
 def test_out_of_range_values_name_the_key(override, message):
-    cfg = compose(config_name="config", overrides=PATHS + [override])
+    cfg = compose(config_name="config", overrides=PATHS + override.split())
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
 

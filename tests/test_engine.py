@@ -5,13 +5,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reference
-from conftest import write_family
+from conftest import engine_configs, write_family
 from lata import (Family, MergeConfig, WeightingConfig, engine, kernels, merge_into_model, merge_state_dict,
                   merge_to_dir, plan_merge)
 from lata.compute import pure_slice
 
-WEIGHTINGS = ["uniform", "threshold", "linear_rank", "log_rank", "explicit"]
-METHODS = ["ta", "ties", "dare", "dare_ties"]
+from lata.methods import METHODS
+from lata.weightings import WEIGHTINGS
+
 EXPLICIT = [0.0, 0.25, 0.5, 1.0]
 
 
@@ -35,13 +36,7 @@ def assert_state_close(got: dict, expected: dict, rtol=1e-5):
 
 
 def run_engine(family, **options):
-    merge_keys = {"method", "lam", "lams", "density", "topk_scope", "p", "seed", "anchor"}
-    merge = MergeConfig(**{k: v for k, v in options.items() if k in merge_keys})
-    weighting = WeightingConfig(
-        name=options.get("weighting", "uniform"), drop=options.get("drop", 0.5),
-        threshold=options.get("threshold", 0.95), normalize=options.get("normalize", "none"),
-        rest_weight=options.get("rest_weight", 1.0), weights=options.get("explicit"))
-    return merge_state_dict(plan_merge(family, merge, weighting, progress=False))
+    return merge_state_dict(plan_merge(family, *engine_configs(options), progress=False))
 
 
 def test_similarities_match_concatenated_layer_vectors(family, family_dirs):
@@ -55,10 +50,12 @@ def test_similarities_match_concatenated_layer_vectors(family, family_dirs):
     assert sims[0] > sims[3]
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_method_with_every_weighting(family, family_dirs, method, weighting):
-    options = dict(method=method, weighting=weighting, density=0.3, p=0.4, seed=5, threshold=0.8, explicit=EXPLICIT)
+    """Every registered method x weighting against the independent reference."""
+    options = dict(method=method, weighting=weighting, density=0.3, p=0.4, seed=5, threshold=0.8, explicit=EXPLICIT,
+                   gamma=0.05, epsilon=0.1, alpha=0.3, beta=0.9)
     assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
 
 
@@ -74,6 +71,13 @@ def test_every_method_with_every_weighting(family, family_dirs, method, weightin
     dict(method="ta", weighting="threshold", threshold=0.9, lams={"math": -1.0}),
     dict(method="ties", weighting="log_rank", lam=0.6, lams={"code": -0.8}, density=0.4),
     dict(method="dare", weighting="linear_rank", lams={"math": -1.0, "code": 0.3}, p=0.2, drop=0.25),
+    dict(method="breadcrumbs", weighting="uniform", density=0.5, gamma=0.2, lam=0.7),
+    dict(method="breadcrumbs_ties", weighting="log_rank", density=0.9, gamma=0.0, lams={"math": -0.5}),
+    dict(method="breadcrumbs", weighting="uniform", density=0.95, gamma=0.3),  # gamma cut to keep the density
+    dict(method="della", weighting="lines", density=0.6, epsilon=0.3, seed=2, alpha=0.0, beta=1.0),
+    dict(method="della_linear", weighting="threshold", threshold=0.9, density=0.5, epsilon=0.0, anchor="base"),
+    dict(method="ta", weighting="lines", alpha=0.2, beta=0.6, rest_weight=1.0),
+    dict(method="ties", weighting="lines", normalize="mean", density=0.4),
 ])
 def test_options(family, family_dirs, options):
     assert_state_close(run_engine(family, **options), reference.merge(family_dirs, **options))
@@ -175,10 +179,7 @@ def test_a_target_gets_the_delta_instead_of_the_anchor(family_dirs, tmp_path, op
     expected = reference.merge(family_dirs, **options, target=path)
     assert_state_close(run_engine(fam, **options), expected)
     # written to disk: the target's config and tokenizer files, the target named in the marker
-    merge_keys = {"method", "lam", "lams", "density", "p", "seed", "anchor"}
-    plan = plan_merge(fam, MergeConfig(**{k: v for k, v in options.items() if k in merge_keys}),
-                      WeightingConfig(name=options["weighting"], threshold=options.get("threshold", 0.95)),
-                      progress=False)
+    plan = plan_merge(fam, *engine_configs(options), progress=False)
     out = merge_to_dir(plan, tmp_path / "merged", progress=False)
     state = reference.load(out)
     assert_state_close(state, expected)

@@ -81,14 +81,13 @@ def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
     experts[0][100:200] = theta0[100:200]  # zero task vector: trimmed ties at 0, no vote
     ws, lams = [1.0, 0.7368421052631579, 0.3][:k], [1.0, -0.55, 1.3][:k]  # none exact in float32 but 1.0
     vectors = [pure_slice(e, theta0.float(), w, "cpu") for e, w in zip(experts, ws)]
-    for name in ("ta", "ties"):
-        method = build_method(name, density=0.2)
+    for method in (build_method("ta"), build_method("ties", density=0.2)):
         expected = (method.delta(vectors, lams, list("abc")[:k], "t") + theta0.float()).to(out_dtype)
         out = torch.empty(n, dtype=out_dtype)
         fused = kernels.FusedSlices(theta0, experts, ws, out)
         for start in range(0, n, 5000):  # any slicing
             stop = min(n, start + 5000)
-            if name == "ta":
+            if method.name == "ta":
                 fused.ta(lams, start, stop)
             else:
                 thresholds = [float(v.abs().sort(descending=True).values[math.ceil(0.2 * n) - 1]) for v in vectors]

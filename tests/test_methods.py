@@ -152,5 +152,5 @@ def test_dare_ties_elects_signs_of_dropped_and_rescaled_vectors():
 
 
 def test_unknown_method_is_refused():
-    with pytest.raises(ValueError, match="unknown merge method 'foo'"):
+    with pytest.raises(ValueError, match="merge.method='foo' is not allowed; choose one of: breadcrumbs, "):
         build_method("foo")

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from lata.weighting import dropped_count, layer_weights, rank_positions
+from lata.weightings import layer_weights
+from lata.weightings.rank import dropped_count, rank_positions
 
 SIMS = [0.9, 0.1, 0.5, 0.7]  # ranks p: layer0 -> 0, layer3 -> 1, layer2 -> 2, layer1 -> 3
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
 
 import torch
+
+from lata.methods import MergeMethod, merge_method
 
 
 def task_arithmetic(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> torch.Tensor:
@@ -23,3 +26,17 @@ def task_arithmetic_(vectors: Sequence[torch.Tensor], lams: Sequence[float]) -> 
         term = v.mul_(lam) if lam != 1.0 else v
         total = term if total is None else total.add_(term)
     return total
+
+
+@merge_method("ta")
+@dataclass(frozen=True)
+class TaskArithmetic(MergeMethod):
+    """Task Arithmetic: delta = sum_k lambda_k v_k (no parameters of its own)."""
+
+    fused: ClassVar[bool] = True
+
+    def fused_chunk(self, slices, lams, state, start, stop):
+        return slices.ta(lams, start, stop)
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return task_arithmetic_(vectors, lams)

@@ -22,11 +22,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lata.methods import MergeMethod, merge_method
+from lata.registry import in_range, one_of
 
 _BINS = 1 << 16
 
@@ -209,3 +213,35 @@ def ties(vectors: Sequence[torch.Tensor], lams: Sequence[float], thresholds: Seq
             u.mul_(lam)
         us.append(u)
     return disjoint_mean(us)
+
+
+@merge_method("ties")
+@dataclass(frozen=True)
+class Ties(MergeMethod):
+    """TIES: keep the ``density`` fraction of each v_k by magnitude (per tensor, or over the whole
+    model with ``topk_scope=global``), elect signs, disjoint mean of lambda_k-scaled values."""
+
+    density: float = 0.2
+    topk_scope: str = "tensor"
+    fused: ClassVar[bool] = True
+
+    def check(self):
+        in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
+        one_of("merge.topk_scope", self.topk_scope, ("tensor", "global"))
+
+    @property
+    def global_density(self):
+        return self.density if self.topk_scope == "global" else None
+
+    def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        if self.topk_scope == "tensor":
+            return vectors.kth_largest_magnitudes(keep_count(vectors.shape.numel(), self.density))
+        if thresholds is None:
+            raise ValueError("TIES with topk_scope=global needs the whole-model thresholds")
+        return list(thresholds)
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return ties(vectors, lams, state)
+
+    def fused_chunk(self, slices, lams, state, start, stop):
+        return slices.ties(lams, [largest_below(t) for t in state], start, stop)

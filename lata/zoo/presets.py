@@ -105,8 +105,15 @@ def to_zoo_config(cfg: Any) -> ZooConfig:
     names = {f.name for f in dataclasses.fields(ZooConfig)}
     unknown = sorted(set(cfg) - names)
     if unknown:
-        raise ValueError(f"zoo config: unknown key {unknown[0]!r}; known keys: {', '.join(sorted(names))}")
-    return ZooConfig(**cfg)
+        raise ValueError(f"zoo.{unknown[0]} is not a key of the zoo's recipe; known keys: {', '.join(sorted(names))}")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ValidationError
+
+    try:  # the dataclass's types: zoo.base_steps=lots is refused here
+        typed = OmegaConf.merge(OmegaConf.structured(ZooConfig), cfg)
+    except ValidationError as exc:
+        raise ValueError(f"zoo.{exc.full_key}: {exc.msg}") from None
+    return ZooConfig(**OmegaConf.to_container(typed))
 
 
 def load_preset(name: str | os.PathLike) -> ZooConfig:

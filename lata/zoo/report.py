@@ -91,7 +91,8 @@ def ta_merge(scorer: Scorer, family: ZooFamily, experts: list[str], lam: float, 
 
     fam = Family.open(family.base, family.instruct, {k: family.experts[k] for k in experts},
                       None if target is None else str(target))
-    plan = plan_merge(fam, MergeConfig(method="ta", lam=lam), WeightingConfig(name=weighting, threshold=FORGET_THRESHOLD),
+    options = {"threshold": FORGET_THRESHOLD} if weighting == "threshold" else {}
+    plan = plan_merge(fam, MergeConfig(method="ta", lam=lam), WeightingConfig(name=weighting, **options),
                       device=scorer.device, progress=False)
     if save is not None:
         merge_to_dir(plan, save, progress=False)

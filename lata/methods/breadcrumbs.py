@@ -1,0 +1,74 @@
+"""Model Breadcrumbs (arXiv 2312.06795): per tensor, drop the largest ``gamma`` fraction of each
+v_k by magnitude (outliers) and the smallest values, so that a ``density`` fraction remains; then
+sum (``breadcrumbs``) or TIES sign election and disjoint mean (``breadcrumbs_ties``).
+
+Against mergekit 0.1.5 (``sparsify.magnitude_outliers``, the methods of the same names):
+- Followed: n_top = floor(gamma * n) values are dropped from the top, reduced where needed so
+  that the kept count is reached; the ranking is by the magnitude of the (layer-weighted) pure
+  vector of each tensor; ``breadcrumbs`` sums the lambda-scaled kept values, ``breadcrumbs_ties``
+  elects signs on them.
+- Differs: the kept count is LATA's TIES count, ceil(density * n) (``ties.keep_count``), where
+  mergekit takes floor; the kept values are those with lo <= |v| <= hi, lo and hi the magnitudes
+  of ranks n_top + kept and n_top + 1 from the top (exact selections), so values tied with a
+  boundary are all kept (as LATA's TIES keeps ties) where mergekit breaks ties by sort order;
+  the sign election and mean are LATA's TIES (the mean over agreeing experts, mergekit's
+  ``normalize`` with weight 1), and lambda_k scales each expert before the election.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lata.methods import MergeMethod, merge_method
+from lata.methods.ta import task_arithmetic_
+from lata.methods.ties import disjoint_mean, keep_count
+from lata.registry import in_range
+
+
+def outlier_bounds(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(rank of the largest kept |v|, rank of the smallest kept), 1 = the largest of n."""
+    kept = keep_count(n, density)
+    top = min(math.floor(gamma * n * (1 + 1e-9)), n - kept)
+    return top + 1, top + kept
+
+
+def keep_between(v: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """v where lo <= |v| <= hi, else 0 (in place)."""
+    magnitude = v.abs()
+    return v.mul_(((magnitude >= lo) & (magnitude <= hi)).to(v.dtype))
+
+
+@merge_method("breadcrumbs")
+@dataclass(frozen=True)
+class Breadcrumbs(MergeMethod):
+    """Drop the top ``gamma`` and the bottom of each v_k so ``density`` remains; sum."""
+
+    density: float = 0.9
+    gamma: float = 0.01
+
+    def check(self):
+        in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
+        in_range("merge.gamma", self.gamma, 0.0, 1.0, high_open=True)
+
+    def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        hi_rank, lo_rank = outlier_bounds(vectors.shape.numel(), self.density, self.gamma)
+        return list(zip(vectors.kth_largest_magnitudes(lo_rank), vectors.kth_largest_magnitudes(hi_rank)))
+
+    def _kept(self, vectors, lams, bounds):
+        return [keep_between(v, lo, hi) for v, (lo, hi) in zip(vectors, bounds)]
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return task_arithmetic_(self._kept(vectors, lams, state), lams)
+
+
+@merge_method("breadcrumbs_ties")
+@dataclass(frozen=True)
+class BreadcrumbsTies(Breadcrumbs):
+    """Breadcrumbs' kept values, lambda-scaled, then TIES sign election and disjoint mean."""
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        kept = self._kept(vectors, lams, state)
+        return disjoint_mean([u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)])

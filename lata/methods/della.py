@@ -1,0 +1,88 @@
+"""DELLA (arXiv 2406.11617, MagPrune): per tensor, keep each value of v_k with a probability that
+rises linearly with its magnitude rank, from ``density - epsilon`` (the smallest) to
+``density + epsilon`` (the largest), rescale the kept values by 1/p; then TIES sign election and
+disjoint mean (``della``) or a plain sum (``della_linear``) of the lambda-scaled results.
+
+p_i = (density - epsilon) + 2 epsilon r_i / (n - 1), with r_i in 0..n-1 the rank of |d_i| in
+the tensor (ascending; equal magnitudes ranked by position; p_i = density when n = 1). The
+draws are seeded like DARE's masks: keep_i = u_i < p_i, u ~ U[0, 1) from a generator seeded by
+sha256(seed, expert, tensor), drawn on the CPU, so a merge is the same on every device.
+
+Against mergekit 0.1.5 (``sparsify.della_magprune``, methods ``della`` and ``della_linear``):
+- Followed: the linear probability ramp over magnitude ranks, ``density - epsilon > 0`` and
+  ``density + epsilon`` at most 1 required, sign election for ``della`` and a sum for
+  ``della_linear``.
+- Differs: ranks run over the whole tensor, not over each row of a matrix; the kept values are
+  rescaled by 1/p_i, each by its own keep probability (the DELLA paper's rescaling), where
+  mergekit rescales the kept tensor to the L1 norm of the unpruned one; masks are seeded (the
+  same merge every run) where mergekit draws from torch's global generator; the election and
+  mean are LATA's TIES (the mean over agreeing experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lata.methods import MergeMethod, merge_method
+from lata.methods.dare import mask_seed
+from lata.methods.ta import task_arithmetic_
+from lata.methods.ties import disjoint_mean
+from lata.registry import ConfigError, in_range
+
+
+def keep_probabilities(magnitudes: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """p_i for one flat tensor of magnitudes (float64 ranks, returned as float32)."""
+    n = magnitudes.numel()
+    order = torch.sort(magnitudes, stable=True).indices
+    ranks = torch.empty(n, dtype=torch.float64, device=magnitudes.device)
+    ranks[order] = torch.arange(n, dtype=torch.float64, device=magnitudes.device)
+    ramp = ranks / (n - 1) if n > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + 2 * epsilon * ramp).float()
+
+
+def rescaled_keep(magnitudes: torch.Tensor, density: float, epsilon: float, seed: int, expert: str,
+                  tensor: str) -> torch.Tensor:
+    """s_i = 1/p_i where value i is kept, else 0 (float32, flat, on the magnitudes' device)."""
+    p = keep_probabilities(magnitudes, density, epsilon)
+    generator = torch.Generator(device="cpu").manual_seed(mask_seed(seed, expert, tensor))
+    draws = torch.rand(p.numel(), generator=generator).to(p.device)
+    return torch.where(draws < p, p.reciprocal(), torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+@merge_method("della_linear")
+@dataclass(frozen=True)
+class DellaLinear(MergeMethod):
+    """MagPrune each v_k (rank-dependent keep probability, kept values rescaled by 1/p); sum."""
+
+    density: float = 0.5
+    epsilon: float = 0.15
+    seed: int = 0
+
+    def check(self):
+        in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
+        in_range("merge.epsilon", self.epsilon, 0.0, 1.0)
+        if not (self.density - self.epsilon > 0 and self.density + self.epsilon <= 1):
+            raise ConfigError(f"merge.density={self.density} and merge.epsilon={self.epsilon}: the keep "
+                              "probabilities density - epsilon .. density + epsilon must lie in (0, 1]")
+
+    def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        return vectors.each_magnitude(lambda i, magnitudes: rescaled_keep(
+            magnitudes, self.density, self.epsilon, self.seed, experts[i], tensor))
+
+    def _kept(self, vectors, scales, start, stop):
+        return [v.mul_(s[start:stop].to(v.device)) for v, s in zip(vectors, scales)]
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        return task_arithmetic_(self._kept(vectors, state, start, stop), lams)
+
+
+@merge_method("della")
+@dataclass(frozen=True)
+class Della(DellaLinear):
+    """DELLA: MagPrune's rescaled values, lambda-scaled, then TIES sign election and disjoint mean."""
+
+    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
+        kept = self._kept(vectors, state, start, stop)
+        return disjoint_mean([u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)])
