@@ -13,15 +13,18 @@ skipped) and writes, atomically, into the output directory (default: the path it
   tradeoff_<ppl task>.png         task_score against token perplexity, one point per run
 
 Decisions:
-- A parameter a method or weighting does not use is left empty (density: ties; p: dare and
-  dare_ties; drop: the rank weightings; threshold: threshold), so it neither splits lines nor
-  tells two identical merges apart. Reference rows (``merge=none``) have no merge parameters;
-  ``evaluated`` names the unmerged role (``merged`` for every merge).
+- The parameter columns are the keys the method and weighting registries declare
+  (``lata.methods.METHODS``, ``lata.weightings.WEIGHTINGS``); a row fills only those its own
+  method and weighting have (density: TIES, Breadcrumbs, DELLA; p: DARE; drop: the rank
+  weightings; ...), so an unused key neither splits lines nor tells two identical merges apart,
+  and a column no row fills is left out. A method the report cannot import (a user's own,
+  given by dotted path) keeps every key its summary recorded. Reference rows (``merge=none``)
+  have no merge parameters; ``evaluated`` names the unmerged role (``merged`` for every merge).
 - Two runs of the same point (the runner's ``point`` key: same checkpoint contents, merge,
   weighting and benchmark; for older summaries the family, method and weighting with their used
   parameters), e.g. a resumed sweep, keep one row: the most recently written summary.json.
-- A line is a method x weighting; when the sweep also varies lams, drop, threshold, density or
-  p, the varying values join the line's name so one line never mixes them.
+- A line is a method x weighting; when the sweep also varies lams or any parameter column, the
+  varying values join the line's name so one line never mixes them.
 - The best lambda of a line has the highest task_score (lower lambda on a tie).
 - A plot without its data (no ppl task, no task_score, one lambda per line) is not written.
 """
@@ -40,16 +43,29 @@ from matplotlib import colormaps
 
 from lata.atomic import write_text_atomic
 from lata.evaluation.tasks import LOWER_IS_BETTER, mean_task_score, primary_metric
+from lata.methods import METHODS
 from lata.plots import new_figure, save_figure
+from lata.registry import ConfigError, Registry
+from lata.weightings import WEIGHTINGS
 
 log = logging.getLogger("lata")
 
-POINT_COLUMNS = ["run", "method", "lam", "lams", "weighting", "drop", "threshold", "density", "p", "evaluated"]
-# the merge / weighting keys each method / weighting uses (the rest are left empty)
-_MERGE_KEYS = {"ta": (), "ties": ("density", "topk_scope"), "dare": ("p", "seed"), "dare_ties": ("p", "seed")}
-_WEIGHTING_KEYS = {"linear_rank": ("drop",), "log_rank": ("drop",), "threshold": ("threshold",),
-                   "explicit": ("weights",), "uniform": ()}
-_SERIES_PARAMS = ["lams", "drop", "threshold", "density", "p"]
+def parameter_columns() -> list[str]:
+    """Every key a registered method or weighting declares, in registry order, once."""
+    keys = [k for registry in (METHODS, WEIGHTINGS) for name in registry.names() for k in registry.parameters(name)]
+    return list(dict.fromkeys(keys))
+
+
+def point_columns() -> list[str]:
+    return ["run", "method", "lam", "lams", "weighting", *parameter_columns(), "evaluated"]
+
+
+def _own_keys(registry: Registry, name: str | None, node: dict, common: tuple[str, ...]) -> list[str]:
+    """The keys part ``name`` declares; for a part the report cannot import, every recorded key."""
+    try:
+        return list(registry.parameters(name))
+    except ConfigError:
+        return [k for k in node if k not in common]
 
 
 # --------------------------------------------------------------------------- one run -> one row
@@ -62,17 +78,20 @@ def effective_point(summary: dict) -> dict:
         return {"method": "none", "evaluated": summary.get("evaluated")}
     point = {"method": method, "lam": merge.get("lam"), "lams": merge.get("lams") or {},
              "anchor": merge.get("anchor")}
-    point.update({k: merge.get(k) for k in _MERGE_KEYS.get(method, ())})
+    point.update({k: merge.get(k) for k in _own_keys(METHODS, method, merge, ("method", "lam", "lams", "anchor"))})
     name = weighting.get("name")
     point.update(weighting=name, normalize=weighting.get("normalize"), rest_weight=weighting.get("rest_weight"))
-    point.update({k: weighting.get(k) for k in _WEIGHTING_KEYS.get(name, ())})
+    point.update({k: weighting.get(k) for k in _own_keys(WEIGHTINGS, name, weighting,
+                                                         ("name", "normalize", "rest_weight"))})
     return point
 
 
 def result_row(summary: dict, run: str = ".") -> dict:
-    """One results row: POINT_COLUMNS, every numeric metric as ``task/metric``, task_score."""
+    """One results row: ``point_columns()``, every numeric metric as ``task/metric``, task_score."""
     point = effective_point(summary)
-    row = {c: point.get(c) for c in POINT_COLUMNS}
+    columns = point_columns()
+    unlisted = [k for k in point if k not in columns and k not in ("anchor", "normalize", "rest_weight")]
+    row = {c: _cell(point.get(c)) for c in columns + unlisted}  # unlisted: a user method's recorded keys
     row["run"] = run
     row["lams"] = ",".join(f"{k}={v:g}" for k, v in sorted(point.get("lams", {}).items())) or None
     row["evaluated"] = point.get("evaluated") or "merged"
@@ -90,7 +109,7 @@ def point_name(row: dict) -> str:
     """A short human name of a row's point, e.g. ``ties+log_rank lam=0.5 drop=0.5 density=0.2``."""
     if row.get("evaluated", "merged") != "merged":
         return f"{row['evaluated']} (unmerged)"
-    extra = " ".join(f"{k}={_fmt(row[k])}" for k in _SERIES_PARAMS if _present(row.get(k)))
+    extra = " ".join(f"{k}={_fmt(row[k])}" for k in ["lams", *parameter_columns()] if _present(row.get(k)))
     return f"{row['method']}+{row['weighting']} lam={_fmt(row['lam'])}" + (f" {extra}" if extra else "")
 
 
@@ -124,7 +143,10 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
         log.info("%d duplicate run(s) of the same point: kept the newest of each", len(found) - len(rows))
     table = pd.DataFrame(list(rows.values()))
     metric_columns = sorted(c for c in table.columns if "/" in c)
-    table = table.reindex(columns=POINT_COLUMNS + metric_columns + ["task_score"])
+    columns = point_columns() + [c for c in table.columns if c not in point_columns() and "/" not in c
+                                 and c != "task_score"]
+    columns = [c for c in columns if c not in parameter_columns() or table[c].notna().any()]
+    table = table.reindex(columns=columns + metric_columns + ["task_score"])
     order = table.assign(_ref=table["evaluated"] == "merged")
     order = order.sort_values(["_ref", "method", "weighting", "lam", "evaluated", "run"], na_position="first",
                               kind="stable")
@@ -134,7 +156,7 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
 def series_labels(table: pd.DataFrame) -> pd.Series:
     """Line name of each merged row: method + weighting, plus any parameter the sweep varies."""
     merged = table["evaluated"] == "merged"
-    varying = [c for c in _SERIES_PARAMS if table.loc[merged, c].dropna().nunique() > 1]
+    varying = [c for c in _series_params(table) if table.loc[merged, c].dropna().nunique() > 1]
 
     def label(row: pd.Series) -> str | None:
         if row["evaluated"] != "merged":
@@ -153,6 +175,20 @@ def best_points(table: pd.DataFrame) -> pd.DataFrame:
         return rows
     rows = rows.sort_values(["series", "task_score", "lam"], ascending=[True, False, True], kind="stable")
     return rows.groupby("series", sort=True).head(1).reset_index(drop=True)
+
+
+def _point_part(table: pd.DataFrame) -> list[str]:
+    """The table's columns that describe points (not metrics)."""
+    return [c for c in table.columns if "/" not in c and c != "task_score"]
+
+
+def _series_params(table: pd.DataFrame) -> list[str]:
+    return [c for c in _point_part(table) if c not in ("run", "method", "lam", "weighting", "evaluated")]
+
+
+def _cell(value):
+    """A list parameter (explicit weights) as one table cell."""
+    return ",".join(f"{x:g}" for x in value) if isinstance(value, list) else value
 
 
 def primary_columns(table: pd.DataFrame) -> list[str]:
@@ -192,7 +228,7 @@ def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
 
 def _markdown(table: pd.DataFrame, title: str, plots: dict[str, Path]) -> str:
     metrics = primary_columns(table) + ["task_score"]
-    points = [c for c in POINT_COLUMNS if table[c].notna().any()]
+    points = [c for c in _point_part(table) if table[c].notna().any()]
     references = int((table["evaluated"] != "merged").sum())
     parts = [f"# LATA results: {title}", "",
              f"{len(table)} point(s), {references} of them unmerged references. Every metric of every "

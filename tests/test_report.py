@@ -104,7 +104,7 @@ def test_results_csv_has_one_row_per_point_with_the_right_numbers(report):
                 row, m = by_run[str(job)], metrics_of(method, weighting, lam)
                 assert (row["method"], row["weighting"], float(row["lam"])) == (method, weighting, lam)
                 assert row["density"] == ("0.2" if method == "ties" else "")  # unused parameters stay empty
-                assert row["p"] == "" and row["lams"] == ""
+                assert "p" not in row and "epsilon" not in row and row["lams"] == ""  # no row has them
                 assert row["drop"] == ("0.5" if weighting == "linear_rank" else "")
                 for column, value in [("zoo_math/exact_match_strict", m["zoo_math"]["exact_match_strict"]),
                                       ("zoo_math/exact_match_flexible", m["zoo_math"]["exact_match_flexible"]),
@@ -174,6 +174,23 @@ def test_per_expert_lambdas_are_compact(tmp_path):
     s["merge"]["lams"] = {"math": 0.5, "code": -1.0}
     write_run(tmp_path / "0", s)
     assert collect(tmp_path).loc[0, "lams"] == "code=-1,math=0.5"
+
+
+def test_columns_follow_the_registries(tmp_path):
+    """New methods and weightings bring their own columns; a user's method the report cannot
+    import keeps the keys its summary recorded."""
+    della = summary("della", lam=0.5, metrics={"zoo_math": {"exact_match_strict": 0.3}})
+    della["merge"] = {"method": "della", "lam": 0.5, "lams": {}, "anchor": "instruct", "density": 0.6,
+                      "epsilon": 0.1, "seed": 2}
+    della["weighting"] = {"name": "lines", "normalize": "none", "rest_weight": None, "alpha": 0.2, "beta": 0.8}
+    mine = summary("my_lab.methods.Sharp", lam=0.5, metrics={"zoo_math": {"exact_match_strict": 0.4}})
+    mine["merge"] = {"method": "my_lab.methods.Sharp", "lam": 0.5, "lams": {}, "anchor": "instruct", "sharpness": 3.0}
+    write_run(tmp_path / "0", della)
+    write_run(tmp_path / "1", mine)
+    table = collect(tmp_path).set_index("method")
+    assert table.loc["della", ["density", "epsilon", "seed", "alpha", "beta"]].tolist() == [0.6, 0.1, 2, 0.2, 0.8]
+    assert table.loc["my_lab.methods.Sharp", "sharpness"] == 3.0
+    assert "p" not in table.columns and "gamma" not in table.columns and "topk_scope" not in table.columns
 
 
 def test_empty_directory_is_a_clear_error(tmp_path):
