@@ -253,3 +253,27 @@ def test_tied_embeddings_are_merged_once(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert torch.equal(model.model.embed_tokens.weight, merge_state_dict(plan)["model.embed_tokens.weight"])
+
+
+def test_a_method_outside_the_package_by_dotted_path(family, family_dirs, tmp_path, monkeypatch):
+    """merge.method=package.module.Class: a user's own method, imported on use, no registration."""
+    (tmp_path / "my_lab_methods.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from lata.methods import MergeMethod\n"
+        "from lata.methods.ta import task_arithmetic_\n"
+        "from lata.registry import in_range\n\n"
+        "@dataclass(frozen=True)\n"
+        "class Scaled(MergeMethod):\n"
+        "    factor: float = 1.0\n\n"
+        "    def check(self):\n"
+        "        in_range('merge.factor', self.factor, 0.0, 1.0)\n\n"
+        "    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):\n"
+        "        return task_arithmetic_(vectors, lams).mul_(self.factor)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = merge_state_dict(plan_merge(family, MergeConfig(method="my_lab_methods.Scaled", factor=0.5, lam=1.0),
+                                      WeightingConfig(name="uniform"), progress=False))
+    assert_state_close(got, reference.merge(family_dirs, method="ta", lam=0.5))
+    from lata.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"merge.factor=2.0 is out of range"):
+        plan_merge(family, MergeConfig(method="my_lab_methods.Scaled", factor=2.0), progress=False)
