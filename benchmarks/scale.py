@@ -270,7 +270,8 @@ import sys
 from lata import Family, MergeConfig, WeightingConfig, plan_merge, merge_to_dir
 base, instruct, math_, code, out, method, weighting, density, threads, device = sys.argv[1:11]
 family = Family.open(base, instruct, {"math": math_, "code": code})
-plan = plan_merge(family, MergeConfig(method=method, density=float(density)), WeightingConfig(name=weighting),
+options = {"density": float(density)} if method == "ties" else {}
+plan = plan_merge(family, MergeConfig(method=method, **options), WeightingConfig(name=weighting),
                   progress=False, threads=None if threads == "auto" else int(threads), device=device)
 merge_to_dir(plan, out, overwrite=True, progress=False)
 """
