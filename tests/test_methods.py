@@ -154,3 +154,59 @@ def test_dare_ties_elects_signs_of_dropped_and_rescaled_vectors():
 def test_unknown_method_is_refused():
     with pytest.raises(ValueError, match="merge.method='foo' is not allowed; choose one of: breadcrumbs, "):
         build_method("foo")
+
+
+def test_breadcrumbs_by_hand():
+    # n = 10, density 0.5 -> 5 kept; gamma 0.1 -> the 1 largest dropped: keep ranks 2..6 from the top
+    v = torch.arange(1.0, 11.0) * torch.tensor([1.0, -1.0] * 5)
+    got = build_method("breadcrumbs", density=0.5, gamma=0.1).delta([v], [2.0], ["a"], "t")
+    assert got.tolist() == [0, 0, 0, 0, 10, -12, 14, -16, 18, 0]  # 2 * [5, -6, 7, -8, 9]
+    # gamma 0.6 would leave fewer than 5: the outlier cut shrinks to n - kept = 5 (keep the 5 smallest)
+    got = build_method("breadcrumbs", density=0.5, gamma=0.6).delta([v], [1.0], ["a"], "t")
+    assert got.tolist() == [1, -2, 3, -4, 5, 0, 0, 0, 0, 0]
+    # density 1, gamma 0: plain task arithmetic
+    assert torch.equal(build_method("breadcrumbs", density=1.0, gamma=0.0).delta([V1, V2], [1.0, 0.5], ["a", "b"], "t"),
+                       task_arithmetic([V1, V2], [1.0, 0.5]))
+    # values tied with a boundary are all kept (as TIES keeps ties)
+    tied = torch.tensor([4.0, 3.0, 3.0, 1.0])
+    assert build_method("breadcrumbs", density=0.25, gamma=0.25).delta([tied], [1.0], ["a"], "t").tolist() == \
+        [0, 3, 3, 0]
+
+
+def test_breadcrumbs_ties_elects_signs_on_the_kept_values():
+    # density 0.75 (3 of 4), gamma 0.25 (1 outlier)
+    v1, v2 = torch.tensor([3.0, -1.0, 0.5, -4.0]), torch.tensor([-2.0, 2.0, 1.0, 1.0])
+    # V1 by |v|: 4, 3, 1, 0.5 -> drop 4, keep 3, 1, 0.5; V2: 2, 2, 1, 1 -> drop rank 1 (|2|): the band
+    # [1, 2] holds every value, all kept (ties at the top boundary)
+    got = build_method("breadcrumbs_ties", density=0.75, gamma=0.25).delta([v1, v2], [1.0, 1.0], ["a", "b"], "t")
+    # u1 = [3,-1,0.5,0], u2 = [-2,2,1,1]; gamma = sign([1,1,1.5,1]) = +; agreeing means: 3, 2, 0.75, 1
+    assert got.tolist() == [3.0, 2.0, 0.75, 1.0]
+
+
+def test_della_keeps_by_magnitude_rank_and_is_unbiased():
+    from lata.methods.della import keep_probabilities
+
+    m = torch.tensor([0.5, 3.0, 1.0, 2.0, 2.0])  # ranks 0, 4, 1, 2 (earlier of the equal pair), 3
+    p = keep_probabilities(m, 0.5, 0.2)
+    assert p.tolist() == pytest.approx([0.3, 0.7, 0.4, 0.5, 0.6])
+    n = 200_000
+    v = torch.randn(n)
+    method = build_method("della_linear", density=0.5, epsilon=0.3, seed=4)
+    got = method.delta([v], [1.0], ["a"], "t")
+    kept = got != 0
+    order = torch.argsort(v.abs())
+    low, high = kept[order[: n // 10]].float().mean(), kept[order[-n // 10:]].float().mean()
+    assert abs(low - 0.23) < 0.01 and abs(high - 0.77) < 0.01  # mean p over the bottom / top decile
+    assert torch.allclose(got[kept], v[kept] / keep_probabilities(v.abs(), 0.5, 0.3)[kept], rtol=1e-6)  # 1/p
+    assert abs(float(got.sum() - v.sum())) < 5 * math.sqrt(n)  # E[kept / p] = v
+    assert torch.equal(got, method.delta([v], [1.0], ["a"], "t"))  # seeded
+    assert not torch.equal(got, method.delta([v], [1.0], ["b"], "t"))  # per expert
+
+
+def test_della_elects_signs_like_ties():
+    v1, v2 = torch.tensor([3.0, -1.0, 0.5, -4.0]), torch.tensor([-2.0, 2.0, 1.0, 1.0])
+    scales = []
+    for name, v in (("a", v1), ("b", v2)):
+        scales.append(build_method("della_linear", density=0.5, epsilon=0.4, seed=1).delta([v], [1.0], [name], "t"))
+    got = build_method("della", density=0.5, epsilon=0.4, seed=1).delta([v1, v2], [1.0, 0.5], ["a", "b"], "t")
+    assert torch.equal(got, disjoint_mean([scales[0], scales[1] * 0.5]))
