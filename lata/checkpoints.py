@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 
 from lata.atomic import write_json_atomic
-from lata.compute import libc_function
+from lata.atomic import libc_function
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -381,7 +381,7 @@ class Prefetcher:
 
     Decision: when every scheduled tensor is in the page cache already, no thread is started:
     mapping pages ahead then costs what the consumer's page faults would, and the extra thread
-    only competes with the compute (warm 135M similarity pass: 0.72 s against 0.57 s without).
+    only competes with the compute (slower on a warm cache: docs/performance.md).
     """
 
     def __init__(self, schedule: list[list[tuple["Checkpoint", str]]], budget: int = PREFETCH_BYTES,

@@ -20,7 +20,7 @@ from lata.config import ConfigError, config_dir, register_configs
 
 
 def _task(cfg: DictConfig) -> float | None:
-    """One job; returns the objective (lata.sweep.objective) for hyper-parameter sweepers."""
+    """One job; returns the objective (lata.objective) for hyper-parameter sweepers."""
     from lata.plots import HeatmapProcess
 
     if cfg.merge.method != "none" and not cfg.dry_run:
@@ -33,7 +33,7 @@ def _task(cfg: DictConfig) -> float | None:
         with interruptible():
             from lata.logger import log_job
             from lata.runner import run
-            from lata.sweep import objective
+            from lata.objective import objective
 
             summary = run(cfg, hc.runtime.output_dir)
             group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
@@ -96,9 +96,9 @@ def _interrupted(exc: KeyboardInterrupt, what: str) -> None:
 def _preload_kernels(cfg: DictConfig) -> None:
     """Start loading numba (lata.kernels.preload) while this thread imports torch, when the
     family is given as local directories whose safetensors files are large enough for the
-    kernels. Measured on the 1.1B shape (TA, warm): about 0.4 s sooner than loading it once the
-    family is open. Hub ids and the embedded families are left to the passes, which start it
-    once they know the family's size (``layer_similarities``, ``plan_merge``)."""
+    kernels (sooner than loading it once the family is open). Hub ids and the embedded
+    families are left to the passes, which start it once they know the family's size
+    (``layer_similarities``, ``plan_merge``)."""
     from lata import kernels
 
     if str(cfg.device) != "cpu" or cfg.model.embedded is not None:
@@ -135,7 +135,7 @@ def entry() -> None:
 
     Decision: the atexit handlers run as at any exit (logging, W&B, launchers) and the standard
     streams are flushed; what is skipped is clearing every module and torch's C++ destructors,
-    0.4-0.5 s of each command here. Every output is a closed, renamed file by then. While a
+    a fixed cost of every command. Every output is a closed, renamed file by then. While a
     thread that is not a daemon is alive, the exit is the ordinary one (it waits for it).
     """
     try:

@@ -18,6 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from lata.atomic import libc_function
 from lata.config import ConfigError
 
 T = TypeVar("T")
@@ -31,7 +32,7 @@ def torch_threads(n: int, device: str = "cpu"):
     Decision: the streaming passes compute with one torch thread per worker. Their operations
     are small (a slice of 2^18 elements); with several OpenMP threads each one ends at a barrier,
     and on a machine whose cores are busy with other work a barrier waits for a descheduled
-    thread: measured on the shared 2-core machine, 7 to 30 times slower than one thread.
+    thread (many times slower than one thread: docs/performance.md).
     """
     before = torch.get_num_threads()
     if torch.device(device).type != "cpu" or before == n:
@@ -64,9 +65,8 @@ def check_device(device: str) -> None:
 def auto_threads() -> int:
     """Slice workers when none are asked for: the cores this process may run on, at most 8.
 
-    Decision: the default. Measured on a 2-core machine (1.1B-shape merge, library, little
-    other load): 2 workers made TA 1.25x and TIES 1.3x faster than 1; the passes stream memory,
-    so beyond a few cores bandwidth, not cores, bounds them (hence the cap).
+    Decision: the default (docs/performance.md). The passes stream memory, so beyond a few
+    cores bandwidth, not cores, bounds them (hence the cap).
     """
     try:
         cores = len(os.sched_getaffinity(0))
@@ -119,18 +119,6 @@ class SliceWorkers:
         self.close()
 
 
-def libc_function(name: str, *argtypes):
-    """A C library function by ctypes (the GIL is let go during calls; ``int`` result, errno
-    kept), or None where there is none."""
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn
-
-
 _local = threading.local()
 _malloc_tuned = False
 
@@ -140,7 +128,7 @@ def tune_malloc() -> None:
 
     Streaming allocates and frees float32 temporaries of a few MiB per slice; glibc serves such
     blocks from fresh mappings or trims them back to the OS almost at once, so every slice paid
-    a page fault per 4 KiB (measured: ~4 times the page faults and 10-35% of the merge time).
+    a page fault per 4 KiB (docs/performance.md).
     This sets the mmap threshold to 32 MiB and the trim threshold to 64 MiB, the values glibc's
     own dynamic thresholds reach once the process has freed one 32 MiB block. Once per process.
     """

@@ -157,7 +157,7 @@ class PathsConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What ``hparams_search=optuna`` maximises (lata.sweep.objective)."""
+    """What ``hparams_search=optuna`` maximises (lata.objective.objective)."""
 
     tasks: Optional[List[str]] = None  # tasks whose primary metrics are averaged; null = math and code tasks
     ppl_task: Optional[str] = None  # null = the suite's perplexity task

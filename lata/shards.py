@@ -2,8 +2,8 @@
 
 ``StreamingShardWriter`` (what the engine uses) plans every shard from the tensors' headers and
 writes each tensor as soon as it is merged, from a writer thread, with ``O_DIRECT`` where the
-file system allows it; memory holds no shard. ``ShardedWriter`` buffers up to one shard and is
-kept as the simple reference the streaming writer is tested against (same shard layout).
+file system allows it; memory holds no shard. (The simple buffered writer it is tested against,
+same shard layout, is ``tests/buffered_shards.py``.)
 """
 
 from __future__ import annotations
@@ -19,61 +19,9 @@ import threading
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from lata.atomic import write_json_atomic
 from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
-
-
-class ShardedWriter:
-    """Writes tensors into size-bounded safetensors shards inside a (temporary) directory.
-
-    Tensors are buffered until a shard reaches ``max_shard_bytes`` and then written, so memory
-    holds at most one shard. ``finish`` names the shards as Hugging Face does and writes the
-    index; the caller renames the directory into place (see ``lata.atomic``).
-    """
-
-    def __init__(self, directory: Path, max_shard_bytes: int):
-        self.directory = Path(directory)
-        self.max_shard_bytes = max_shard_bytes
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._buffer[name] = tensor.detach().to("cpu").contiguous()
-        self._buffer_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        if not self._buffer:
-            return
-        path = self.directory / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._buffer, str(path), metadata={"format": "pt"})
-        self._shards.append((path, list(self._buffer)))
-        self._buffer, self._buffer_bytes = {}, 0
-
-    def finish(self) -> list[Path]:
-        self._flush()
-        count = len(self._shards)
-        if count == 0:
-            raise CheckpointError("no tensors were written")
-        if count == 1:
-            final = [self._shards[0][0].rename(self.directory / SINGLE_FILE)]
-            return final
-        weight_map, final = {}, []
-        for i, (path, names) in enumerate(self._shards):
-            target = self.directory / f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-            path.rename(target)
-            final.append(target)
-            weight_map.update({n: target.name for n in names})
-        write_json_atomic(self.directory / INDEX_FILE,
-                          {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map})
-        return final
 
 
 WRITE_BEHIND_BYTES = 256 << 20  # merged bytes that may wait for the writer thread
@@ -84,9 +32,10 @@ class StreamingShardWriter:
 
     Every (name, shape, dtype) is known before the first tensor arrives, so each shard's header
     is written first and each tensor's bytes are appended as soon as it is handed over: memory
-    holds no shard buffer. Shards are filled as ``ShardedWriter`` fills them (a shard is closed
-    when the next tensor would take it past ``max_shard_bytes``) and get their final Hugging
-    Face names at once (the caller renames the directory into place, see ``lata.atomic``).
+    holds no shard buffer. Shards are filled in order, a shard closed when the next tensor
+    would take it past ``max_shard_bytes`` (so a larger tensor has a shard of its own); they
+    get their final Hugging Face names at once (the caller renames the directory into place,
+    see ``lata.atomic``).
 
     - ``threaded``: a writer thread does the writes, so writing overlaps computing the next
       tensors; tensors wait for it while they hold at most ``behind_bytes`` (or one tensor,

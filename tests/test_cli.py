@@ -34,10 +34,10 @@ def test_issue_command_merges_to_a_loadable_checkpoint(dirs, tmp_path):
     assert csv_lines[0] == "expert,layer,similarity,comp_norm,instr_norm,weight" and len(csv_lines) == 1 + 2 * 4
     assert (run / "layer_analysis.png").read_bytes()[:4] == b"\x89PNG"
     assert "merge:\n  method: ties" in (run / "config.yaml").read_text()
-    # a second command on the same family reuses the first's layer analysis and TIES selections
+    # a second command on the same family reuses the first's layer analysis and magnitude selections
     again = run_lata(family_args(dirs) + ["merge=ties", "merge.density=0.2", "weighting=log_rank", "merge.lam=0.7",
                                           "logger=none", f"save_model={tmp_path / 'OUT2'}"], tmp_path)
-    assert "layer analysis reused" in again.stdout and "TIES selections reused" in again.stdout
+    assert "layer analysis reused" in again.stdout and "magnitude selections reused" in again.stdout
     expected = reference.merge(dirs, method="ties", weighting="log_rank", density=0.2, lam=0.7)
     state = AutoModelForCausalLM.from_pretrained(tmp_path / "OUT2").state_dict()
     for name, tensor in expected.items():

@@ -90,7 +90,7 @@ def test_offline_run_records_metrics_group_config_and_tables(tmp_path, no_key, m
     records = finished_records(next(offline[0].glob("*.wandb")))
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_group == "2026-01-01/12-00-00" and run.project == "lata" and list(run.tags) == ["t1"]
-    assert run.display_name == "ties+log_rank lam=0.5 drop=0.5 density=0.2"
+    assert run.display_name == "ties+log_rank lam=0.5 density=0.2 drop=0.5"  # method keys, then weighting keys
     logged_config = {u.key: json.loads(u.value_json) for u in run.config.update}
     assert logged_config["merge"] == summary["merge"] and logged_config["benchmark"] == {"name": "zoo"}
     scalars = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "summary"

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 import reference
+from buffered_shards import ShardedWriter
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
@@ -20,7 +21,7 @@ from lata import compute, engine
 from lata.compute import SliceWorkers
 from lata import checkpoints
 from lata.checkpoints import Checkpoint, Prefetcher
-from lata.shards import ShardedWriter, StreamingShardWriter
+from lata.shards import StreamingShardWriter
 from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
 
 CASES = [
@@ -50,7 +51,8 @@ def open_family(d):
 
 def make_plan(d, case):
     merge = MergeConfig(**{k: v for k, v in case.items() if k in ("method", "density", "topk_scope", "p", "seed")})
-    weighting = WeightingConfig(name=case["weighting"], threshold=case.get("threshold", 0.95))
+    own = {"threshold": case.get("threshold", 0.95)} if case["weighting"] == "threshold" else {}
+    weighting = WeightingConfig(name=case["weighting"], **own)
     return plan_merge(open_family(d), merge, weighting, progress=False)
 
 

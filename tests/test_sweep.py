@@ -1,4 +1,5 @@
-"""Sweeps: reuse within a process, launchers, resume after a kill, Optuna search, objective."""
+"""Sweeps: reuse within a process and caches (lata.caches), launchers, resume after a kill (lata.store),
+Optuna search, objective (lata.objective)."""
 
 import json
 import os
@@ -16,8 +17,10 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import write_family
-from lata import Family, MergeConfig, WeightingConfig, engine, merge_state_dict, plan_merge, sweep
+from lata import Family, MergeConfig, WeightingConfig, caches, engine, merge_state_dict, plan_merge, store
 from lata.config import ObjectiveConfig
+from lata.fingerprints import fingerprint
+from lata.objective import objective
 
 LATA = [sys.executable, "-m", "lata"]
 POINT = ["zoo=micro", "benchmark.tasks=[zoo_ppl]", "benchmark.limit=2", "progress=false"]
@@ -113,7 +116,7 @@ def test_optuna_search_returns_the_best_trial(micro_zoo_cache, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
     trials = [json.loads((tmp_path / "search" / str(i) / "summary.json").read_text()) for i in range(3)]
-    values = [sweep.objective(t["metrics"], ObjectiveConfig(tasks=["zoo_ua"], ppl_ceiling=1e9)) for t in trials]
+    values = [objective(t["metrics"], ObjectiveConfig(tasks=["zoo_ua"], ppl_ceiling=1e9)) for t in trials]
     assert best["best_value"] == max(values)
     assert set(best["best_params"]) == {"merge.lam", "weighting.drop"}
     assert len({t["merge"]["lam"] for t in trials}) == 3
@@ -124,14 +127,14 @@ def test_optuna_search_returns_the_best_trial(micro_zoo_cache, tmp_path):
 def test_objective_is_the_mean_task_score_under_a_perplexity_ceiling():
     metrics = {"zoo_math": {"exact_match_strict": 0.2}, "zoo_code": {"pass@1": 0.6},
                "zoo_ua": {"compliance": 1.0}, "zoo_ppl": {"token_perplexity": 30.0}}
-    assert sweep.objective(metrics, ObjectiveConfig()) == pytest.approx(0.4)
-    assert sweep.objective(metrics, ObjectiveConfig(tasks=["zoo_code"])) == pytest.approx(0.6)
-    assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=40.0)) == pytest.approx(0.4)
-    assert sweep.objective(metrics, ObjectiveConfig(ppl_ceiling=20.0)) == pytest.approx(-1.5)  # -1 - (30/20 - 1)
-    assert sweep.objective(metrics, ObjectiveConfig(tasks=["zoo_ua"])) == pytest.approx(1.0)
-    assert sweep.objective(None, ObjectiveConfig()) is None
+    assert objective(metrics, ObjectiveConfig()) == pytest.approx(0.4)
+    assert objective(metrics, ObjectiveConfig(tasks=["zoo_code"])) == pytest.approx(0.6)
+    assert objective(metrics, ObjectiveConfig(ppl_ceiling=40.0)) == pytest.approx(0.4)
+    assert objective(metrics, ObjectiveConfig(ppl_ceiling=20.0)) == pytest.approx(-1.5)  # -1 - (30/20 - 1)
+    assert objective(metrics, ObjectiveConfig(tasks=["zoo_ua"])) == pytest.approx(1.0)
+    assert objective(None, ObjectiveConfig()) is None
     with pytest.raises(ValueError, match="objective.ppl_ceiling"):
-        sweep.objective({"zoo_math": {"exact_match_strict": 1.0}}, ObjectiveConfig(ppl_ceiling=10.0))
+        objective({"zoo_math": {"exact_match_strict": 1.0}}, ObjectiveConfig(ppl_ceiling=10.0))
 
 
 def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monkeypatch):
@@ -148,11 +151,11 @@ def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monk
     first = family()
     merged(first, "uniform")
     merged(first, "linear_rank", topk_scope="global")
-    sweep.save_selections(first, cache)
+    caches.save_selections(first, cache)
     assert len(first.selections) > 2 and len(list((cache / "selections").glob("*.json"))) == 1
 
     later = family()
-    sweep.load_selections(later, cache)
+    caches.load_selections(later, cache)
     assert later.selections == first.selections  # keys (tuples of weights too) and values round-trip
     calls = []
     for name in ("kth_largest", "global_threshold"):
@@ -169,10 +172,10 @@ def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monk
     merged(other, "uniform", lam=0.5)  # tensor scope: the same selections as the first process's
     file = next((cache / "selections").glob("*.json"))
     stamp = file.stat().st_mtime_ns
-    sweep.save_selections(other, cache)
+    caches.save_selections(other, cache)
     assert file.stat().st_mtime_ns == stamp
     merged(other, "uniform", topk_scope="global")
-    sweep.save_selections(other, cache)
+    caches.save_selections(other, cache)
     assert len(json.loads(file.read_text())) == len(first.selections) + 2  # one per expert
 
 
@@ -180,7 +183,7 @@ def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
     dirs = write_family(tmp_path / "family")
     cache = tmp_path / "cache"
     fam = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
-    expected = sweep.family_analysis(fam, cache, progress=False)
+    expected = caches.family_analysis(fam, cache, progress=False)
     analysis_file = next((cache / "analysis").glob("*.json"))
     selections_file = cache / "selections" / analysis_file.name
     selections_file.parent.mkdir()
@@ -188,11 +191,11 @@ def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
     for text in ("{not json", json.dumps({"experts": ["math"]}), json.dumps(wrong_layers)):
         analysis_file.write_text(text)
         selections_file.write_text(text)
-        sweep._analyses.clear()
+        caches._analyses.clear()
         fresh = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
         with caplog.at_level("WARNING", logger="lata"):
-            assert sweep.family_analysis(fresh, cache, progress=False) == expected
-            sweep.load_selections(fresh, cache)
+            assert caches.family_analysis(fresh, cache, progress=False) == expected
+            caches.load_selections(fresh, cache)
         assert fresh.selections == {}
         assert f"cache file {analysis_file} ignored" in caplog.text and f"cache file {selections_file} ignored" in caplog.text
         assert json.loads(analysis_file.read_text())["num_layers"] == 4  # written again, whole
@@ -202,14 +205,14 @@ def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
 def test_fingerprint_follows_the_content(tmp_path):
     dirs = write_family(tmp_path / "family", experts=("math",))
     math = dirs["experts"]["math"]
-    before = sweep.fingerprint(math)
-    assert sweep.fingerprint(math) == before and sweep.fingerprint(dirs["instruct"]) != before
+    before = fingerprint(math)
+    assert fingerprint(math) == before and fingerprint(dirs["instruct"]) != before
     file = next(math.glob("*.safetensors"))
     state = load_file(file)
     name = "model.layers.1.mlp.down_proj.weight"
     state[name] = state[name] + 1.0  # every block of this tensor changes
     save_file(state, file, metadata={"format": "pt"})
-    assert sweep.fingerprint(math) != before
+    assert fingerprint(math) != before
 
 
 def test_point_key_covers_what_changes_the_numbers(tmp_path):
@@ -218,13 +221,40 @@ def test_point_key_covers_what_changes_the_numbers(tmp_path):
     cfg = OmegaConf.create({"merge": {"method": "ta", "lam": 1.0}, "weighting": {"name": "uniform"},
                             "benchmark": {"name": "zoo", "tasks": ["zoo_ppl"], "limit": 2},
                             "model": {"which": "instruct", "dtype": "auto"}})
-    key = sweep.point_key(cfg, roles)
+    key = store.point_key(cfg, roles)
     changed = [("merge.lam", 0.5), ("weighting.name", "log_rank"), ("benchmark.limit", 3), ("model.dtype", "bfloat16")]
     for path, value in changed:
         other = cfg.copy()
         OmegaConf.update(other, path, value)
-        assert sweep.point_key(other, roles) != key, path
+        assert store.point_key(other, roles) != key, path
     renamed = cfg.copy()
     renamed.benchmark.name = "custom"  # the suite's name does not change the numbers
-    assert sweep.point_key(renamed, roles) == key
-    assert sweep.point_key(cfg, {**roles, "math": dirs["instruct"]}) != key
+    assert store.point_key(renamed, roles) == key
+    assert store.point_key(cfg, {**roles, "math": dirs["instruct"]}) != key
+
+
+def test_every_merge_loads_the_selections_earlier_processes_stored(family_dirs, tmp_path, monkeypatch):
+    """Whatever the method: TIES today, any method that selects magnitudes per tensor tomorrow."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import family_args
+    from lata.config import config_dir, register_configs
+    from lata.runner import run
+
+    register_configs()
+
+    def config(method):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=family_args(family_dirs) + [
+                f"merge={method}", "progress=false", f"save_model={tmp_path / ('merged-' + method)}",
+                f"paths.cache_dir={tmp_path / 'cache'}",
+                f"paths.results_dir={tmp_path / 'results'}", f"paths.output_dir={tmp_path}"])
+
+    monkeypatch.setattr(caches, "_families", {})  # this test's own open families
+    run(config("ties"), tmp_path / "ties")
+    stored = next((tmp_path / "cache" / "selections").glob("*.json")).read_text()
+    caches._families.clear()  # a new process
+    run(config("ta"), tmp_path / "ta")
+    (family,) = caches._families.values()
+    assert family.selections and len(family.selections) == len(json.loads(stored))
+    assert next((tmp_path / "cache" / "selections").glob("*.json")).read_text() == stored  # nothing new to add

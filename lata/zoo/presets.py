@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
 
+from lata.registry import ConfigError
+
 EXPERTS = ("math", "code", "ua")
 ROLES = ("base", "instruct") + EXPERTS
 
@@ -105,14 +107,14 @@ def to_zoo_config(cfg: Any) -> ZooConfig:
     names = {f.name for f in dataclasses.fields(ZooConfig)}
     unknown = sorted(set(cfg) - names)
     if unknown:
-        raise ValueError(f"zoo.{unknown[0]} is not a key of the zoo's recipe; known keys: {', '.join(sorted(names))}")
+        raise ConfigError(f"zoo.{unknown[0]} is not a key of the zoo's recipe; known keys: {', '.join(sorted(names))}")
     from omegaconf import OmegaConf
     from omegaconf.errors import ValidationError
 
     try:  # the dataclass's types: zoo.base_steps=lots is refused here
         typed = OmegaConf.merge(OmegaConf.structured(ZooConfig), cfg)
     except ValidationError as exc:
-        raise ValueError(f"zoo.{exc.full_key}: {exc.msg}") from None
+        raise ConfigError(f"zoo.{exc.full_key}: {exc.msg}") from None
     return ZooConfig(**OmegaConf.to_container(typed))
 
 

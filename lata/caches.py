@@ -1,0 +1,171 @@
+"""What makes the points of a sweep cheap: reuse within a process, and caches on disk.
+
+A Hydra multirun with the basic launcher runs every point in one process, so this module keeps,
+for the life of the process:
+  * each family's checkpoints open (memory-mapped: read from disk once, then from the page cache);
+  * each family's layer analysis (pass 1), computed once; also on disk under
+    ``paths.cache_dir/analysis/<key>.json`` for multi-process launchers (joblib, submitit), keyed
+    by the content fingerprints of base, instruct and experts (``lata.fingerprints``; the layer
+    weights are derived from it per point: they cost microseconds, so the weighting is not part
+    of the key);
+  * each family's selections (``Family.selections``: per-tensor magnitude thresholds, such as
+    TIES's, which no lambda or layer weight changes), likewise also on disk under
+    ``paths.cache_dir/selections/``;
+  * one loaded evaluation model, into which each point copies its merged weights in place.
+
+Decision: the task vectors are not held in memory between points; each point streams them again
+from the (page-cached) checkpoints, which keeps memory bounded by one tensor per expert whatever
+the model size. A cache file never fails a run: one that cannot be used is computed and
+written again. (Finished points themselves are kept by ``lata.store``.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from lata.analysis import LayerAnalysis, layer_similarities
+from lata.atomic import write_json_atomic
+from lata.family import Family
+from lata.fingerprints import KEY_VERSION, content_key, fingerprint
+
+log = logging.getLogger("lata")
+T = TypeVar("T")
+
+_families: dict[tuple, Family] = {}
+_analyses: dict[str, LayerAnalysis] = {}
+_model: dict[str, Any] = {}  # {"key": (dir, dtype, device), "model": nn.Module}
+
+
+# --------------------------------------------------------------------------- families and pass 1
+
+def open_family(base: str, instruct: str, experts: dict[str, str], target: str | None = None) -> Family:
+    """The family (with its target, if any), opened once per process."""
+    key = (base, instruct, tuple(experts.items()), target)
+    if key not in _families:
+        _families[key] = Family.open(base, instruct, experts, target)
+    return _families[key]
+
+
+def _family_key(family: Family) -> str:
+    roles = {"base": family.base.path, "instruct": family.instruct.path,
+             **{f"expert:{k}": c.path for k, c in family.experts.items()}}
+    return content_key({"v": KEY_VERSION, **{role: fingerprint(path) for role, path in roles.items()}})
+
+
+def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",
+                    progress: bool = True, threads: int | None = None) -> LayerAnalysis:
+    """Pass 1 for ``family``: from this process, else from the disk cache, else computed and stored."""
+    key = _family_key(family)
+    if key in _analyses:
+        return _analyses[key]
+    file = Path(cache_dir) / "analysis" / f"{key}.json"
+    analysis = _read_cache(file, lambda data: _checked_analysis(LayerAnalysis(**data), family))
+    if analysis is not None:
+        log.info("layer analysis reused from %s", file)
+    else:
+        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
+        write_json_atomic(file, asdict(analysis))
+        log.info("layer analysis computed and cached in %s", file)
+    _analyses[key] = analysis
+    return analysis
+
+
+def _checked_analysis(analysis: LayerAnalysis, family: Family) -> LayerAnalysis:
+    if analysis.num_layers != family.num_layers or set(analysis.experts) != set(family.expert_names) or any(
+            len(values) != family.num_layers for values in (analysis.instr_sq, *analysis.dot.values(),
+                                                            *analysis.comp_sq.values())):
+        raise ValueError("it does not describe this family's experts and layers")
+    return analysis
+
+
+def _read_cache(file: Path, parse: Callable[[Any], T]) -> T | None:
+    """``parse`` of a cache file's JSON; None where there is none or it cannot be used (with a
+    warning): a cache file never fails a run, it is computed and written again."""
+    if not file.is_file():
+        return None
+    try:
+        return parse(json.loads(file.read_text()))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("cache file %s ignored (%s: %s)", file, type(exc).__name__, exc)
+        return None
+
+
+# --------------------------------------------------------------------------- selections
+
+def _selections_file(family: Family, cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / "selections" / f"{_family_key(family)}.json"
+
+
+def _stored_selections(file: Path) -> dict[tuple, float]:
+    def parse(entries: list) -> dict[tuple, float]:
+        return {tuple(tuple(k) if isinstance(k, list) else k for k in key): float(value) for key, value in entries}
+
+    return _read_cache(file, parse) or {}
+
+
+def load_selections(family: Family, cache_dir: str | os.PathLike) -> None:
+    """Add the disk cache's selections for ``family`` (``Family.selections``, thresholds selected
+    by earlier processes: ``paths.cache_dir/selections/``) to the open family.
+
+    Called before every merge, whatever its method: one small file read (none where no process
+    selected anything for this family), the family's key being already known from its layer
+    analysis; a method that selects nothing never looks the entries up."""
+    file = _selections_file(family, cache_dir)
+    stored = _stored_selections(file)
+    new = stored.keys() - family.selections.keys()
+    if new:
+        family.selections.update((key, stored[key]) for key in new)
+        log.info("%d magnitude selections reused from %s", len(new), file)
+
+
+def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
+    """Store the family's selections with those on disk, when it has new ones. Decision:
+    concurrent processes may each rewrite the file (atomically); a selection lost that way is
+    only selected again."""
+    if not family.selections:  # nothing selected: no file to read
+        return
+    file = _selections_file(family, cache_dir)
+    stored = _stored_selections(file)
+    if stored.keys() >= family.selections.keys():
+        return
+    stored.update(family.selections)
+    write_json_atomic(file, [[list(key), value] for key, value in stored.items()])
+
+
+# --------------------------------------------------------------------------- the evaluation model
+
+def evaluation_model(model_dir: str, dtype: str, device: str, *, reusable: bool):
+    """A loaded causal LM for ``model_dir``.
+
+    ``reusable=True`` (merge points): the process's cached model is returned when it was loaded
+    from the same directory, dtype and device; the caller overwrites every checkpoint tensor in
+    place. ``reusable=False`` (unmerged reference rows): always a fresh load, and the cached model
+    is dropped first, so no state can leak between points and at most one model is held.
+    """
+    key = (str(model_dir), dtype, str(device))
+    if reusable and _model.get("key") == key:
+        return _model["model"]
+    _model.clear()
+    log.info("loading %s for evaluation (dtype %s, device %s)", model_dir, dtype, device)
+    model = _load(model_dir, dtype, device)
+    if reusable:
+        _model.update(key=key, model=model)
+    return model
+
+
+def forget_model() -> None:
+    """Drop the cached model (after a failure that may have left it half-written)."""
+    _model.clear()
+
+
+def _load(path: str, dtype: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
