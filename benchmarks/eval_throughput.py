@@ -14,7 +14,7 @@ same limit, batch size, chat-template switch and seed, in two ways, alternated (
 
 Reported: tokens/s of the perplexity task (``zoo_ppl``: tokens scored by loglikelihood_rolling),
 problems/s (and generated tokens/s) of the math task (``zoo_math`` for the zoo's math expert,
-``gsm8k_offline100`` for SmolLM2), the load time, and the in-memory / lm-eval ratios, of the
+``lata_gsm8k_offline`` for SmolLM2), the load time, and the in-memory / lm-eval ratios, of the
 evaluation alone and end to end (lm-eval's load included). Both paths must give identical
 metrics (checked), so they did the same work. LATA's extra strided token perplexity (harness
 ``strided_perplexity``) is not part of either path here.
@@ -87,7 +87,7 @@ def cases(args) -> list[Case]:
     if "smollm2" in args.models:
         smol = compose(["model=smollm2"])
         paths = family_paths(smol.model, smol.zoo, args.cache_dir, progress=True)
-        out.append(Case("SmolLM2-135M-Instruct", paths.instruct, "zoo_ppl", "gsm8k_offline100",
+        out.append(Case("SmolLM2-135M-Instruct", paths.instruct, "zoo_ppl", "lata_gsm8k_offline",
                         args.smollm2_limit, heldout))
     return out
 

@@ -93,7 +93,7 @@ def _config(*overrides):
 def test_smollm2_config_selects_evaluation_only():
     cfg = _config("model=smollm2")
     assert cfg.model.embedded == "smollm2" and cfg.merge.method == "none" and cfg.benchmark.name == "offline"
-    assert list(cfg.benchmark.tasks) == ["gsm8k_offline100", "humaneval_offline", "shakespeare_ppl"]
+    assert list(cfg.benchmark.tasks) == ["lata_gsm8k_offline", "lata_humaneval_offline", "lata_shakespeare_ppl"]
 
 
 def test_runner_refuses_a_merge_of_the_lone_instruct_model(monkeypatch, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from lata.evaluation.sandbox import SandboxLimits, ensure_code_execution_allowed
 from lata.evaluation.scoring import score_code
-from lata.evaluation.tasks import TASKS, DataPaths, render_tasks
+from lata.evaluation.tasks import LM_EVAL_PPL_TEXT, TASKS, DataPaths, render_tasks
 
 log = logging.getLogger("lata")
 
@@ -54,9 +55,12 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     A name LATA defines (``lata.evaluation.tasks.TASKS``) is rendered with its data and scored by
     LATA (code in the sandbox); any other name is looked up in lm-eval's own registry and in
     ``bench.include_path`` (a directory of the user's task YAMLs) and scored by lm-eval, with
-    every numeric metric it reports (for a group: the group's and each subtask's). Unknown names
-    are refused before any generation. lm-eval's own tasks that execute model-written code stay
-    refused by lm-eval: such code runs only in LATA's sandbox.
+    every numeric metric it reports (for a group: the group's and each subtask's; a metric that
+    lm-eval reports under several filters as ``<metric>_<filter>``, e.g. gsm8k's
+    ``exact_match_strict_match``). The texts of ``LM_EVAL_PPL_TEXT``'s tasks (``wikitext``) also
+    get LATA's strided token perplexity. Unknown names are refused before any generation.
+    lm-eval's own tasks that execute model-written code stay refused by lm-eval: such code runs
+    only in LATA's sandbox (``lata_humaneval``).
     """
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -89,7 +93,10 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
         for name, result in out["results"].items():
             values = _numeric(result)
             if name in out.get("samples", {}):
-                values["samples"] = float(len(out["samples"][name]))
+                if name in LM_EVAL_PPL_TEXT:
+                    values.update(_token_perplexity(model, tokenizer, out["samples"][name], LM_EVAL_PPL_TEXT[name],
+                                                    bench, context))
+                values["samples"] = _documents(out["samples"][name])
             metrics[name] = values
     for chat in (False, True):
         group = [s for s in specs if s.chat == chat]
@@ -106,20 +113,39 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
                                          ks=list(bench.pass_k), timeout_s=float(bench.code_timeout_s),
                                          limits=SandboxLimits(timeout_s=float(bench.code_timeout_s))))
             if spec.kind == "ppl":
-                docs = [s["doc"] for s in sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])]
-                text_key = spec.doc_to_text.strip("{} ")
-                window = min(int(bench.ppl_window or context), context)
-                values.update(strided_perplexity(model, tokenizer, [d[text_key] for d in docs], window,
-                                                 int(bench.ppl_stride)))
-            values["samples"] = float(len(out["samples"][spec.name]))
+                values.update(_token_perplexity(model, tokenizer, out["samples"][spec.name],
+                                                spec.doc_to_text.strip("{} "), bench, context))
+            values["samples"] = _documents(out["samples"][spec.name])
             metrics[spec.name] = values
     return metrics
 
 
+def _documents(samples: list[dict]) -> float:
+    """Documents scored (lm-eval logs a sample per document and filter: gsm8k's two filters, two samples)."""
+    return float(len({s["doc_id"] for s in samples}))
+
+
+def _token_perplexity(model: Any, tokenizer: Any, samples: list[dict], field: str, bench: Any,
+                      context: int) -> dict:
+    """LATA's strided token perplexity of the ``field`` texts of the documents lm-eval scored."""
+    docs = list({s["doc_id"]: s["doc"] for s in sorted(samples, key=lambda s: s["doc_id"])}.values())
+    window = min(int(bench.ppl_window or context), context)
+    return strided_perplexity(model, tokenizer, [d[field] for d in docs], window, int(bench.ppl_stride))
+
+
 def _numeric(result: dict) -> dict[str, float]:
-    """{metric: value} of one lm-eval result entry ("metric,filter" keys; stderrs left out)."""
-    return {k.split(",")[0]: float(v) for k, v in result.items()
-            if "," in k and not k.split(",")[0].endswith("_stderr") and _is_number(v)}
+    """{metric: value} of one lm-eval result entry ("metric,filter" keys; stderrs left out).
+
+    A metric reported under one filter keeps its name; one reported under several is named
+    ``<metric>_<filter>`` for each (non-alphanumerics of the filter as ``_``): lm-eval's gsm8k
+    gives ``exact_match_strict_match`` and ``exact_match_flexible_extract``."""
+    found = [(*k.split(",", 1), float(v)) for k, v in result.items()
+             if "," in k and not k.split(",", 1)[0].endswith("_stderr") and _is_number(v)]
+    filters: dict[str, int] = {}
+    for metric, _, _ in found:
+        filters[metric] = filters.get(metric, 0) + 1
+    return {metric if filters[metric] == 1 else f"{metric}_{re.sub(r'[^0-9A-Za-z]+', '_', name)}": value
+            for metric, name, value in found}
 
 
 def _completions(sample: dict) -> list[str]:

