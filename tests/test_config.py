@@ -164,13 +164,17 @@ def test_explicit_without_weights_and_paths_without_base_are_refused():
 
 
 @pytest.mark.parametrize("suite", ["none", "zoo", "offline", "paper"])
-def test_every_benchmark_suite_composes_and_renders_its_tasks(suite, tmp_path):
-    from lata.evaluation.tasks import TASKS
+def test_every_benchmark_suite_composes_with_known_tasks(suite, tmp_path):
+    """Each suite names LATA's own tasks or lm-eval's standard ones (the paper suite's gsm8k and
+    wikitext follow lm-eval's protocols: docs/evaluation.md)."""
+    from lata.evaluation.tasks import LM_EVAL_TASKS, TASKS
 
     cfg = compose(config_name="config", overrides=[f"benchmark={suite}"])
     validate(cfg)
-    assert all(t in TASKS for t in cfg.benchmark.tasks)
+    assert all(t in TASKS or t in LM_EVAL_TASKS for t in cfg.benchmark.tasks)
     assert (suite == "none") == (not cfg.benchmark.tasks)
+    if suite == "paper":
+        assert list(cfg.benchmark.tasks) == ["wikitext", "gsm8k", "lata_humaneval"]
 
 
 def test_benchmark_values_are_checked():
