@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from lata.registry import ConfigError, coerce, in_range, one_of, plain as to_plain
+from lata.registry import ConfigError, coerce, one_of, plain as to_plain
 
 
 def config_dir() -> str:

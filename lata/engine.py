@@ -57,9 +57,9 @@ from lata.compute import (SliceWorkers, as_float32, check_device, page_aligned_e
 from lata.config import MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge, validate_weighting
 from lata.family import Family
 from lata.methods import MergeMethod
-from lata.methods.ties import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
-                               scaled_magnitude)
 from lata.outputs import check_space, check_target, write_marker, writer_lock
+from lata.selection import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
+                            scaled_magnitude)
 from lata.shards import StreamingShardWriter
 from lata.weightings import normalized
 
@@ -73,7 +73,7 @@ DEVICE_CHUNK = 1 << 24  # elements per slice on an accelerator (fewer, larger tr
 #: docs/performance.md, "Numbers behind the defaults").
 MAGNITUDE_BYTES = 1 << 30
 #: Decision: with the fused kernels, tensors of at least this many values select their TIES
-#: threshold by band (``ties.band_around``: a sample places the band, one pass counts
+#: threshold by band (``selection.band_around``: a sample places the band, one pass counts
 #: and gathers it); smaller ones, and every other path, select on all their magnitudes.
 BAND_MIN_VALUES = 1 << 20
 
@@ -252,7 +252,7 @@ class _TensorVectors:
         Decision: the selection runs on |d_k|, not on |w_k * d_k|, and is kept in the family's
         ``selections`` (per anchor, expert, tensor and k), so the points of a sweep over lambdas
         and weightings select once per tensor (about a third of a TIES merge); the weight is
-        applied to the selected value (``ties.scaled_magnitude``: the same bits as selecting on
+        applied to the selected value (``selection.scaled_magnitude``: the same bits as selecting on
         the weighted vector).
         """
         memo = self.plan.family.selections

@@ -8,7 +8,7 @@ zero added to a theta_0 of -0.0 may differ) with a fraction of the memory traffi
 
 - Merge: ``FusedSlices.ta`` / ``.ties`` write theta_0 + delta of a slice straight into the
   output buffer. For the TIES thresholds, ``.band`` counts the |theta_k - theta_0| above a band
-  and gathers those in it (``lata.methods.ties.band_around``), and ``.magnitudes`` gives them
+  and gathers those in it (``lata.selection.band_around``), and ``.magnitudes`` gives them
   all where a tensor is selected whole (numpy's introselect).
 - Similarity pass: ``gram`` sums the float32 products per block by halving (pairwise) and adds
   the blocks in float64. Decision: this differs from the torch path (float32 ``torch.dot`` over

@@ -295,7 +295,7 @@ def test_lm_eval_tasks_report_each_filter_and_wikitext_gets_token_perplexity(tin
     files = export_gsm8k_offline(tmp_path / "data")
     local = {"gsm8k": f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {files['train']}\n"
                       f"    test: {files['test']}\n",
-             "wikitext": f"dataset_path: json\ndataset_kwargs:\n  data_files:\n"
+             "wikitext": "dataset_path: json\ndataset_kwargs:\n  data_files:\n"
                          + "".join(f"    {s}: {tmp_path / 'pages.jsonl'}\n" for s in ("train", "validation", "test"))}
     pages = [" = Valkyria Chronicles = \n\n The game @-@ a tactical role @-@ playing game , began in 2011 . \n",
              " = Tower = \n\n It is 1 @,@ 000 feet tall ; built in 1889 . \n"]

@@ -20,7 +20,7 @@ from lata import analysis
 from lata.analysis import _gram, layer_similarities
 from lata.compute import pure_slice
 from lata.methods import build_method
-from lata.methods.ties import largest_below
+from lata.selection import largest_below
 
 CASES = [
     dict(method="ta", weighting="linear_rank"),
@@ -92,7 +92,7 @@ def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
             else:
                 thresholds = [float(v.abs().sort(descending=True).values[math.ceil(0.2 * n) - 1]) for v in vectors]
                 fused.ties(lams, [largest_below(t) for t in thresholds], start, stop)
-        assert torch.equal(out, expected), name
+        assert torch.equal(out, expected), method.name
     magnitudes = torch.empty(n)
     fused.magnitudes(k - 1, magnitudes, 0, n)
     assert torch.equal(magnitudes, pure_slice(experts[-1], theta0.float(), 1.0, "cpu").abs())  # unweighted

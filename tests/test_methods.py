@@ -9,9 +9,9 @@ import torch
 from lata.methods import build_method
 from lata.methods.dare import keep_mask
 from lata.methods.ta import task_arithmetic
-from lata.methods.ties import (band_around, disjoint_mean, global_threshold, keep_count, kth_largest,
-                               kth_largest_in_band, sample_positions, scaled_magnitude,
-                               tensor_threshold, ties)
+from lata.methods.ties import disjoint_mean, ties
+from lata.selection import (band_around, global_threshold, keep_count, kth_largest, kth_largest_in_band,
+                            sample_positions, scaled_magnitude, tensor_threshold)
 
 V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
 V2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])

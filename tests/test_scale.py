@@ -22,7 +22,8 @@ from lata.compute import SliceWorkers
 from lata import checkpoints
 from lata.checkpoints import Checkpoint, Prefetcher
 from lata.shards import StreamingShardWriter
-from lata.methods.ties import kth_largest, kth_largest_magnitude, trim
+from lata.methods.ties import trim
+from lata.selection import kth_largest, kth_largest_magnitude
 
 CASES = [
     dict(method="ta", weighting="linear_rank"),

@@ -58,7 +58,7 @@ class _WholeVectors:
         self.shape = self.vectors[0].shape
 
     def kth_largest_magnitudes(self, k):
-        from lata.methods.ties import kth_largest_magnitude
+        from lata.selection import kth_largest_magnitude
 
         return [kth_largest_magnitude(v, k) for v in self.vectors]
 

@@ -7,7 +7,7 @@ Against mergekit 0.1.5 (``sparsify.magnitude_outliers``, the methods of the same
   that the kept count is reached; the ranking is by the magnitude of the (layer-weighted) pure
   vector of each tensor; ``breadcrumbs`` sums the lambda-scaled kept values, ``breadcrumbs_ties``
   elects signs on them.
-- Differs: the kept count is LATA's TIES count, ceil(density * n) (``ties.keep_count``), where
+- Differs: the kept count is LATA's TIES count, ceil(density * n) (``selection.keep_count``), where
   mergekit takes floor; the kept values are those with lo <= |v| <= hi, lo and hi the magnitudes
   of ranks n_top + kept and n_top + 1 from the top (exact selections), so values tied with a
   boundary are all kept (as LATA's TIES keeps ties) where mergekit breaks ties by sort order;
@@ -24,7 +24,8 @@ import torch
 
 from lata.methods import MergeMethod, merge_method
 from lata.methods.ta import task_arithmetic_
-from lata.methods.ties import disjoint_mean, keep_count
+from lata.methods.ties import disjoint_mean
+from lata.selection import keep_count
 from lata.registry import in_range
 
 
