@@ -153,7 +153,7 @@ def export_gsm8k_offline(out: Path) -> dict[str, Path]:
 
 def export_shakespeare(out: Path) -> Path:
     """Held-out Shakespeare text (the zoo never trains on these plays)."""
-    from lata.zoo.data import HELDOUT_PLAYS, shakespeare_texts
+    from lata.corpora import HELDOUT_PLAYS, shakespeare_texts
 
     target = out / "shakespeare.jsonl"
     if not target.is_file():

