@@ -30,6 +30,8 @@ def test_wheel_holds_the_configs_and_merges_from_another_directory(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "conf").rglob("*.yaml")}
     assert shipped and {f"lata/{p}" for p in shipped} <= names  # every config group and preset
+    tasks = {p.relative_to(ROOT).as_posix() for p in (ROOT / "lata" / "evaluation" / "task_yamls").glob("*.yaml")}
+    assert tasks and tasks <= names  # LATA's lm-eval task YAMLs
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
@@ -49,6 +51,10 @@ def test_wheel_holds_the_configs_and_merges_from_another_directory(tmp_path):
     module, conf = where.stdout.split()
     assert module.startswith(str(site)) and conf.startswith(str(site)) and Path(conf, "config.yaml").is_file()
 
+    # the registries find their modules in the installed package
+    found = run("-c", "from lata.methods import METHODS; from lata.weightings import WEIGHTINGS; "
+                      "print(' '.join(METHODS.names() + WEIGHTINGS.names()))").stdout.split()
+    assert {"della", "breadcrumbs_ties", "ties", "lines", "linear_rank"} <= set(found)
     dirs = write_family(tmp_path / "family")
     run("-m", "lata", *family_args(dirs), "dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}", "progress=false")
     assert (tmp_path / "dry" / "summary.json").is_file()
