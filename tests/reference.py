@@ -45,7 +45,8 @@ def similarities(base, instruct, expert, L):
     return sims
 
 
-def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=None, alpha=0.5, beta=0.5):
+def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=None, alpha=0.5, beta=0.5,
+            of="linear_rank", seed=0):
     L = len(sims)
     order = np.lexsort((np.arange(L), -np.asarray(sims)))  # by -s, then by index
     p = np.empty(L, dtype=int)
@@ -64,6 +65,12 @@ def weights(sims, name, drop=0.5, threshold=0.95, normalize="none", explicit=Non
         w = np.asarray(explicit, dtype=float)
     elif name == "lines":
         w = alpha + beta * np.arange(L) / max(L - 1, 1)
+    elif name == "shuffled":  # the rank weights, block l taking block order[l]'s
+        import random
+
+        order = list(range(L))
+        random.Random(seed).shuffle(order)
+        w = np.asarray(weights(sims, of, drop))[order]
     if normalize == "mean":
         w = w / w.mean()
     return [float(x) for x in w]
@@ -112,7 +119,8 @@ def _della_scale(d: torch.Tensor, density: float, epsilon: float, seed: int, exp
 
 def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, density=0.2, topk_scope="tensor",
           p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=None,
-          explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5) -> dict[str, torch.Tensor]:
+          explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5,
+          of="linear_rank") -> dict[str, torch.Tensor]:
     """``target``: a checkpoint directory the delta is added to (default: theta_0);
     ``rest_weight`` None: 1, or alpha for LiNeS."""
     base, instruct = load(dirs["base"]), load(dirs["instruct"])
@@ -125,7 +133,8 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
         rest_weight = alpha if weighting == "lines" else 1.0
     pure = {}
     for k, ex in experts.items():
-        w = weights(similarities(base, instruct, ex, L), weighting, drop, threshold, normalize, explicit, alpha, beta)
+        w = weights(similarities(base, instruct, ex, L), weighting, drop, threshold, normalize, explicit, alpha, beta,
+                    of, seed)
         pure[k] = {n: (rest_weight if layer_index(n) is None else w[layer_index(n)])
                    * (ex[n].float() - theta0[n].float()) for n in theta0}
     if method == "ties" and topk_scope == "global":

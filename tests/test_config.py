@@ -66,7 +66,8 @@ def test_every_merge_config_builds_its_method_with_the_declared_defaults(method)
 # w for similarities [0.99, 0.1, 0.5, 0.7] (L = 4), by the formulas in docs/method.md
 EXPECTED_WEIGHTS = {"uniform": [1, 1, 1, 1], "threshold": [0, 1, 1, 1], "linear_rank": [0, 1, 0.5, 0],
                     "log_rank": [0, 1, 0.6309297535714575, 0], "explicit": [0, 0, 0.5, 1],
-                    "lines": [0.5, 0.5 + 0.5 / 3, 0.5 + 1 / 3, 1.0]}
+                    "lines": [0.5, 0.5 + 0.5 / 3, 0.5 + 1 / 3, 1.0],
+                    "shuffled": [0.5, 0, 1, 0]}  # linear_rank's [0, 1, 0.5, 0] taken in block order [2, 0, 1, 3]
 
 
 @pytest.mark.parametrize("weighting", WEIGHTINGS.names())

@@ -1,0 +1,75 @@
+"""conf/experiment/: every experiment composes, and every point of its sweep validates; the real
+families refuse an unreachable hub clearly; one experiment runs end to end on the micro zoo."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from conftest import run_lata
+from lata.cli import config_dir
+from lata.config import register_configs, validate
+
+EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
+REAL = [e for e in EXPERIMENTS if e.startswith(("paper_", "mergebench_"))]
+EXPERTS = ["++model.experts.math=someone/math-expert", "++model.experts.code=someone/code-expert"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def hydra_context():
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        yield
+
+
+def sweep_points(name: str) -> list[list[str]]:
+    """The overrides of every point of an experiment's sweep (one empty point for a single run)."""
+    cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    params = dict(cfg.hydra.sweeper.params or {})
+    grid = [[f"{key}={value.strip()}" for value in str(values).split(",")] for key, values in params.items()]
+    return [list(point) for point in itertools.product(*grid)]
+
+
+def test_the_experiments_are_there():
+    assert {"multitask", "multitask_seeds", "references", "forgetting", "ablation_weighting", "ablation_threshold",
+            "lambda_sweep", "lata_vs_lines", "shuffle_control"} <= set(EXPERIMENTS)
+    assert len(REAL) == 6
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_point_of_every_experiment_validates(name):
+    points = sweep_points(name)
+    assert points
+    for point in points:
+        cfg = compose(config_name="config", overrides=[f"experiment={name}", *point, *(EXPERTS if name in REAL else [])])
+        validate(cfg)
+        if name in REAL:
+            assert cfg.device == "cuda" and cfg.model.dtype == "bfloat16" and cfg.benchmark.name == "paper"
+            assert "/" in cfg.model.base and "/" in cfg.model.instruct  # hub ids
+        else:
+            assert cfg.model.embedded == "zoo" and cfg.benchmark.name == "zoo"
+
+
+def test_sweep_sizes():
+    sizes = {name: len(sweep_points(name)) for name in EXPERIMENTS if name not in REAL}
+    assert sizes["multitask"] == 3 * 6 * 5 * 2 and sizes["references"] == 5 and sizes["lambda_sweep"] == 18
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_real_family_with_the_hub_unreachable_fails_clearly(name, tmp_path):
+    result = run_lata([f"experiment={name}", *EXPERTS, "device=cpu", "dry_run=true", "benchmark=none"], tmp_path,
+                      env_extra={"HF_HUB_OFFLINE": "1"}, check=False)
+    cfg = compose(config_name="config", overrides=[f"experiment={name}"])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"'{cfg.model.base}' is neither a local directory nor a hub model that could be fetched" in result.stderr
+
+
+@pytest.mark.slow
+def test_an_experiment_runs_end_to_end_on_the_micro_zoo(micro_zoo_cache, tmp_path):
+    sweep = tmp_path / "sweep"
+    run_lata(["experiment=lambda_sweep", "zoo=micro", "benchmark.limit=2", "hydra.sweeper.params.merge.lam=0.0,1.0",
+              f"hydra.sweep.dir={sweep}"], tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)})
+    rows = (sweep / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2  # uniform and linear_rank at lambda 0 and 1
+    assert (sweep / "best_lambda.png").is_file()
