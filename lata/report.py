@@ -20,6 +20,8 @@ Decisions:
   and a column no row fills is left out. A method the report cannot import (a user's own,
   given by dotted path) keeps every key its summary recorded. Reference rows (``merge=none``)
   have no merge parameters; ``evaluated`` names the unmerged role (``merged`` for every merge).
+- ``experts`` (the merged experts), ``target``, ``anchor``, ``normalize`` and ``rest_weight``
+  are columns only where the runs differ in them (a sweep over expert sets or an ablation).
 - Two runs of the same point (the runner's ``point`` key: same checkpoint contents, merge,
   weighting and benchmark; for older summaries the family, method and weighting with their used
   parameters), e.g. a resumed sweep, keep one row: the most recently written summary.json.
@@ -56,8 +58,12 @@ def parameter_columns() -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+#: what a point merged besides its method and weighting; a column only where a sweep varies it
+CONTEXT_COLUMNS = ["experts", "target", "anchor", "normalize", "rest_weight"]
+
+
 def point_columns() -> list[str]:
-    return ["run", "method", "lam", "lams", "weighting", *parameter_columns(), "evaluated"]
+    return ["run", "method", "lam", "lams", "weighting", *parameter_columns(), *CONTEXT_COLUMNS, "evaluated"]
 
 
 def _own_keys(registry: Registry, name: str | None, node: dict, common: tuple[str, ...]) -> list[str]:
@@ -90,8 +96,12 @@ def result_row(summary: dict, run: str = ".") -> dict:
     """One results row: ``point_columns()``, every numeric metric as ``task/metric``, task_score."""
     point = effective_point(summary)
     columns = point_columns()
-    unlisted = [k for k in point if k not in columns and k not in ("anchor", "normalize", "rest_weight")]
+    unlisted = [k for k in point if k not in columns]
     row = {c: _cell(point.get(c)) for c in columns + unlisted}  # unlisted: a user method's recorded keys
+    family = summary.get("family") or {}
+    if point.get("method") != "none":  # the experts merged and where (model.target), by role or path
+        row["experts"] = "+".join(sorted(family.get("experts") or {})) or None
+        row["target"] = _role_of(family.get("target"), family)
     row["run"] = run
     row["lams"] = ",".join(f"{k}={v:g}" for k, v in sorted(point.get("lams", {}).items())) or None
     row["evaluated"] = point.get("evaluated") or "merged"
@@ -145,7 +155,9 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
     metric_columns = sorted(c for c in table.columns if "/" in c)
     columns = point_columns() + [c for c in table.columns if c not in point_columns() and "/" not in c
                                  and c != "task_score"]
-    columns = [c for c in columns if c not in parameter_columns() or table[c].notna().any()]
+    merged = table["evaluated"] == "merged"
+    columns = [c for c in columns if (c not in parameter_columns() or table[c].notna().any())
+               and (c not in CONTEXT_COLUMNS or table.loc[merged, c].nunique(dropna=False) > 1)]
     table = table.reindex(columns=columns + metric_columns + ["task_score"])
     order = table.assign(_ref=table["evaluated"] == "merged")
     order = order.sort_values(["_ref", "method", "weighting", "lam", "evaluated", "run"], na_position="first",
@@ -184,6 +196,14 @@ def _point_part(table: pd.DataFrame) -> list[str]:
 
 def _series_params(table: pd.DataFrame) -> list[str]:
     return [c for c in _point_part(table) if c not in ("run", "method", "lam", "weighting", "evaluated")]
+
+
+def _role_of(path: str | None, family: dict) -> str | None:
+    """A target as the family's role name where it is one of the family's checkpoints."""
+    if not path:
+        return None
+    roles = {**(family.get("experts") or {}), "base": family.get("base"), "instruct": family.get("instruct")}
+    return next((role for role, p in roles.items() if p == path), path)
 
 
 def _cell(value):

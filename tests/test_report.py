@@ -193,6 +193,24 @@ def test_columns_follow_the_registries(tmp_path):
     assert "p" not in table.columns and "gamma" not in table.columns and "topk_scope" not in table.columns
 
 
+def test_expert_sets_and_ablated_keys_become_columns_only_where_they_vary(tmp_path):
+    from lata.report import series_labels
+
+    for i, experts in enumerate(({"math": "m", "code": "c"}, {"ua": "u", "math": "m"})):
+        s = summary("ta", lam=0.5, metrics={"zoo_math": {"exact_match_strict": 0.1 * (i + 1)}})
+        s["family"]["experts"] = experts
+        write_run(tmp_path / "sets" / str(i), s)
+    table = collect(tmp_path / "sets")
+    assert sorted(table["experts"]) == ["code+math", "math+ua"] and "anchor" not in table.columns
+    assert series_labels(table).nunique() == 2  # one line per expert set
+    forget = summary("ta", lam=-1.0, metrics={"zoo_ua": {"compliance": 0.0}})
+    forget["family"].update(experts={"ua": "u"}, target="u")
+    forget["merge"]["anchor"] = "base"
+    write_run(tmp_path / "sets" / "2", forget)
+    table = collect(tmp_path / "sets").set_index("experts")
+    assert table.loc["ua", "target"] == "ua" and table.loc["ua", "anchor"] == "base"
+
+
 def test_empty_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"no summary.json under {tmp_path}"):
         build_report(tmp_path)
