@@ -59,7 +59,9 @@ demo: install
 ## resumed from outputs/results), then the tables, plots and claims of experiments/README.md
 EXPERIMENTS ?= references multitask multitask_seeds forgetting ablation_weighting ablation_threshold lambda_sweep lata_vs_lines shuffle_control
 reproduce: install
-	@for e in $(EXPERIMENTS); do echo "== experiment=$$e"; $(BIN)/lata experiment=$$e progress=false || exit 1; done
+	@for e in $(EXPERIMENTS); do echo "== experiment=$$e"; start=$$(date +%s); \
+	  $(BIN)/lata experiment=$$e progress=false || exit 1; \
+	  echo $$(( $$(date +%s) - start )) > outputs/experiments/$$e/wall_s; done
 	$(BIN)/python experiments/summarize.py outputs/experiments experiments
 
 ## evaluation throughput: LATA's in-memory path vs lm-eval's HF backend (zoo + SmolLM2; a few minutes)
