@@ -128,9 +128,14 @@ def main(root: Path, out: Path) -> None:
             if experts == "code+math":
                 bar_plot(best, "math + code: task score at the best lambda", figures / "multitask_best.png")
                 parts += ["![best lambda per method x weighting](figures/multitask_best.png)", ""]
+                _tradeoff_plot(group, figures / "multitask_tradeoff.png")
+                parts += ["![task score against perplexity, every math+code point](figures/multitask_tradeoff.png)",
+                          ""]
                 # claims 1 and 3: LATA against uniform, per method, at each one's best lambda
                 rows = []
                 for method, m in best.groupby("method"):
+                    if not ((m.weighting == "uniform").any() and m.weighting.isin(LATA).any()):
+                        continue  # a sweep still running
                     uniform = m[m.weighting == "uniform"].iloc[0]
                     lata = m[m.weighting.isin(LATA)].sort_values("task_score", ascending=False).iloc[0]
                     rows.append((method, lata.weighting, lata.task_score - uniform.task_score, score_se(uniform),
@@ -273,6 +278,18 @@ def _forgetting_plot(fg: pd.DataFrame, refs: pd.DataFrame, path: Path) -> None:
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylabel("target ability (ua compliance / math)")
     ax.legend()
+    save_figure(fig, path)
+
+
+def _tradeoff_plot(table: pd.DataFrame, path: Path) -> None:
+    """Task score against perplexity, one marker per weighting (uniform: plain methods)."""
+    fig = new_figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for weighting, group in table.groupby("weighting"):
+        ax.scatter(group[PPL], group["task_score"], label=weighting, s=18)
+    ax.set_xlabel("token perplexity (lower: more utility kept)")
+    ax.set_ylabel("task score")
+    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
