@@ -166,17 +166,23 @@ def main(root: Path, out: Path) -> None:
         parts += ["## forgetting", "", f"`{COMMANDS['forgetting']}`: the vector subtracted from the expert that has "
                   "the skill (`model.target`). Before: the expert unmerged (references).", ""]
         lines = []
+        instruct_ppl = refs[refs.evaluated == "instruct"].iloc[0][PPL]
         for experts, group in fg.groupby("experts"):
             skill = {"ua": UA, "math": MATH}[experts]
             before = refs[refs.evaluated == experts].iloc[0]
             view = metrics_view(group.sort_values(["method", "weighting", "lam"]), ["method", "weighting", "lam"])
             parts += [f"### from the {experts} expert (before: {experts} {pct(before[skill])}%, ppl "
                       f"{before[PPL]:.1f})", "", md_table(view), ""]
-            uni = group[(group.method == "ta") & (group.weighting == "uniform") & (group.lam == -1.0)].iloc[0]
-            thr = group[(group.method == "ta") & (group.weighting == "threshold") & (group.lam == -1.0)].iloc[0]
-            lines.append(f"{experts}: TA uniform, lambda -1: {pct(before[skill])}% -> {pct(uni[skill])}%, "
-                         f"ppl {before[PPL]:.1f} -> {uni[PPL]:.1f}; threshold 0.95: {pct(thr[skill])}%, "
-                         f"ppl {thr[PPL]:.1f}")
+            for weighting in ("uniform", "threshold"):
+                row = group[(group.method == "ta") & (group.weighting == weighting) & (group.lam == -1.0)].iloc[0]
+                drop = before[skill] - row[skill]
+                se = math.sqrt(before[skill] * (1 - before[skill]) / N[skill] + row[skill] * (1 - row[skill]) / N[skill])
+                holds = row[PPL] <= 1.05 * before[PPL]
+                lines.append(f"{experts}, TA {weighting}{' 0.95' if weighting == 'threshold' else ''}, lambda -1: "
+                             f"{pct(before[skill])}% -> {pct(row[skill])}% (2 SE = {200 * se:.1f}), ppl "
+                             f"{before[PPL]:.1f} -> {row[PPL]:.1f} (held if within 5%; instruct: {instruct_ppl:.1f}): "
+                             + ("agrees" if drop > 2 * se and holds else
+                                "disagrees" if drop <= 2 * se else "disagrees (utility falls)"))
         _forgetting_plot(fg, refs, figures / "forgetting.png")
         parts += ["![forgetting before and after](figures/forgetting.png)", ""]
         claims.append(("Forgetting lowers the target ability while utility holds", lines))
@@ -193,6 +199,15 @@ def main(root: Path, out: Path) -> None:
         if name == "lambda_sweep":
             _lambda_plot(table, figures / "lambda_sweep.png")
             parts += ["![task score and perplexity over lambda](figures/lambda_sweep.png)", ""]
+            high = table[table.lam >= 1.5].groupby("weighting")[["task_score", PPL]].mean()
+            if {"uniform", "linear_rank"} <= set(high.index):
+                u, l = high.loc["uniform"], high.loc["linear_rank"]
+                stable = l["task_score"] > u["task_score"] and l[PPL] < u[PPL]
+                claims.append(("LATA is less sensitive to a too-large lambda than TA (the paper's instability "
+                               "warning)", [f"mean over lambda 1.5-2.0: task score {pct(l['task_score'])}% (LATA-TA) "
+                                            f"vs {pct(u['task_score'])}% (TA), perplexity {l[PPL]:.1f} vs "
+                                            f"{u[PPL]:.1f}: {'agrees' if stable else 'disagrees'}; at the best "
+                                            f"lambda TA is ahead (multitask)"]))
 
     lines_tab, shuffle = tables.get("lata_vs_lines"), tables.get("shuffle_control")
     if lines_tab is not None:
@@ -218,8 +233,10 @@ def main(root: Path, out: Path) -> None:
                             f"{'similarities carry information' if d > 2 * score_se(lr) else 'no evidence that the similarities carry information'}")
             claims.append(("The similarities carry information (LATA against its shuffled control)", info))
 
-    picture = next(iter(sorted((root / "multitask").glob("*/layer_analysis.png"))), None) if mt is not None else None
-    late = _late_claim(root / "references", root / "multitask")
+    analyses = sorted((root / "multitask").glob("*/layer_analysis.json"))
+    widest = max(analyses, key=lambda f: len(json.loads(f.read_text())["similarities"]), default=None)
+    picture = widest.with_suffix(".png") if widest is not None and widest.with_suffix(".png").is_file() else None
+    late = _late_claim(widest)
     if late:
         claims.insert(1, ("Task-specific layers sit late (similarity falls with depth)", late))
     if picture is not None:
@@ -243,21 +260,19 @@ def _with_experts(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
     return table
 
 
-def _late_claim(*folders: Path) -> list[str]:
-    """Per expert: similarity of the first and last block, and whether it falls with depth."""
-    for folder in folders:
-        for file in sorted(folder.glob("*/layer_analysis.json")):
-            sims = json.loads(file.read_text())["similarities"]
-            if all(len(s) >= 2 for s in sims.values()):
-                out = []
-                for expert, s in sorted(sims.items()):
-                    half = len(s) // 2
-                    early, late = sum(s[:half]) / half, sum(s[half:]) / (len(s) - half)
-                    out.append(f"{expert}: mean similarity of the first half of the blocks {early:.4f}, of the "
-                               f"second half {late:.4f} (range {min(s):.4f}-{max(s):.4f}): "
-                               f"{'agrees' if late < early - 0.005 else 'disagrees' if late > early + 0.005 else 'cannot tell (flat)'}")
-                return out
-    return []
+def _late_claim(file: Path | None) -> list[str]:
+    """Per expert: mean similarity of the first and second half of the blocks, and whether it
+    falls with depth (by more than 0.005)."""
+    if file is None:
+        return []
+    out = []
+    for expert, s in sorted(json.loads(file.read_text())["similarities"].items()):
+        half = len(s) // 2
+        early, late = sum(s[:half]) / half, sum(s[half:]) / (len(s) - half)
+        word = "agrees" if late < early - 0.005 else "disagrees" if late > early + 0.005 else "cannot tell (flat)"
+        out.append(f"{expert}: mean similarity of the first half of the blocks {early:.4f}, of the second half "
+                   f"{late:.4f} (range {min(s):.4f}-{max(s):.4f}): {word}")
+    return out
 
 
 def _forgetting_plot(fg: pd.DataFrame, refs: pd.DataFrame, path: Path) -> None:

@@ -68,7 +68,7 @@ def test_real_family_with_the_hub_unreachable_fails_clearly(name, tmp_path):
 @pytest.mark.slow
 def test_an_experiment_runs_end_to_end_on_the_micro_zoo(micro_zoo_cache, tmp_path):
     sweep = tmp_path / "sweep"
-    run_lata(["experiment=lambda_sweep", "zoo=micro", "benchmark.limit=2", "hydra.sweeper.params.merge.lam=0.0,1.0",
+    run_lata(["experiment=lambda_sweep", "zoo=micro", "benchmark.limit=2", "merge.lam=0.0,1.0",  # the command line narrows the sweep
               f"hydra.sweep.dir={sweep}"], tmp_path, env_extra={"LATA_CACHE": str(micro_zoo_cache)})
     rows = (sweep / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2  # uniform and linear_rank at lambda 0 and 1
