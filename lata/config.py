@@ -197,14 +197,15 @@ def register_configs() -> None:
     cs.store(name="lata_schema", node=LataConfig)
 
 
-def validate_merge(merge: Any):
+def validate_merge(merge: Any, also: tuple[str, ...] = ()):
     """Check a ``merge`` node (or MergeConfig) against the method registry; return the checked
-    method object (``lata.methods.MergeMethod``). ConfigError names the key."""
+    method object (``lata.methods.MergeMethod``). ConfigError names the key; ``also``: further
+    names the caller accepts, listed in the message (the app's ``none``)."""
     from lata.methods import METHODS
 
     m = MergeConfig.of(merge)
     if "." not in str(m.method):
-        one_of("merge.method", m.method, METHODS.names())
+        one_of("merge.method", m.method, METHODS.names() + list(also))
     one_of("merge.anchor", m.anchor, ANCHORS)
     coerce("merge.lam", m.lam, float)
     if not isinstance(m.lams, dict):
@@ -288,11 +289,7 @@ def validate(cfg: Any) -> None:
         if extra:
             raise ConfigError(f"merge.{extra[0]} is not a key of merge=none (a model evaluated unmerged)")
     else:
-        from lata.methods import METHODS
-
-        if "." not in str(cfg.merge.method):
-            one_of("merge.method", cfg.merge.method, METHODS.names() + [UNMERGED])
-        validate_merge(cfg.merge)
+        validate_merge(cfg.merge, also=(UNMERGED,))
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)

@@ -58,11 +58,11 @@ class Breadcrumbs(MergeMethod):
         hi_rank, lo_rank = outlier_bounds(vectors.shape.numel(), self.density, self.gamma)
         return list(zip(vectors.kth_largest_magnitudes(lo_rank), vectors.kth_largest_magnitudes(hi_rank)))
 
-    def _kept(self, vectors, lams, bounds):
+    def _kept(self, vectors, bounds):
         return [keep_between(v, lo, hi) for v, (lo, hi) in zip(vectors, bounds)]
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        return task_arithmetic_(self._kept(vectors, lams, state), lams)
+        return task_arithmetic_(self._kept(vectors, state), lams)
 
 
 @merge_method("breadcrumbs_ties")
@@ -71,5 +71,5 @@ class BreadcrumbsTies(Breadcrumbs):
     """Breadcrumbs' kept values, lambda-scaled, then TIES sign election and disjoint mean."""
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        kept = self._kept(vectors, lams, state)
+        kept = self._kept(vectors, state)
         return disjoint_mean([u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)])
