@@ -10,6 +10,13 @@ fails (a sum, or a squared norm already computed, is finite only if every term i
 
 Reading is streamed as in the merge (``lata.engine``): zero-copy views of the memory maps, a
 read-ahead thread, and each tensor's pages released from the process once used.
+
+On an accelerator (``staged``, ``lata.transfer``) each tensor arrives whole on the device and
+its sums are taken there at once: the float32 differences as above, their products and sums in
+float64 (exact products, sums good to about 1e-16 relative, one matrix product per 2^24
+values). Decision: these sums are the more exact ones, so the similarities of the staged path
+may differ from the CPU's float32 slices in the last digits (~1e-7 relative); the weights
+differ only where a similarity lies that close to a threshold or a tie.
 """
 
 from __future__ import annotations
@@ -81,21 +88,20 @@ class LayerAnalysis:
 
 
 def layer_similarities(family: Family, device: str = "cpu", progress: bool = True,
-                      prefetch: bool = True, threads: int | None = None) -> LayerAnalysis:
+                      prefetch: bool = True, threads: int | None = None, staged: bool | None = None) -> LayerAnalysis:
     """Stream every tensor of the family once and accumulate the per-layer sums.
 
     ``prefetch``: a read-ahead thread; ``threads``: slice workers (None: ``auto_threads()``). Neither
-    changes the result.
+    changes the result. ``staged``: whole tensors loaded onto the device (None: on an
+    accelerator only; see the module's docstring).
     """
     check_device(device)
+    if torch.device(device).type != "cpu" if staged is None else staged:
+        return _staged_similarities(family, device, progress, threads)
     fused = kernels.worthwhile(family.nbytes, device)
     if fused:
         kernels.preload()
-    L, experts = family.num_layers, family.expert_names
-    result = LayerAnalysis(
-        experts=experts, num_layers=L,
-        dot={k: [0.0] * L for k in experts}, comp_sq={k: [0.0] * L for k in experts}, instr_sq=[0.0] * L,
-    )
+    result = _new_analysis(family)
     tune_malloc()
     ckpts = family.checkpoints  # base, instruct, experts (in order)
     names = family.tensor_names
@@ -114,16 +120,70 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
                 if not all(math.isfinite(gram[j][j]) for j in range(len(gram))):
                     for ckpt, view in zip(ckpts, views):
                         ckpt.refuse_non_finite(name, view)  # names the first culprit
-                if layer is None:
-                    continue
-                result.instr_sq[layer] += gram[0][0]
-                for j, k in enumerate(experts, start=1):
-                    result.dot[k][layer] += gram[j][0]
-                    result.comp_sq[k][layer] += gram[j][j]
+                if layer is not None:
+                    _add(result, layer, gram)
             finally:
                 for ckpt in ckpts:
                     ckpt.release([name])
     return result
+
+
+def _new_analysis(family: Family) -> LayerAnalysis:
+    L, experts = family.num_layers, family.expert_names
+    return LayerAnalysis(experts=experts, num_layers=L, dot={k: [0.0] * L for k in experts},
+                         comp_sq={k: [0.0] * L for k in experts}, instr_sq=[0.0] * L)
+
+
+def _add(result: LayerAnalysis, layer: int, gram: list[list[float]]) -> None:
+    result.instr_sq[layer] += gram[0][0]
+    for j, k in enumerate(result.experts, start=1):
+        result.dot[k][layer] += gram[j][0]
+        result.comp_sq[k][layer] += gram[j][j]
+
+
+#: values per float64 matrix product of the staged pass (bounds its temporaries)
+STAGED_STEP = 1 << 24
+
+
+def _staged_similarities(family: Family, device: str, progress: bool, threads: int | None) -> LayerAnalysis:
+    """``layer_similarities`` on the staged path (``lata.transfer``)."""
+    from lata.transfer import DeviceLoader
+
+    result = _new_analysis(family)
+    ckpts = family.checkpoints
+    names = family.tensor_names
+    schedule = [[(c, n) for c in ckpts] if ckpts[0].is_float(n) else [] for n in names]
+    with DeviceLoader(schedule, device, threads=threads) as loader, torch_threads(1):
+        for i, name in enumerate(tqdm(names, desc="layer similarities", disable=not progress, leave=False)):
+            tensors = loader.take(i)
+            if not tensors or not tensors[0].is_floating_point():
+                continue
+            gram = _gram_float64(tensors)
+            if not all(math.isfinite(gram[j][j]) for j in range(len(gram))):
+                for ckpt, tensor in zip(ckpts, tensors):
+                    ckpt.refuse_non_finite(name, tensor)
+            layer = family.layer_of(name)
+            if layer is not None:
+                _add(result, layer, gram)
+    return result
+
+
+def _gram_float64(tensors: list[torch.Tensor]) -> list[list[float]]:
+    """``_gram``'s sums from whole tensors on one device: float32 differences to the base,
+    products and sums in float64."""
+    flat = [t.reshape(-1) for t in tensors]
+    n, rows = flat[0].numel(), len(flat) - 1
+    sums = torch.zeros((rows, rows), dtype=torch.float64, device=flat[0].device)
+    for start in range(0, n, STAGED_STEP):
+        base = flat[0][start:start + STAGED_STEP].float()
+        x = torch.stack([(t[start:start + STAGED_STEP].float() - base).double() for t in flat[1:]])
+        sums += x @ x.T
+    values = sums.tolist()
+    gram = [[0.0] * rows for _ in range(rows)]
+    gram[0][0] = values[0][0]
+    for j in range(1, rows):
+        gram[j][0], gram[j][j] = values[j][0], values[j][j]
+    return gram
 
 
 def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None = None,

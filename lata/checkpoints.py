@@ -157,6 +157,11 @@ class Checkpoint:
         """The torch dtype of a tensor, from the header (None for a dtype torch cannot view)."""
         return _SAFETENSORS_TO_TORCH_ALL.get(self.dtype_name(name))
 
+    def is_float(self, name: str) -> bool:
+        """Whether a tensor holds floating values (a dtype torch cannot view counts as one)."""
+        dtype = self.torch_dtype(name)
+        return dtype is None or dtype.is_floating_point
+
     def nbytes(self, name: str) -> int:
         return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.dtype_name(name), 4)
 
@@ -179,19 +184,58 @@ class Checkpoint:
             bad = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
             raise CheckpointError(f"tensor '{name}' in {self.files[name]} ({self.role}) contains {bad} values")
 
+    def _fd(self, file: Path) -> int:
+        with self._lock:
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
+
     def _map(self, file: Path) -> mmap.mmap:
+        fd = self._fd(file)
         with self._lock:
             if file not in self._maps:
-                fd = os.open(file, os.O_RDONLY)
-                try:
-                    # ACCESS_COPY: a private mapping; pages are shared with the page cache until written
-                    self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-                except BaseException:
-                    os.close(fd)
-                    raise
-                self._fds[file] = fd
+                # ACCESS_COPY: a private mapping; pages are shared with the page cache until written
+                self._maps[file] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
                 self._bases[file] = _address(self._maps[file])
             return self._maps[file]
+
+    def read(self, name: str, pin: bool = False) -> torch.Tensor:
+        """One tensor (CPU, stored dtype) copied into fresh memory by ``pread``, not through the
+        memory map: nothing is mapped into the process, so nothing needs ``release``. ``pin``:
+        page-locked memory, which a GPU copies from asynchronously (needs a CUDA build of torch).
+        """
+        tensor, reads = self.read_later(name, pin)
+        for read in reads:
+            read()
+        return tensor
+
+    def read_later(self, name: str, pin: bool = False) -> tuple[torch.Tensor, list]:
+        """``read`` in pieces: the tensor's memory, and the calls that fill it, one per
+        ``READ_PIECE`` bytes, which may run at once on different threads."""
+        file = self.files[name]
+        dtype, shape = self.torch_dtype(name), self.shape(name)
+        try:
+            if dtype is None:  # an exotic dtype: decoded by safetensors, then copied
+                view = self.get(name)
+                return torch.empty(view.shape, dtype=view.dtype, pin_memory=pin).copy_(view), []
+            start, end = self._spans[name]
+            raw = torch.empty(end - start, dtype=torch.uint8, pin_memory=pin)
+            fd, buffer = self._fd(file), raw.numpy()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor '{name}' from {file}: {exc}") from exc
+
+        def piece(lo: int, hi: int):
+            def read():
+                try:
+                    _read_exactly(fd, buffer[lo:hi], start + lo)
+                except Exception as exc:
+                    raise CheckpointError(f"cannot read tensor '{name}' from {file}: {exc}") from exc
+            return read
+
+        reads = [piece(lo, min(lo + READ_PIECE, end - start)) for lo in range(0, end - start, READ_PIECE)]
+        return raw.view(dtype).view(shape), reads
 
     def _view(self, name: str) -> torch.Tensor:
         file = self.files[name]
@@ -329,6 +373,21 @@ def _resident(base: int | None, start: int, end: int, samples: int | None = None
 
 _mincore = libc_function("mincore", ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte))
 _madvise = libc_function("madvise", ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+#: bytes per ``pread`` of ``Checkpoint.read_later``: pieces of a large tensor are read at once
+READ_PIECE = 8 << 20
+
+
+def _read_exactly(fd: int, out, offset: int) -> None:
+    """Fill the buffer ``out`` from the file at ``offset`` (several reads where the kernel
+    returns fewer bytes; the GIL is released while the kernel copies)."""
+    view = memoryview(out).cast("B")
+    while len(view):
+        n = os.preadv(fd, [view[:1 << 30]], offset)
+        if n <= 0:
+            raise EOFError(f"the file ends {len(view)} bytes early (truncated?)")
+        view, offset = view[n:], offset + n
 
 
 def finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:

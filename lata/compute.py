@@ -159,6 +159,17 @@ def page_aligned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     return raw[skip:skip + n].view(shape)
 
 
+def on_device(x: torch.Tensor, device: str | torch.device) -> bool:
+    """Whether ``x`` lives on ``device`` ("cuda" names the current GPU: a tensor on cuda:0 is on
+    it, though ``torch.device("cuda") != torch.device("cuda:0")``)."""
+    want = torch.device(device)
+    if x.device.type != want.type:
+        return False
+    if want.index is None and want.type == "cuda":
+        return x.device.index == torch.cuda.current_device()
+    return want.index is None or x.device.index == want.index
+
+
 def thread_buffer(tag: str, rows: int, cols: int, device: str) -> torch.Tensor:
     """A float32 (rows, cols) scratch buffer owned by the calling thread, reused across calls
     with the same ``tag`` (fresh multi-MiB allocations cost a page fault per 4 KiB)."""
@@ -166,14 +177,14 @@ def thread_buffer(tag: str, rows: int, cols: int, device: str) -> torch.Tensor:
     if buffers is None:
         buffers = _local.buffers = {}
     buffer = buffers.get(tag)
-    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < cols or buffer.device != torch.device(device):
+    if buffer is None or buffer.shape[0] < rows or buffer.shape[1] < cols or not on_device(buffer, device):
         buffers[tag] = buffer = torch.empty((rows, cols), dtype=torch.float32, device=device)
     return buffer[:rows, :cols]
 
 
 def as_float32(x: torch.Tensor, buffer: torch.Tensor, device: str) -> torch.Tensor:
     """``x`` in float32 on ``device``: itself when it already is, else converted into ``buffer``."""
-    if x.dtype == torch.float32 and x.device == torch.device(device):
+    if x.dtype == torch.float32 and on_device(x, device):
         return x
     return buffer.copy_(x)
 
@@ -183,7 +194,7 @@ def pure_slice(theta_k: torch.Tensor, theta0: torch.Tensor, w: float, device: st
     """v = w * (theta_k - theta_0) for one slice, float32 on ``device`` (into ``out`` if given)."""
     if out is None:
         out = theta_k.to(device, torch.float32).sub(theta0)
-    elif theta_k.dtype == torch.float32 and theta_k.device == torch.device(device):
+    elif theta_k.dtype == torch.float32 and on_device(theta_k, device):
         torch.sub(theta_k, theta0, out=out)
     else:
         out.copy_(theta_k).sub_(theta0)

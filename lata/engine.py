@@ -30,6 +30,13 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py: d
 - ``merge_to_dir`` plans the shards from the headers and writes each tensor as soon as it is
   merged, from a writer thread (``write_behind``), with O_DIRECT where possible (``direct_io``),
   reusing output buffers once written: no output shard is ever held in memory.
+- On an accelerator the merge is staged (``MergePlan.staged``, ``lata.transfer``): a loader
+  thread reads each tensor's inputs whole (``pread`` into page-locked memory, in pieces on
+  reader threads) and copies them to the device on a side stream ahead of the merge; the merge
+  runs there in slices of ``DEVICE_CHUNK`` values; the result is copied back on another stream
+  while the next tensor is merged (or stays there, for a model on the device:
+  ``merge_into_model``). Selections run on the device too (``selection.kth_largest_by_bits``).
+  The same code runs on the CPU with ``staged=True`` (the tests), with the same bits.
 """
 
 from __future__ import annotations
@@ -52,8 +59,8 @@ from lata.analysis import LayerAnalysis, layer_similarities
 from lata.atomic import atomic_directory
 from lata.checkpoints import (TORCH_DTYPES, Checkpoint, CheckpointError, Prefetcher, copy_support_files, finite_sum,
                               torch_dtype_of)
-from lata.compute import (SliceWorkers, as_float32, check_device, page_aligned_empty, pure_slice, thread_buffer,
-                          torch_threads, tune_malloc)
+from lata.compute import (SliceWorkers, as_float32, check_device, on_device, page_aligned_empty, pure_slice,
+                          thread_buffer, torch_threads, tune_malloc)
 from lata.config import MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge, validate_weighting
 from lata.family import Family
 from lata.methods import MergeMethod
@@ -61,6 +68,7 @@ from lata.outputs import check_space, check_target, write_marker, writer_lock
 from lata.selection import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
                             scaled_magnitude)
 from lata.shards import StreamingShardWriter
+from lata.transfer import DeviceLoader, HostCopies
 from lata.weightings import normalized
 
 log = logging.getLogger("lata")
@@ -105,6 +113,10 @@ class MergePlan:
     #: TA and TIES on the CPU run fused numba kernels where they can and the family is large
     #: enough (``lata.kernels``; the same values)
     kernels: bool = True
+    #: whole input tensors are read ahead onto the device (``lata.transfer``: pinned memory and
+    #: copies on a side stream on a GPU) instead of being viewed in the memory maps; None: on an
+    #: accelerator only. The same values either way.
+    staged: bool | None = None
     _target: torch.dtype | None = field(default=None, init=False, repr=False, compare=False)
     _scratch: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
     _workers: SliceWorkers | None = field(default=None, init=False, repr=False, compare=False)
@@ -113,6 +125,10 @@ class MergePlan:
     @property
     def experts(self) -> list[str]:
         return self.family.expert_names
+
+    @property
+    def is_staged(self) -> bool:
+        return torch.device(self.device).type != "cpu" if self.staged is None else bool(self.staged)
 
     def chunk(self, fused: bool = False) -> int:
         """Elements per slice: ``chunk_size`` if set, else by where and how the slice is computed."""
@@ -138,7 +154,7 @@ class MergePlan:
     def reads(self, name: str) -> list[tuple]:
         """(checkpoint, tensor) pairs that merging ``name`` reads."""
         anchor, base = self.family.anchor(self.anchor), self.output_base
-        if not _is_float(base, name):
+        if not base.is_float(name):
             return [(base, name)]
         own = [(base, name)] if base is not anchor else []
         return [(anchor, name)] + own + [(self.family.experts[k], name) for k in self.active_experts(name)]
@@ -149,27 +165,35 @@ class MergePlan:
 
         The merged tensor is in the dtype being written (inside ``iter_merged``) or float32.
         """
-        anchor, base = self.family.anchor(self.anchor), self.output_base
         try:
             with torch_threads(1, self.device):
-                stored = anchor.get(name)
-                return self._merged(name, stored, stored if base is anchor else base.get(name))
+                return self._merged(name, lambda ckpt: ckpt.get(name))
         finally:
             for ckpt, n in self.reads(name):
                 ckpt.release([n])
 
-    def _merged(self, name: str, stored: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _merged(self, name: str, read) -> tuple[torch.Tensor, torch.Tensor]:
+        """``merged_tensor`` from the inputs ``read(checkpoint)`` gives: views of the memory maps,
+        or (staged) whole tensors already on the device, where the result is made too."""
+        anchor, output_base = self.family.anchor(self.anchor), self.output_base
+        stored = read(anchor)
+        base = stored if output_base is anchor else read(output_base)
         if not base.is_floating_point():
             return base.clone(), base
         dtype = self._target or torch.float32
-        out = self._pool.take(base.shape, dtype) if self._pool is not None else torch.empty(base.shape, dtype=dtype)
+        if base.device.type != "cpu":
+            out = torch.empty(base.shape, dtype=dtype, device=base.device)
+        elif self._pool is not None:
+            out = self._pool.take(base.shape, dtype)
+        else:
+            out = torch.empty(base.shape, dtype=dtype)
         active = self.active_experts(name)
         if not active:  # every pure vector is 0: theta = theta_base
             out.copy_(base)
             # theta_base is finite (theta_0 checked by pass 1); a narrower dtype may overflow it
             bad = _non_finite(out.view(-1)) if _may_overflow(base.dtype, out.dtype) or base is not stored else 0
         else:
-            bad = self._merge_into(name, stored, active, out, base)
+            bad = self._merge_into(name, stored, active, out, base, read)
         if bad:
             bad = _non_finite(out.view(-1))
             hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
@@ -180,13 +204,13 @@ class MergePlan:
         return out, base
 
     def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor,
-                    base: torch.Tensor) -> int:
+                    base: torch.Tensor, read) -> int:
         """out[...] = theta_base + delta, slice by slice (theta_base: ``stored`` theta_0, or the
         target's tensor); returns 0 where every value written is finite (each slice is checked
         while it is in cache: by the fused kernels as they store, else by a float32 sum, finite
         only if every value is)."""
         device = self.device
-        views = [self.family.experts[k].get(name).reshape(-1) for k in active]
+        views = [read(self.family.experts[k]).reshape(-1) for k in active]
         ws = [self.weight(k, name) for k in active]
         lams = [self.lams[k] for k in active]
         thresholds = None if self.thresholds is None else [self.thresholds[k] for k in active]
@@ -231,7 +255,7 @@ class MergePlan:
 
     def scratch(self, rows: int, n: int) -> torch.Tensor:
         """A float32 (rows, n) buffer on the device, reused from tensor to tensor."""
-        if self._scratch is None or self._scratch.numel() < rows * n or self._scratch.device != torch.device(self.device):
+        if self._scratch is None or self._scratch.numel() < rows * n or not on_device(self._scratch, self.device):
             self._scratch = None
             self._scratch = torch.empty(rows * n, dtype=torch.float32, device=self.device)
         return self._scratch[: rows * n].view(rows, n)
@@ -325,8 +349,11 @@ class _TensorVectors:
 
 
 def _non_finite(values: torch.Tensor) -> int:
-    """How many of ``values`` (flat, floating) are NaN or Inf: 0 at the cost of one float32 sum
-    when the sum is finite (then every value is), else counted."""
+    """How many of ``values`` (flat, floating) are NaN or Inf: on the CPU 0 at the cost of one
+    float32 sum when the sum is finite (then every value is), else counted; on a device counted
+    at once (one wait for the device instead of one per slice of the sum)."""
+    if values.device.type != "cpu":
+        return int(values.numel() - torch.isfinite(values).sum())
     if finite_sum(values):
         return 0
     return int(values.numel() - torch.isfinite(values).sum())
@@ -335,11 +362,6 @@ def _non_finite(values: torch.Tensor) -> int:
 def _may_overflow(stored: torch.dtype, out: torch.dtype) -> bool:
     """Whether casting ``stored`` to ``out`` may overflow (a smaller largest finite value)."""
     return torch.finfo(out).max < torch.finfo(stored).max
-
-
-def _is_float(ckpt, name: str) -> bool:
-    dtype = ckpt.torch_dtype(name)
-    return dtype is None or dtype.is_floating_point
 
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
@@ -402,22 +424,29 @@ def _expert_vectors(plan: MergePlan, expert: str):
     anchor, ckpt = plan.family.anchor(plan.anchor), plan.family.experts[expert]
 
     def stream():
-        names = [n for n in plan.family.tensor_names if _is_float(anchor, n)]
+        names = [n for n in plan.family.tensor_names if anchor.is_float(n)]
         reads = [[(anchor, n), (ckpt, n)] if plan.weight(expert, n) != 0 else [] for n in names]
-        with Prefetcher(reads, enabled=plan.prefetch) as prefetcher:
+        staged = plan.is_staged
+        with (DeviceLoader(reads, plan.device, threads=plan.threads) if staged
+              else Prefetcher(reads, enabled=plan.prefetch)) as ahead:
             for i, name in enumerate(names):
-                prefetcher.advance(i)
+                if staged:
+                    loaded = ahead.take(i)
+                else:
+                    ahead.advance(i)
                 w = plan.weight(expert, name)
                 if w == 0:
                     yield math.prod(anchor.shape(name))
                     continue
-                theta0, theta_k = anchor.get(name).reshape(-1), ckpt.get(name).reshape(-1)
+                theta0, theta_k = (loaded if staged else (anchor.get(name), ckpt.get(name)))
+                theta0, theta_k = theta0.reshape(-1), theta_k.reshape(-1)
                 n, step = theta0.numel(), plan.chunk()
                 for start in range(0, n, step):
                     t0 = theta0[start:start + step].to(plan.device, torch.float32)
                     yield pure_slice(theta_k[start:start + step], t0, w, plan.device)
-                anchor.release([name])
-                ckpt.release([name])
+                if not staged:
+                    anchor.release([name])
+                    ckpt.release([name])
 
     return stream
 
@@ -427,7 +456,8 @@ class _BufferPool:
     same shape and dtype (fresh large allocations cost a page fault per page). A shape's buffers
     are dropped when no tensor still to come has it."""
 
-    def __init__(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]]):
+    def __init__(self, entries: list[tuple[str, tuple[int, ...], torch.dtype]], pin: bool = False):
+        self.pin = pin  # page-locked buffers, which a GPU copies into asynchronously
         self._left: dict[tuple, int] = {}
         for _, shape, dtype in entries:
             key = (tuple(shape), dtype)
@@ -442,7 +472,7 @@ class _BufferPool:
             free = self._free.get(key)
             if free:
                 return free.pop()
-        return page_aligned_empty(shape, dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=True) if self.pin else page_aligned_empty(shape, dtype)
 
     def give(self, tensor: torch.Tensor) -> None:
         key = (tuple(tensor.shape), tensor.dtype)
@@ -460,7 +490,7 @@ def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
     tune_malloc()
     previous = plan._target
     reads = [plan.reads(n) for n in names]
-    prefetcher = Prefetcher(reads, enabled=plan.prefetch)
+    prefetcher = Prefetcher(reads, enabled=plan.prefetch and not plan.is_staged)
     plan._workers = SliceWorkers(plan.threads, device=plan.device)
     try:
         yield prefetcher
@@ -495,13 +525,17 @@ def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for _, shape, dtype in entries)
 
 
-def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = True,
+                keep_on_device: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor on CPU) in the output dtype: ``out_dtype`` or the stored one
-    (the anchor's, or the target's)."""
+    (the anchor's, or the target's). ``keep_on_device``: where the plan is staged, the merged
+    tensors stay on the compute device (no copy back: for a model that lives there)."""
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
     names = plan.family.tensor_names
     anchor = plan.output_base
+    if plan.is_staged:
+        yield from _iter_staged(plan, target, names, progress, keep_on_device)
+        return
     with _writing(plan, target, names) as prefetcher:
         for i, name in enumerate(tqdm(names, desc=f"merge ({plan.method.name})", disable=not progress,
                                       leave=False)):
@@ -511,6 +545,35 @@ def iter_merged(plan: MergePlan, out_dtype: str | None = None, progress: bool = 
             if merged.is_floating_point():
                 merged = merged.to("cpu", target or stored.dtype)
             yield name, merged
+
+
+def _iter_staged(plan: MergePlan, target: torch.dtype | None, names: list[str], progress: bool,
+                 keep_on_device: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """``iter_merged`` on the staged path: a loader reads each tensor's inputs whole onto the
+    device ahead of the merge, the merge runs there, and the result is copied back on a side
+    stream while the next tensor is merged (``lata.transfer``)."""
+    anchor = plan.output_base
+    reads = [plan.reads(n) if anchor.is_float(n) else [] for n in names]
+    copies = HostCopies(plan.device)
+    with _writing(plan, target, names), DeviceLoader(reads, plan.device, threads=plan.threads) as loader:
+        for i, name in enumerate(tqdm(names, desc=f"merge ({plan.method.name})", disable=not progress,
+                                      leave=False)):
+            plan._target = _output_dtype(anchor, name, target)
+            loaded = {id(ckpt): t for (ckpt, _), t in zip(reads[i], loader.take(i))}
+            if loaded:
+                # one torch thread for the host's own small operations (histogram bookkeeping,
+                # DARE and DELLA draws), on any device: idle OpenMP threads would spin beside
+                # the readers
+                with torch_threads(1):
+                    merged, _ = plan._merged(name, lambda ckpt: loaded[id(ckpt)])
+            else:  # not floating: theta_0's own values
+                merged = anchor.get(name).clone()
+            if keep_on_device or merged.device.type == "cpu":
+                yield from copies.keep(name, merged)
+                continue
+            host = plan._pool.take(merged.shape, merged.dtype) if plan._pool is not None else None
+            yield from copies.put(name, merged, host)
+        yield from copies.drain()
 
 
 def merge_state_dict(plan: MergePlan, out_dtype: str | None = None, progress: bool = False) -> dict[str, torch.Tensor]:
@@ -543,7 +606,7 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
     out = check(out_dir)
     check_space(out, output_bytes(plan.family, entries=entries))
     with writer_lock(out), atomic_directory(out, check=check) as tmp:
-        pool = _BufferPool(entries)
+        pool = _BufferPool(entries, pin=plan.is_staged and torch.device(plan.device).type == "cuda")
         writer = StreamingShardWriter(tmp, entries, max_bytes, threaded=plan.write_behind, direct=plan.direct_io,
                                       on_written=pool.give)
         plan._pool = pool
@@ -579,14 +642,17 @@ def _anchor_dtype_name(plan: MergePlan) -> str | None:
 def merge_into_model(plan: MergePlan, model: torch.nn.Module, progress: bool = False) -> torch.nn.Module:
     """Copy the merged tensors into an already-loaded model, in place (no save, no reload).
 
-    Tensors keep the model's own dtype and device; tied weights are updated once, via their
-    canonical tensor. Checkpoint names are matched to the model's state dict directly or under
+    Tensors keep the model's own dtype and device (a model on the accelerator the plan merges on
+    takes them there, without a round trip through host memory); tied weights are updated once,
+    via their canonical tensor. Checkpoint names are matched to the model's state dict directly or under
     the model's ``base_model_prefix`` (GPT-2 style checkpoints).
     """
     state = model.state_dict(keep_vars=True)
     prefix = getattr(model, "base_model_prefix", "")
+    # a model on an accelerator takes the merged tensors there, never through host memory
+    there = torch.device(plan.device).type != "cpu" and all(t.device.type != "cpu" for t in state.values())
     with torch.no_grad():
-        for name, tensor in iter_merged(plan, None, progress):
+        for name, tensor in iter_merged(plan, None, progress, keep_on_device=there):
             key = name if name in state else f"{prefix}.{name}"
             if key not in state:
                 raise KeyError(f"merged tensor '{name}' has no counterpart in the model's state dict")

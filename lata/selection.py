@@ -9,8 +9,10 @@ Decisions:
   0.07 * 100 = 7.000000000000001 keep 7 values, not 8; at least one value is kept when n > 0.
 - The per-tensor selection is exact: a selection (introselect) on the tensor's magnitudes. On
   the CPU it runs in numpy (``ndarray.partition``, in place on the engine's scratch buffer),
-  about 10x faster than ``torch.kthvalue`` there; on other devices ``torch.kthvalue``. Both
-  return the same value. For large tensors the fused CPU kernels first place a band around it
+  about 10x faster than ``torch.kthvalue`` there. On other devices it is two histogram passes
+  over the float32 bit patterns (``kth_largest_by_bits``), as for the global threshold:
+  ``torch.kthvalue`` on a GPU selects each row with one thread block, so one large tensor
+  would run on one of its many multiprocessors. All return the same value. For large tensors the fused CPU kernels first place a band around it
   from a sample (``band_around``), then one pass counts the values above the band and gathers
   those in it (``kth_largest_in_band``): the same exact value without writing and reordering
   every magnitude.
@@ -51,7 +53,43 @@ def kth_largest(values: torch.Tensor, k: int, *, scratch: bool = False) -> float
         array = flat.numpy() if scratch and flat.is_contiguous() else flat.numpy().copy()
         array.partition(n - k)
         return float(array[n - k])
+    if flat.device.type != "cpu" and flat.dtype == torch.float32:
+        return kth_largest_by_bits(flat, k)
     return float(torch.kthvalue(flat, n - k + 1).values)
+
+
+#: values per histogram step of ``kth_largest_by_bits`` (bounds its temporaries)
+BITS_STEP = 1 << 24
+
+
+def _order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order like the float32 values (negative floats: every bit but the sign
+    flipped; -0.0 just below +0.0, NaN with a set sign bit first, other NaN last)."""
+    bits = values.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def kth_largest_by_bits(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of a float32 tensor's values (1 <= k <= n), exactly, on the tensor's own
+    device: a histogram of the high 16 bits of order-preserving keys finds the bin holding it,
+    a histogram of the low 16 bits of that bin's keys finds the value."""
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} is out of range for {n} values")
+    steps = [flat[start:start + BITS_STEP] for start in range(0, n, BITS_STEP)]
+    high = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
+    for part in steps:
+        high += torch.bincount((_order_keys(part) >> 16) + (_BINS >> 1), minlength=_BINS)
+    hi, rank = _bin_holding(high.cpu(), k)
+    low = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
+    for part in steps:
+        keys = _order_keys(part)
+        low += torch.bincount(keys[(keys >> 16) == hi - (_BINS >> 1)] & 0xFFFF, minlength=_BINS)
+    lo, _ = _bin_holding(low.cpu(), rank)
+    key = ((hi - (_BINS >> 1)) << 16) | lo  # a signed 32-bit key
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 def kth_largest_magnitude(v: torch.Tensor, k: int) -> float:
@@ -128,31 +166,55 @@ def global_threshold(tensors: Callable[[], Iterable[torch.Tensor | int]], densit
 
     An ``int`` item stands for that many zeros (a tensor whose pure vector is 0, never read).
     """
-    high = torch.zeros(_BINS, dtype=torch.int64)
+    high, zeros = _Counts(), 0
     n = 0
     for v in tensors():
         if isinstance(v, int):
-            high[0] += v
+            zeros += v
             n += v
             continue
         bits = _magnitude_bits(v)
-        high += torch.bincount((bits >> 16).long(), minlength=_BINS).cpu()
+        high.add(torch.bincount((bits >> 16).long(), minlength=_BINS))
         n += bits.numel()
+    high = high.total()
+    high[0] += zeros
     k = keep_count(n, density)
     if k == 0:
         return 0.0
     hi, rank = _bin_holding(high, k)
-    low = torch.zeros(_BINS, dtype=torch.int64)
+    low, zeros = _Counts(), 0
     for v in tensors():
         if isinstance(v, int):
-            if hi == 0:
-                low[0] += v
+            zeros += v
             continue
         bits = _magnitude_bits(v)
         in_bin = bits[(bits >> 16) == hi]
-        low += torch.bincount((in_bin & 0xFFFF).long(), minlength=_BINS).cpu()
+        low.add(torch.bincount((in_bin & 0xFFFF).long(), minlength=_BINS))
+    low = low.total()
+    if hi == 0:
+        low[0] += zeros
     lo, _ = _bin_holding(low, rank)
     return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)[0])
+
+
+class _Counts:
+    """Histogram counts summed on the device they are counted on (one copy to the CPU at the
+    end instead of one wait per tensor)."""
+
+    def __init__(self):
+        self._sums: dict[torch.device, torch.Tensor] = {}
+
+    def add(self, counts: torch.Tensor) -> None:
+        if counts.device in self._sums:
+            self._sums[counts.device] += counts
+        else:
+            self._sums[counts.device] = counts.clone()
+
+    def total(self) -> torch.Tensor:
+        out = torch.zeros(_BINS, dtype=torch.int64)
+        for counts in self._sums.values():
+            out += counts.cpu()
+        return out
 
 
 def _bin_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
