@@ -54,6 +54,12 @@ SHAPES = {
     # TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 kv heads, vocab 32000
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False, dtype="bfloat16"),
+    # Llama-3.2-3B: hidden 3072, intermediate 8192, 28 layers, 24 heads, 8 kv heads, vocab 128256, tied
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, dtype="bfloat16"),
+    # Llama-3-8B: hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 kv heads, vocab 128256
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, dtype="bfloat16"),
     # a small shape for trying the script itself
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, dtype="float32"),
@@ -110,18 +116,23 @@ def _layer_of(name: str) -> int | None:
     return int(name.split(".")[2]) if name.startswith("model.layers.") else None
 
 
-def family_tensors(name: str, shape: tuple[int, ...], num_layers: int, seed: int):
-    """float32 tensors of one parameter for base, instruct, math, code (deterministic per tensor)."""
+def family_tensors(name: str, shape: tuple[int, ...], num_layers: int, seed: int, device: str = "cpu"):
+    """float32 tensors of one parameter for base, instruct, math, code (deterministic per tensor
+    and generating device), on ``device``."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
+    torch_randn = torch.randn
+
+    def randn(*size, generator):
+        return torch_randn(*size, generator=generator, device=device)
     layer = _layer_of(name)
     depth = 0.5 if layer is None else layer / max(1, num_layers - 1)  # 0 = first block, 1 = last
     if len(shape) == 1:  # norms
-        base = 1.0 + 0.05 * torch.randn(shape, generator=g)
+        base = 1.0 + 0.05 * randn(shape, generator=g)
     else:
-        base = 0.02 * torch.randn(shape, generator=g)
-    instr = 0.002 * torch.randn(shape, generator=g)
+        base = 0.02 * randn(shape, generator=g)
+    instr = 0.002 * randn(shape, generator=g)
     instruct = base + instr
     out = {"base": base, "instruct": instruct}
     for k in EXPERTS:
@@ -130,23 +141,26 @@ def family_tensors(name: str, shape: tuple[int, ...], num_layers: int, seed: int
         scale = 0.0005 + 0.003 * depth
         if len(shape) == 2:
             rank = 4
-            a = torch.randn(shape[0], rank, generator=g)
-            b = torch.randn(rank, shape[1], generator=g)
+            a = randn(shape[0], rank, generator=g)
+            b = randn(rank, shape[1], generator=g)
             task = (a @ b) * (scale / math.sqrt(rank))
         else:
-            task = scale * torch.randn(shape, generator=g)
-        task += 0.0005 * torch.randn(shape, generator=g)
+            task = scale * randn(shape, generator=g)
+        task += 0.0005 * randn(shape, generator=g)
         out[k] = instruct + share * instr + task
     return out
 
 
-def write_family(root: Path, size: str) -> dict[str, Path]:
-    """The four checkpoints under ``root`` (skipped when a complete copy with the same recipe exists)."""
+def write_family(root: Path, size: str, device: str = "cpu") -> dict[str, Path]:
+    """The four checkpoints under ``root`` (skipped when a complete copy with the same recipe
+    exists), generated on ``device`` (a GPU is much faster; its random numbers differ from the
+    CPU's, so the recipe names the device unless it is the CPU)."""
     import torch
 
     shape = SHAPES[size]
     stamp = root / "family.json"
-    recipe = {"size": size, "shape": shape, "version": GENERATOR_VERSION}
+    recipe = {"size": size, "shape": shape, "version": GENERATOR_VERSION,
+              **({"generated_on": torch.device(device).type} if torch.device(device).type != "cpu" else {})}
     dirs = {r: root / r for r in ROLES}
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return dirs
@@ -163,15 +177,44 @@ def write_family(root: Path, size: str) -> dict[str, Path]:
         _write_header(files[role], [(n, s, ST_DTYPE[shape["dtype"]], itemsize) for n, s in specs])
     t0 = time.perf_counter()
     for i, (name, tshape) in enumerate(specs):
-        tensors = family_tensors(name, tshape, shape["num_hidden_layers"], seed=1000 + i)
+        tensors = family_tensors(name, tshape, shape["num_hidden_layers"], seed=1000 + i, device=device)
         for role in ROLES:
-            files[role].write(tensors[role].to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+            files[role].write(tensors[role].to(dtype).cpu().contiguous().view(torch.uint8).numpy().tobytes())
     for f in files.values():
         f.close()
     os.sync()
     stamp.write_text(json.dumps(recipe))
     print(f"wrote the {size} family to {root} in {time.perf_counter() - t0:.0f} s", flush=True)
     return dirs
+
+
+def family_dir(size: str, device: str = "cpu") -> str:
+    """The family's directory name under the work directory (one per generating device type)."""
+    kind = device.split(":")[0]
+    return size if kind == "cpu" else f"{size}-{kind}"
+
+
+def model_bytes(size: str) -> int:
+    import torch
+
+    shape = SHAPES[size]
+    itemsize = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
+    return sum(math.prod(s) for _, s in tensor_specs(shape)) * itemsize
+
+
+def check_disk(root: Path, size: str) -> None:
+    """Stop before writing anything where the work directory's file system has no room for the
+    family (four models, unless already written) plus two outputs (a merge's, and the floor's
+    or mergekit's)."""
+    model = model_bytes(size)
+    have = (root / "family.json").is_file()
+    need = (0 if have else len(ROLES) * model) + 2 * model
+    probe = root if root.exists() else next(p for p in root.parents if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < need * 1.05:
+        what = "2 outputs" if have else "the family of 4 models and 2 outputs"
+        sys.exit(f"--size {size}: needs {need / 1e9:.1f} GB free under {probe} ({what} of {model / 1e9:.1f} GB "
+                 f"each), has {free / 1e9:.1f} GB; use --work-dir elsewhere or a smaller --size")
 
 
 def _write_header(f, entries) -> None:
@@ -268,23 +311,28 @@ def warm(inputs: list[Path]) -> None:
 LIBRARY = r"""
 import sys
 from lata import Family, MergeConfig, WeightingConfig, plan_merge, merge_to_dir
-base, instruct, math_, code, out, method, weighting, density, threads, device = sys.argv[1:11]
+from lata.analysis import layer_similarities
+base, instruct, math_, code, out, method, weighting, density, threads, device, staged = sys.argv[1:12]
 family = Family.open(base, instruct, {"math": math_, "code": code})
 options = {"density": float(density)} if method == "ties" else {}
+threads = None if threads == "auto" else int(threads)
+staged = {"auto": None, "on": True, "off": False}[staged]
+analysis = layer_similarities(family, device=device, progress=False, threads=threads, staged=staged)
 plan = plan_merge(family, MergeConfig(method=method, **options), WeightingConfig(name=weighting),
-                  progress=False, threads=None if threads == "auto" else int(threads), device=device)
+                  progress=False, threads=threads, device=device, analysis=analysis)
+plan.staged = staged
 merge_to_dir(plan, out, overwrite=True, progress=False)
 """
 
 
 def lata_argv(via: str, dirs: dict, out: Path, method: str, weighting: str, density: float, run_dir: Path,
               shard_size: str, threads: int | None = None, device: str = "cpu",
-              lams: list[str] | None = None) -> list[str]:
+              lams: list[str] | None = None, staged: str = "auto") -> list[str]:
     """The lata command of one run; with ``lams``, one multirun over those lambdas (CLI only:
     every point in one process, each written to ``out/<job number>``)."""
     if via == "library":
         return [sys.executable, "-c", LIBRARY, *(str(dirs[r]) for r in ROLES), str(out), method, weighting,
-                str(density), str(threads or "auto"), device]
+                str(density), str(threads or "auto"), device, staged]
     points = ([f"merge.lam={','.join(lams)}", f"save_model={out}/${{hydra:job.num}}", f"hydra.sweep.dir={run_dir}"]
               if lams else [f"save_model={out}", f"hydra.run.dir={run_dir}"])
     return [sys.executable, "-m", "lata", *(["-m"] if lams else []), "model=paths", f"++model.base={dirs['base']}",
@@ -357,10 +405,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu", help="where both tools compute: cpu, cuda, cuda:N (mergekit: --cuda)")
     ap.add_argument("--sweep-lams", help="also time, per method and weighting, one lata multirun over these "
                                          "comma-separated lambdas (one process; CLI only)")
+    ap.add_argument("--staged", choices=["auto", "on", "off"], default="auto",
+                    help="lata's staged path (whole tensors read ahead onto the device; lata.transfer): "
+                         "auto = on an accelerator only; on/off need --via library")
+    ap.add_argument("--gen-device", default="cpu", help="where the synthetic family is generated (cuda: much "
+                    "faster; a different family from the CPU's, written to its own directory)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.sweep_lams and args.via != "cli":
         ap.error("--sweep-lams times the lata CLI's multirun: it needs --via cli")
+    if args.staged != "auto" and args.via != "library":
+        ap.error("--staged on/off is a library setting: it needs --via library")
     lams = [x for x in (args.sweep_lams or "").split(",") if x]
     if args.omp_threads:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.omp_threads)
@@ -368,8 +423,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     shape = SHAPES[args.size]
-    root = args.work_dir / args.size
-    dirs = write_family(root, args.size)
+    root = args.work_dir / family_dir(args.size, args.gen_device)
+    check_disk(root, args.size)
+    dirs = write_family(root, args.size, args.gen_device)
     inputs = sorted(p for r in ROLES for p in dirs[r].glob("*.safetensors"))
     in_bytes = sum(p.stat().st_size for p in inputs)
     itemsize = torch.empty((), dtype=getattr(torch, shape["dtype"])).element_size()
@@ -394,11 +450,14 @@ def main(argv: list[str] | None = None) -> None:
     fresh_env = lambda tag: {**os.environ, "LATA_CACHE": str(runs_dir / f"cache-{tag}"),
                              "LATA_RESULTS": str(runs_dir / f"cache-{tag}" / "results")}
     dry_run = [*lata_argv("cli", dirs, runs_dir / "unused", "ta", "uniform", args.density, runs_dir / "hydra-dry",
-                          args.shard_size), "dry_run=true"]
-    starts = {"lata": measure("", dry_run, runs_dir / "startup-lata.log", fresh_env("dry-run"), quiet=True).wall_s}
+                          args.shard_size, device=args.device), "dry_run=true"]
+    # best of two: the first start of a fresh environment also compiles its modules
+    starts = {"lata": min(measure("", dry_run, runs_dir / "startup-lata.log", fresh_env("dry-run"), quiet=True).wall_s
+                          for _ in range(2))}
     if args.mergekit:
-        starts["mergekit"] = measure("", [args.mergekit, "--help"], runs_dir / "startup-mergekit.log", quiet=True).wall_s
-    print("startup, nothing merged: " + ", ".join(f"{k} {v:.2f} s" for k, v in starts.items())
+        starts["mergekit"] = min(measure("", [args.mergekit, "--help"], runs_dir / "startup-mergekit.log",
+                                         quiet=True).wall_s for _ in range(2))
+    print("startup, nothing merged (best of 2): " + ", ".join(f"{k} {v:.2f} s" for k, v in starts.items())
           + "  (lata: CLI dry run, headers only" + ("; mergekit: --help)" if args.mergekit else ")"), flush=True)
     for rep in range(args.repeats):
         if args.cold:
@@ -425,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
                 jobs.append((f"lata {method} + {weighting}", f"lata-{weighting}", out,
                              lata_argv(args.via, dirs, out, method, weighting, args.density,
                                        runs_dir / f"hydra-{method}-{weighting}", args.shard_size, args.threads,
-                                       args.device), 1))
+                                       args.device, staged=args.staged), 1))
                 if lams:
                     out = runs_dir / f"out-lata-{method}-{weighting}-sweep"
                     shutil.rmtree(runs_dir / f"hydra-{method}-{weighting}-sweep", ignore_errors=True)
@@ -467,14 +526,19 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         if r.rc == 0 and (r.label not in best or r.wall_s < best[r.label].wall_s):
             best[r.label] = r
-    print(f"{'run':<26} {'wall s':>8} {'CPU s':>7} {'peak RSS MB':>12} {'x floor':>8} {'time/mk':>8} {'RSS/mk':>7}")
+    print(f"{'run':<26} {'wall s':>8} {'CPU s':>7} {'peak RSS MB':>12} {'x floor':>8} {'time/mk':>8} {'RSS/mk':>7} "
+          f"{'- start':>8} {'x floor':>8} {'time/mk':>8}")
+    started = lambda label, r: r.wall_s - starts["mergekit" if label.endswith("mergekit") else "lata"]
     for label, r in best.items():
         method = label.split(":")[0]
         mk = best.get(f"{method}: mergekit")
         ratio_t = f"{r.wall_s / mk.wall_s:.2f}" if mk else "-"
         ratio_m = f"{r.maxrss_mb / mk.maxrss_mb:.2f}" if mk else "-"
+        after = started(label, r)
+        ratio_a = f"{after / started(f'{method}: mergekit', mk):.2f}" if mk else "-"
         print(f"{label:<26} {r.wall_s:8.2f} {r.cpu_s:7.1f} {r.maxrss_mb:12.0f} {r.wall_s / floor_s:8.2f} "
-              f"{ratio_t:>8} {ratio_m:>7}")
+              f"{ratio_t:>8} {ratio_m:>7} {after:8.2f} {after / floor_s:8.2f} {ratio_a:>8}")
+    print("(- start: the wall time less the tool's startup, nothing merged)")
     for label, r in best.items():
         if r.points > 1:  # a multirun: what one point of it costs
             print(f"{label}: {r.wall_s / r.points:.2f} s a point ({r.wall_s / r.points / floor_s:.2f} x floor), "
