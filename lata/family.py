@@ -12,6 +12,7 @@ from functools import cached_property
 
 import torch
 
+from lata.adapters import open_checkpoint
 from lata.architectures import Architecture, architecture_for, config_value
 from lata.checkpoints import Checkpoint, CheckpointError
 
@@ -43,15 +44,20 @@ class Family:
              experts: dict[str, str | os.PathLike], target: str | os.PathLike | None = None) -> "Family":
         """Open every checkpoint (headers only) and check they can be merged.
 
+        An expert (or the target) may be a LoRA adapter over the instruct model
+        (``lata.adapters``).
+
         ``target``: where the merged vectors are added (None: the anchor); a path that is one of
         the family's own is that role's checkpoint.
         """
-        family = dict(base=Checkpoint(base, role="base"), instruct=Checkpoint(instruct, role="instruct"),
-                      experts={name: Checkpoint(path, role=f"expert '{name}'") for name, path in experts.items()})
+        theta_inst = Checkpoint(instruct, role="instruct")
+        family = dict(base=Checkpoint(base, role="base"), instruct=theta_inst,
+                      experts={name: open_checkpoint(path, f"expert '{name}'", theta_inst)
+                               for name, path in experts.items()})
         if target is not None:
             own = {str(c.source): c for c in [family["base"], family["instruct"], *family["experts"].values()]}
             same = own.get(str(target))
-            family["target"] = same if same is not None else Checkpoint(target, role="target")
+            family["target"] = same if same is not None else open_checkpoint(target, "target", theta_inst)
         return cls(**family)
 
     @property

@@ -20,7 +20,8 @@ _fingerprints: dict[tuple, str] = {}
 
 def fingerprint(path_or_id: str | os.PathLike) -> str:
     """A content fingerprint of a checkpoint: sha256 over each safetensors file's name, size,
-    header (every tensor's name, dtype, shape and offsets) and 16 evenly spaced 64 KiB blocks.
+    header (every tensor's name, dtype, shape and offsets) and 16 evenly spaced 64 KiB blocks
+    (and a LoRA adapter's ``adapter_config.json``).
 
     Decision: a sampled hash, not a full one. It changes whenever shapes or headers change and,
     for retrained weights, whenever any sampled block does; hashing all of a 70B family would cost
@@ -28,9 +29,13 @@ def fingerprint(path_or_id: str | os.PathLike) -> str:
     """
     folder = resolve(path_or_id)
     files = sorted(folder.glob("*.safetensors"))
-    stamp = (str(folder.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    adapter = folder / "adapter_config.json"  # a LoRA adapter: its scaling lives there
+    watched = files + ([adapter] if adapter.is_file() else [])
+    stamp = (str(folder.resolve()), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in watched))
     if stamp not in _fingerprints:
         digest = hashlib.sha256()
+        if adapter.is_file():
+            digest.update(adapter.read_bytes())
         for file in files:
             size = file.stat().st_size
             digest.update(f"{file.name}:{size}".encode())
