@@ -187,6 +187,8 @@ class LataConfig:
     progress: bool = True
     dry_run: bool = False
     resume: bool = True
+    #: mergekit: also write the merge as a mergekit recipe, mergekit.yaml in the run directory
+    export: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -289,7 +291,14 @@ def validate(cfg: Any) -> None:
         if extra:
             raise ConfigError(f"merge.{extra[0]} is not a key of merge=none (a model evaluated unmerged)")
     else:
-        validate_merge(cfg.merge, also=(UNMERGED,))
+        method = validate_merge(cfg.merge, also=(UNMERGED,))
+    if cfg.export is not None:
+        one_of("export", cfg.export, ("mergekit",))
+        if cfg.merge.method == UNMERGED:
+            raise ConfigError("export=mergekit writes a merge's recipe; merge=none merges nothing")
+        from lata.interop import check_exportable
+
+        check_exportable(method, has_target=cfg.model.target not in (None, ""))
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)

@@ -21,7 +21,8 @@ from lata.config import parse_size, to_plain
 from lata.fingerprints import KEY_VERSION, content_key, fingerprint
 from lata.outputs import holds_model
 
-RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png")
+RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png",
+                "mergekit.yaml")
 
 
 def point_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:

@@ -73,6 +73,12 @@ class MergeMethod:
     name: ClassVar[str] = "base"
     #: ``fused_chunk`` exists: a fused CPU kernel computes theta_0 + delta (``lata.kernels``)
     fused: ClassVar[bool] = False
+    #: mergekit's ``merge_method`` with the same steps (``lata.export``); None: none has them
+    mergekit: ClassVar[str | None] = None
+    #: mergekit's ``normalize`` for it: true where LATA divides the agreeing experts' sum by
+    #: their count after a sign election (mergekit divides by their weights' sum: the same
+    #: where those weights are all 1)
+    mergekit_normalize: ClassVar[bool] = False
 
     def check(self) -> None:
         """Refuse bad parameter values (``lata.registry.ConfigError`` naming ``merge.<key>``)."""
@@ -82,6 +88,11 @@ class MergeMethod:
         """The fraction of each expert's whole-model |v_k| whose threshold ``prepare`` needs
         (``thresholds``), or None: the engine then computes no whole-model threshold."""
         return None
+
+    def mergekit_parameters(self) -> dict[str, Any]:
+        """This method's parameters as mergekit names them, for each model (``lata.export``);
+        a ``ConfigError`` where mergekit has no counterpart for a setting."""
+        return {}
 
     def prepare(self, vectors: TensorVectors, lams: Sequence[float], experts: Sequence[str], tensor: str,
                 thresholds: Sequence[float] | None = None) -> Any:

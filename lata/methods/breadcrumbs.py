@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -49,10 +50,14 @@ class Breadcrumbs(MergeMethod):
 
     density: float = 0.9
     gamma: float = 0.01
+    mergekit: ClassVar[str] = "breadcrumbs"
 
     def check(self):
         in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
         in_range("merge.gamma", self.gamma, 0.0, 1.0, high_open=True)
+
+    def mergekit_parameters(self):
+        return {"density": self.density, "gamma": self.gamma}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         hi_rank, lo_rank = outlier_bounds(vectors.shape.numel(), self.density, self.gamma)
@@ -69,6 +74,9 @@ class Breadcrumbs(MergeMethod):
 @dataclass(frozen=True)
 class BreadcrumbsTies(Breadcrumbs):
     """Breadcrumbs' kept values, lambda-scaled, then TIES sign election and disjoint mean."""
+
+    mergekit: ClassVar[str] = "breadcrumbs_ties"
+    mergekit_normalize: ClassVar[bool] = True
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         kept = self._kept(vectors, state)

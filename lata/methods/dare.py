@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 
@@ -43,9 +43,13 @@ class Dare(MergeMethod):
 
     p: float = 0.9
     seed: int = 0
+    mergekit: ClassVar[str] = "dare_linear"
 
     def check(self):
         in_range("merge.p", self.p, 0.0, 1.0, high_open=True)
+
+    def mergekit_parameters(self):
+        return {"density": round(1.0 - self.p, 12)}  # the kept fraction (mergekit draws its own masks)
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         return [keep_mask(vectors.shape, self.p, self.seed, e, tensor).reshape(-1) for e in experts]
@@ -64,6 +68,9 @@ class Dare(MergeMethod):
 @dataclass(frozen=True)
 class DareTies(Dare):
     """DARE's rescaled contributions, then TIES sign election and disjoint mean."""
+
+    mergekit: ClassVar[str] = "dare_ties"
+    mergekit_normalize: ClassVar[bool] = True
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         return disjoint_mean(self._contributions(vectors, lams, state, start, stop))

@@ -22,6 +22,7 @@ Against mergekit 0.1.5 (``sparsify.della_magprune``, methods ``della`` and ``del
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -59,6 +60,7 @@ class DellaLinear(MergeMethod):
     density: float = 0.5
     epsilon: float = 0.15
     seed: int = 0
+    mergekit: ClassVar[str] = "della_linear"
 
     def check(self):
         in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
@@ -66,6 +68,9 @@ class DellaLinear(MergeMethod):
         if not (self.density - self.epsilon > 0 and self.density + self.epsilon <= 1):
             raise ConfigError(f"merge.density={self.density} and merge.epsilon={self.epsilon}: the keep "
                               "probabilities density - epsilon .. density + epsilon must lie in (0, 1]")
+
+    def mergekit_parameters(self):
+        return {"density": self.density, "epsilon": self.epsilon}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         return vectors.each_magnitude(lambda i, magnitudes: rescaled_keep(
@@ -82,6 +87,9 @@ class DellaLinear(MergeMethod):
 @dataclass(frozen=True)
 class Della(DellaLinear):
     """DELLA: MagPrune's rescaled values, lambda-scaled, then TIES sign election and disjoint mean."""
+
+    mergekit: ClassVar[str] = "della"
+    mergekit_normalize: ClassVar[bool] = True
 
     def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
         kept = self._kept(vectors, state, start, stop)

@@ -34,6 +34,7 @@ class TaskArithmetic(MergeMethod):
     """Task Arithmetic: delta = sum_k lambda_k v_k (no parameters of its own)."""
 
     fused: ClassVar[bool] = True
+    mergekit: ClassVar[str] = "task_arithmetic"
 
     def fused_chunk(self, slices, lams, state, start, stop):
         return slices.ta(lams, start, stop)

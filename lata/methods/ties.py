@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lata.methods import MergeMethod, merge_method
-from lata.registry import in_range, one_of
+from lata.registry import ConfigError, in_range, one_of
 from lata.selection import keep_count, largest_below
 
 
@@ -74,10 +74,17 @@ class Ties(MergeMethod):
     density: float = 0.2
     topk_scope: str = "tensor"
     fused: ClassVar[bool] = True
+    mergekit: ClassVar[str] = "ties"
+    mergekit_normalize: ClassVar[bool] = True
 
     def check(self):
         in_range("merge.density", self.density, 0.0, 1.0, low_open=True)
         one_of("merge.topk_scope", self.topk_scope, ("tensor", "global"))
+
+    def mergekit_parameters(self):
+        if self.topk_scope != "tensor":
+            raise ConfigError("merge.topk_scope=global has no mergekit counterpart (mergekit trims each tensor)")
+        return {"density": self.density}
 
     @property
     def global_density(self):

@@ -1,0 +1,80 @@
+"""LATA's mergekit recipes run by mergekit: the same merge from both tools, compared tensor by tensor.
+
+    python benchmarks/mergekit_recipe.py --mergekit /path/to/mergekit-yaml [--size tiny] [--work-dir DIR]
+
+On a synthetic family of benchmarks/scale.py (``--size``), each case runs ``lata ...
+export=mergekit save_model=...`` (LATA's merge and its recipe, ``mergekit.yaml`` in the run
+directory), then ``mergekit-yaml`` on that recipe (mergekit installed in its own environment),
+and prints, per case, how many tensors are bit-identical and the largest |difference|.
+Expected (lata.interop): task arithmetic identical where lambda is 1 and within float32
+rounding otherwise; TIES differing where mergekit's int(density * n) and LATA's ceil keep
+different values, and where the agreeing experts' weights are not all 1 (mergekit divides by
+their sum, LATA by their count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import scale  # noqa: E402
+
+CASES = [
+    ("ta, linear_rank, lam 1", ["merge=ta", "weighting=linear_rank"]),
+    ("ta, linear_rank, lam 0.7", ["merge=ta", "weighting=linear_rank", "merge.lam=0.7"]),
+    ("ta, uniform, rest_weight 0.5", ["merge=ta", "weighting=uniform", "weighting.rest_weight=0.5"]),
+    ("ties, uniform", ["merge=ties", "weighting=uniform"]),
+    ("ties, linear_rank", ["merge=ties", "weighting=linear_rank"]),
+]
+
+
+def compare(a: Path, b: Path) -> tuple[int, int, float, float]:
+    """(tensors, bit-identical tensors, largest |a - b|, fraction of values that differ) over two
+    checkpoints."""
+    import torch
+    from safetensors.torch import load_file
+
+    def load(d: Path) -> dict:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    x, y = load(a), load(b)
+    names = sorted(set(x) & set(y))
+    same = sum(torch.equal(x[n], y[n]) for n in names)
+    worst = max(float((x[n].double() - y[n].double()).abs().max()) for n in names)
+    differing = sum(int((x[n] != y[n]).sum()) for n in names) / sum(x[n].numel() for n in names)
+    return len(names), same, worst, differing
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mergekit", required=True, help="path to mergekit-yaml (in its own virtual environment)")
+    ap.add_argument("--size", default="tiny", choices=sorted(scale.SHAPES))
+    ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lata-scale")
+    args = ap.parse_args()
+    dirs = scale.write_family(args.work_dir / args.size, args.size)
+    out = args.work_dir / "mergekit-recipe"
+    family = ["model=paths", f"++model.base={dirs['base']}", f"++model.instruct={dirs['instruct']}",
+              *(f"++model.experts.{k}={dirs[k]}" for k in scale.EXPERTS), "benchmark=none", "progress=false",
+              "overwrite=true", "resume=false"]
+    print(f"{'case':<32} {'tensors':>8} {'identical':>10} {'max |lata - mergekit|':>22} {'values differing':>17}")
+    for i, (label, options) in enumerate(CASES):
+        run, lata_out, mk_out = out / f"run{i}", out / f"lata{i}", out / f"mergekit{i}"
+        subprocess.run([sys.executable, "-m", "lata", *family, *options, "export=mergekit", f"save_model={lata_out}",
+                        f"hydra.run.dir={run}"], check=True, capture_output=True)
+        subprocess.run([args.mergekit, str(run / "mergekit.yaml"), str(mk_out), "--no-copy-tokenizer",
+                        "--no-write-model-card", "--quiet", "--allow-crimes"], check=True, capture_output=True)
+        n, same, worst, differing = compare(lata_out, mk_out)
+        print(f"{label:<32} {n:8d} {same:10d} {worst:22.3g} {differing:17.2%}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
