@@ -50,8 +50,9 @@ class Family:
         ``target``: where the merged vectors are added (None: the anchor); a path that is one of
         the family's own is that role's checkpoint.
         """
+        theta_base = Checkpoint(base, role="base")  # opened (and fetched) in this order
         theta_inst = Checkpoint(instruct, role="instruct")
-        family = dict(base=Checkpoint(base, role="base"), instruct=theta_inst,
+        family = dict(base=theta_base, instruct=theta_inst,
                       experts={name: open_checkpoint(path, f"expert '{name}'", theta_inst)
                                for name, path in experts.items()})
         if target is not None:
