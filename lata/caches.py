@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.atomic import write_json_atomic
+from lata.atomic import file_lock, write_json_atomic
 from lata.family import Family
 from lata.fingerprints import KEY_VERSION, content_key, fingerprint
 
@@ -64,13 +64,21 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
     if key in _analyses:
         return _analyses[key]
     file = Path(cache_dir) / "analysis" / f"{key}.json"
-    analysis = _read_cache(file, lambda data: _checked_analysis(LayerAnalysis(**data), family))
-    if analysis is not None:
-        log.info("layer analysis reused from %s", file)
-    else:
-        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
-        write_json_atomic(file, asdict(analysis))
-        log.info("layer analysis computed and cached in %s", file)
+    parse = lambda data: _checked_analysis(LayerAnalysis(**data), family)  # noqa: E731
+    analysis = _read_cache(file, parse)
+    if analysis is None:
+        # one process computes it; others that need it meanwhile (the jobs of a parallel sweep)
+        # wait for the lock and read what it wrote
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(file.parent / f".{key}.lock", remove=True):
+            analysis = _read_cache(file, parse)
+            if analysis is None:
+                analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
+                write_json_atomic(file, asdict(analysis))
+                log.info("layer analysis computed and cached in %s", file)
+                _analyses[key] = analysis
+                return analysis
+    log.info("layer analysis reused from %s", file)
     _analyses[key] = analysis
     return analysis
 

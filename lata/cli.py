@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,10 @@ def _task(cfg: DictConfig) -> float | None:
         # (lata.runner); the later jobs of a multirun use it too
         HeatmapProcess.shared()
     hc = HydraConfig.get()
+    sweep = hc.mode == RunMode.MULTIRUN
+    run_dir = Path(hc.runtime.output_dir)
+    if sweep:
+        (run_dir / FAILED_FILE).unlink(missing_ok=True)  # from an earlier try of this job
     try:
         with interruptible():
             from lata.logger import log_job
@@ -36,20 +41,51 @@ def _task(cfg: DictConfig) -> float | None:
             from lata.objective import objective
 
             summary = run(cfg, hc.runtime.output_dir)
-            group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-            log_job(cfg.logger, run_dir=Path(hc.runtime.output_dir), config=cfg, summary=summary, group=group,
+            group = Path(hc.sweep.dir).name if sweep else None
+            log_job(cfg.logger, run_dir=run_dir, config=cfg, summary=summary, group=group,
                     job_name=hc.job.override_dirname or None)
             return objective(summary.get("metrics"), cfg.objective)
     except (ConfigError, FileExistsError, ValueError) as exc:
+        if sweep:
+            return _failed_point(run_dir, hc, exc)
         # bad input: one clear line, no traceback
         print(f"lata: error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # the machine said no (a full disk, a lost mount): one line, naming the file
+        if sweep:
+            return _failed_point(run_dir, hc, exc)
         print(f"lata: error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as exc:
-        job = f"job {hc.job.num} of the sweep" if hc.mode == RunMode.MULTIRUN else "the run"
+        job = f"job {hc.job.num} of the sweep" if sweep else "the run"
         _interrupted(exc, f"{job} (run directory {hc.runtime.output_dir})")
+    except Exception as exc:  # an unforeseen failure: with its traceback, but a sweep goes on
+        if not sweep:
+            raise
+        traceback.print_exc()
+        return _failed_point(run_dir, hc, exc)
+
+
+#: written into a sweep job's run directory when its point failed (the sweep goes on)
+FAILED_FILE = "failed.json"
+
+
+def _failed_point(run_dir: Path, hc, exc: BaseException) -> None:
+    """Record a sweep point's failure in its run directory, say it in one line, and let the
+    sweep go on: the other points run, the sweep's report lists the failed ones (with their
+    errors) and the command ends with exit status 1 (``SweepReport``).
+
+    Decision: a failed point is not stored as a result, so the same command runs it again.
+    """
+    from lata.atomic import write_json_atomic
+
+    overrides = list(hc.overrides.task)
+    record = {"job": hc.job.num, "overrides": overrides, "error": str(exc), "type": type(exc).__name__,
+              **({"slurm_job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {})}
+    write_json_atomic(run_dir / FAILED_FILE, record)
+    print(f"lata: error in job {hc.job.num} of the sweep ({' '.join(overrides)}): {exc}; the other points go on",
+          file=sys.stderr)
+    return None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -111,17 +147,28 @@ def _preload_kernels(cfg: DictConfig) -> None:
 
 
 class SweepReport(Callback):
-    """At the end of a multirun: ``lata-report`` on the sweep directory (results table and plots)."""
+    """At the end of a multirun: ``lata-report`` on the sweep directory (results table and plots,
+    and the points that failed, with their errors); a sweep with a failed point ends with exit
+    status 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from lata.report import build_report
+        from lata.report import build_report, failed_points
 
+        global _failed_in_sweep
+        failed = failed_points(config.hydra.sweep.dir)
+        _failed_in_sweep = len(failed)
+        for point in failed:
+            print(f"lata: failed: job {point['job']} ({' '.join(point['overrides'])}): {point['error']}",
+                  file=sys.stderr)
         try:
             written = build_report(config.hydra.sweep.dir)
         except Exception as exc:  # a report never fails a finished sweep; lata-report can redo it
             print(f"lata: warning: no sweep report: {exc}", file=sys.stderr)
             return
         print(f"sweep report: {', '.join(str(p) for p in written.values())}")
+
+
+_failed_in_sweep = 0
 
 
 def main() -> None:
@@ -142,6 +189,11 @@ def entry() -> None:
         main()
     except KeyboardInterrupt as exc:  # before or after a job (while Hydra starts, or reports)
         _interrupted(exc, "lata")
+    if _failed_in_sweep:
+        print(f"lata: {_failed_in_sweep} point(s) of the sweep failed (listed above and in the sweep's "
+              f"results.md); the same command runs them again", file=sys.stderr)
+        sys.stdout.flush()
+        sys.exit(1)
     if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     atexit._run_exitfuncs()

@@ -223,10 +223,31 @@ def _lower_is_better(column: str) -> bool:
 
 # --------------------------------------------------------------------------- the report
 
+def failed_points(path: str | os.PathLike) -> list[dict]:
+    """The sweep points under ``path`` that failed (``failed.json`` in their run directories,
+    written by the ``lata`` command), by job number."""
+    found = []
+    for file in Path(path).rglob("failed.json"):
+        try:
+            found.append({"run": file.parent.relative_to(path).as_posix(), **json.loads(file.read_text())})
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping %s: %s", file, exc)
+    return sorted(found, key=lambda f: (f.get("job", 0), f["run"]))
+
+
 def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Path]:
-    """Write results.csv, results.md and the plots for the runs under ``path``; return {file name: path}."""
-    table = collect(path)
+    """Write results.csv, results.md and the plots for the runs under ``path`` (and, in
+    results.md, the points that failed); return {file name: path}."""
+    failed = failed_points(path)
     out = Path(out) if out is not None else Path(path)
+    try:
+        table = collect(path)
+    except FileNotFoundError:
+        if not failed:
+            raise
+        out.mkdir(parents=True, exist_ok=True)
+        text = f"# LATA results: {Path(path).resolve().name}\n\nNo point finished.\n" + _failed_markdown(failed)
+        return {"results.md": write_text_atomic(out / "results.md", text)}
     out.mkdir(parents=True, exist_ok=True)
     written = {"results.csv": write_text_atomic(out / "results.csv", table.to_csv(index=False))}
     plots = {}
@@ -241,7 +262,8 @@ def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None) 
             name = f"tradeoff_{column.split('/', 1)[0]}.png"
             if _plot_tradeoff(table, column, out / name):
                 plots[name] = out / name
-    written["results.md"] = write_text_atomic(out / "results.md", _markdown(table, Path(path).resolve().name, plots))
+    written["results.md"] = write_text_atomic(out / "results.md", _markdown(table, Path(path).resolve().name, plots)
+                                              + _failed_markdown(failed))
     written.update(plots)
     return written
 
@@ -260,6 +282,15 @@ def _markdown(table: pd.DataFrame, title: str, plots: dict[str, Path]) -> str:
     if plots:
         parts += ["", "## Plots", ""] + [f"![{name[:-4]}]({name})" for name in plots]
     return "\n".join(parts) + "\n"
+
+
+def _failed_markdown(failed: list[dict]) -> str:
+    if not failed:
+        return ""
+    rows = pd.DataFrame([{"run": f["run"], "overrides": " ".join(f.get("overrides", [])),
+                          "error": f"{f.get('type', 'Error')}: {f.get('error', '')}".replace("|", "/").replace("\n", " ")}
+                         for f in failed])
+    return f"\n## Failed points ({len(failed)}: the same command runs them again)\n\n" + _md_table(rows) + "\n"
 
 
 def _md_table(frame: pd.DataFrame) -> str:

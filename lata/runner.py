@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,11 @@ def _named_inputs(model: Any) -> dict[str, str]:
     return named
 
 
+#: the SLURM variables a job's summary records (as slurm.job_id, ...)
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST",
+              "SLURM_JOB_PARTITION")
+
+
 def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, saving: bool,
          protected: dict) -> dict:
     key = model_key = None
@@ -103,6 +109,10 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                                 **({"target": paths.target} if paths.target else {})},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
+    slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_KEYS if k in os.environ}
+    if slurm:  # a job of a SLURM cluster (hydra/launcher=submitit_slurm)
+        summary["slurm"] = slurm
+        log.info("running as SLURM job %s on %s", slurm.get("job_id"), slurm.get("job_nodelist", "?"))
     drawing: HeatmapProcess | None = None
     if not merging:
         summary["evaluated"] = cfg.model.which

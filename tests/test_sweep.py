@@ -258,3 +258,55 @@ def test_every_merge_loads_the_selections_earlier_processes_stored(family_dirs, 
     (family,) = caches._families.values()
     assert family.selections and len(family.selections) == len(json.loads(stored))
     assert next((tmp_path / "cache" / "selections").glob("*.json")).read_text() == stored  # nothing new to add
+
+
+def test_a_failing_point_is_reported_and_the_sweep_goes_on(micro_zoo_cache, tmp_path):
+    # weighting=explicit without weights: refused by its job, not when the sweep is composed
+    env = {**os.environ, "LATA_CACHE": str(micro_zoo_cache), "LATA_RESULTS": str(tmp_path / "results")}
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(LATA + ["-m", *POINT, "weighting=explicit,uniform", f"hydra.sweep.dir={sweep}"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "1 point(s) of the sweep failed" in result.stderr
+    line = next(l for l in result.stderr.splitlines() if l.startswith("lata: error in job 0 of the sweep"))
+    assert "weighting=explicit)" in line and "needs weighting.weights" in line and "the other points go on" in line
+    failed = json.loads((sweep / "0" / "failed.json").read_text())
+    assert "weighting=explicit" in failed["overrides"] and "needs weighting.weights" in failed["error"]
+    assert (sweep / "1" / "summary.json").is_file() and not (sweep / "0" / "summary.json").exists()
+    report = (sweep / "results.md").read_text()
+    assert "## Failed points (1: the same command runs them again)" in report
+    assert "| 0 | " in report and "ConfigError: weighting=explicit needs weighting.weights" in report
+    assert len(pd.read_csv(sweep / "results.csv")) == 1
+
+
+def test_processes_needing_one_layer_analysis_compute_it_once(tmp_path, monkeypatch):
+    """Two workers ask for the same family's analysis at once (as the jobs of a parallel sweep
+    do): one computes it while the other waits for the cache's lock, then reads the file."""
+    import threading
+
+    d = write_family(tmp_path / "family")
+    calls = []
+
+    def slow(family, **kwargs):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other worker to arrive meanwhile
+        return real(family, **kwargs)
+
+    real = caches.layer_similarities
+    monkeypatch.setattr(caches, "layer_similarities", slow)
+    results = []
+
+    def work():
+        family = Family.open(d["base"], d["instruct"], d["experts"])
+        results.append(caches.family_analysis(family, tmp_path / "cache", progress=False))
+
+    monkeypatch.setattr(caches, "_analyses", {})  # each worker as a fresh process: nothing in memory
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(calls) == 1 and len(results) == 2
+    assert results[0].similarities == results[1].similarities
+    files = list((tmp_path / "cache" / "analysis").iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["num_layers"] == 4  # whole; no lock file left
