@@ -33,6 +33,8 @@ def _task(cfg: DictConfig) -> float | None:
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     if sweep:
+        from lata.report import FAILED_FILE
+
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # from an earlier try of this job
     try:
         with interruptible():
@@ -66,10 +68,6 @@ def _task(cfg: DictConfig) -> float | None:
         return _failed_point(run_dir, hc, exc)
 
 
-#: written into a sweep job's run directory when its point failed (the sweep goes on)
-FAILED_FILE = "failed.json"
-
-
 def _failed_point(run_dir: Path, hc, exc: BaseException) -> None:
     """Record a sweep point's failure in its run directory, say it in one line, and let the
     sweep go on: the other points run, the sweep's report lists the failed ones (with their
@@ -78,6 +76,7 @@ def _failed_point(run_dir: Path, hc, exc: BaseException) -> None:
     Decision: a failed point is not stored as a result, so the same command runs it again.
     """
     from lata.atomic import write_json_atomic
+    from lata.report import FAILED_FILE
 
     overrides = list(hc.overrides.task)
     record = {"job": hc.job.num, "overrides": overrides, "error": str(exc), "type": type(exc).__name__,

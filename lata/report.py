@@ -223,11 +223,15 @@ def _lower_is_better(column: str) -> bool:
 
 # --------------------------------------------------------------------------- the report
 
+#: a sweep job's record of its failed point, in its run directory (written by the ``lata`` command)
+FAILED_FILE = "failed.json"
+
+
 def failed_points(path: str | os.PathLike) -> list[dict]:
-    """The sweep points under ``path`` that failed (``failed.json`` in their run directories,
-    written by the ``lata`` command), by job number."""
+    """The sweep points under ``path`` that failed (``FAILED_FILE`` in their run directories),
+    by job number."""
     found = []
-    for file in Path(path).rglob("failed.json"):
+    for file in Path(path).rglob(FAILED_FILE):
         try:
             found.append({"run": file.parent.relative_to(path).as_posix(), **json.loads(file.read_text())})
         except (OSError, json.JSONDecodeError) as exc:

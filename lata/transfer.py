@@ -27,8 +27,9 @@ import torch
 from lata.compute import auto_threads
 
 #: Decision: tensors loaded ahead of the one being computed, in bytes as stored (at least one
-#: step is loaded ahead whatever its size). 2 GiB covers a few layers of a 70B model's inputs
-#: while the device holds the current step's tensors and float32 temporaries.
+#: step is loaded ahead whatever its size). A step is one tensor of every model it reads: 2 GiB
+#: holds a step or two of a 70B model's largest block tensors (about 1.4 GB for three models),
+#: while the device also holds the current step and its float32 temporaries.
 AHEAD_BYTES = 2 << 30
 
 
@@ -54,7 +55,7 @@ class DeviceLoader:
         self._accelerator = _is_accelerator(self.device)
         self._stream = torch.cuda.Stream(self.device) if self._accelerator else None
         self._ready: dict[int, tuple] = {}
-        self._taken = 0  # the next step the consumer takes
+        self._taken = 0  # the step the consumer is at
         self._stop = False
         self._cond = threading.Condition()
         self._readers = ThreadPoolExecutor(max(1, threads or auto_threads()), thread_name_prefix="lata-read")
