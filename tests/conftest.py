@@ -91,6 +91,19 @@ def family_dirs(tmp_path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def wide_dirs(tmp_path_factory) -> dict:
+    """A float32 family wide enough that its larger tensors span many slices of small chunk sizes."""
+    return write_family(tmp_path_factory.mktemp("wide"), hidden_size=32, intermediate_size=96, vocab_size=200)
+
+
+@pytest.fixture(scope="session")
+def wide_bf16_dirs(tmp_path_factory) -> dict:
+    """The same shape in bfloat16, its checkpoints in shards of 20 kB."""
+    return write_family(tmp_path_factory.mktemp("wide-bf16"), dtype=torch.bfloat16, hidden_size=32,
+                        intermediate_size=96, vocab_size=200, shard_size=20_000)
+
+
+@pytest.fixture(scope="session")
 def micro_zoo_cache(tmp_path_factory) -> Path:
     """A cache directory holding the built micro zoo (built once per test session)."""
     from lata.zoo import build_zoo, load_preset

@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 import reference
 from buffered_shards import ShardedWriter
-from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
 from lata import compute, engine
@@ -34,16 +33,14 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    # wide enough that the larger tensors span many slices of the small chunk sizes used here
-    return write_family(tmp_path_factory.mktemp("scale"), hidden_size=32, intermediate_size=96, vocab_size=200)
+@pytest.fixture
+def dirs(wide_dirs):
+    return wide_dirs
 
 
-@pytest.fixture(scope="module")
-def bf16_dirs(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("scale-bf16"), dtype=torch.bfloat16, hidden_size=32,
-                        intermediate_size=96, vocab_size=200)
+@pytest.fixture
+def bf16_dirs(wide_bf16_dirs):
+    return wide_bf16_dirs
 
 
 def open_family(d):

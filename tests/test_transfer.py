@@ -22,17 +22,6 @@ from lata.methods import METHODS
 from lata.transfer import DeviceLoader, HostCopies
 
 
-@pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("staged"), hidden_size=32, intermediate_size=96, vocab_size=200)
-
-
-@pytest.fixture(scope="module")
-def bf16_dirs(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("staged-bf16"), dtype=torch.bfloat16, hidden_size=32,
-                        intermediate_size=96, vocab_size=200, shard_size=20_000)
-
-
 def family_of(d, target=None):
     return Family.open(d["base"], d["instruct"], d["experts"], target=target)
 
@@ -59,40 +48,40 @@ CASES = [(MergeConfig(method=m), WeightingConfig(name=w)) for m in METHODS.names
 
 @pytest.mark.parametrize("merge,weighting", CASES, ids=lambda c: getattr(c, "method", None) or c.name)
 @pytest.mark.parametrize("family", ["f32", "bf16"])
-def test_the_staged_path_gives_the_sliced_paths_bits(dirs, bf16_dirs, merge, weighting, family):
-    d = dirs if family == "f32" else bf16_dirs
+def test_the_staged_path_gives_the_sliced_paths_bits(wide_dirs, wide_bf16_dirs, merge, weighting, family):
+    d = wide_dirs if family == "f32" else wide_bf16_dirs
     analysis = layer_similarities(family_of(d), progress=False)
     sliced = merged(d, merge, weighting, staged=False, chunk=None, analysis=analysis)
     assert_identical(merged(d, merge, weighting, staged=True, chunk=37, analysis=analysis), sliced)
     assert_identical(merged(d, merge, weighting, staged=True, chunk=None, analysis=analysis), sliced)
 
 
-def test_a_staged_forgetting_merge_onto_a_target_matches_the_reference(dirs):
+def test_a_staged_forgetting_merge_onto_a_target_matches_the_reference(wide_dirs):
     merge, weighting = MergeConfig(method="ta", lam=-1.0), WeightingConfig(name="uniform")
-    got = merged(dirs, merge, weighting, staged=True, chunk=101, target=dirs["experts"]["math"])
+    got = merged(wide_dirs, merge, weighting, staged=True, chunk=101, target=wide_dirs["experts"]["math"])
     # theta = theta_target + lam * (theta_code - theta_instruct) + lam * (theta_math - theta_instruct)
-    target, instruct = reference.load(dirs["experts"]["math"]), reference.load(dirs["instruct"])
-    experts = [reference.load(p) for p in dirs["experts"].values()]
+    target, instruct = reference.load(wide_dirs["experts"]["math"]), reference.load(wide_dirs["instruct"])
+    experts = [reference.load(p) for p in wide_dirs["experts"].values()]
     for name, value in got.items():
         expected = target[name] - sum(e[name] - instruct[name] for e in experts)
         assert torch.allclose(value, expected, atol=1e-6), name
 
 
-def test_a_staged_merge_to_disk_writes_the_same_checkpoint(bf16_dirs, tmp_path):
+def test_a_staged_merge_to_disk_writes_the_same_checkpoint(wide_bf16_dirs, tmp_path):
     merge, weighting = MergeConfig(method="ties", density=0.3), WeightingConfig(name="linear_rank")
-    expected = merged(bf16_dirs, merge, weighting, staged=False, chunk=None)
+    expected = merged(wide_bf16_dirs, merge, weighting, staged=False, chunk=None)
     for i, (write_behind, shard_size) in enumerate([(True, "2GB"), (False, "9KB")]):
-        plan = plan_merge(family_of(bf16_dirs), merge, weighting, progress=False)
+        plan = plan_merge(family_of(wide_bf16_dirs), merge, weighting, progress=False)
         plan.staged, plan.write_behind = True, write_behind
         out = merge_to_dir(plan, tmp_path / f"out{i}", shard_size=shard_size, progress=False)
         assert_identical(reference.load(out), expected)
 
 
-def test_staged_similarities_are_the_float64_sums(bf16_dirs):
-    family = family_of(bf16_dirs)
+def test_staged_similarities_are_the_float64_sums(wide_bf16_dirs):
+    family = family_of(wide_bf16_dirs)
     staged = layer_similarities(family, progress=False, staged=True)
     sliced = layer_similarities(family, progress=False, staged=False)
-    models = [reference.load(p) for p in (bf16_dirs["base"], bf16_dirs["instruct"], *bf16_dirs["experts"].values())]
+    models = [reference.load(p) for p in (wide_bf16_dirs["base"], wide_bf16_dirs["instruct"], *wide_bf16_dirs["experts"].values())]
     dot = {k: [0.0] * family.num_layers for k in family.expert_names}
     for name in models[0]:
         layer = family.layer_of(name)
@@ -123,11 +112,11 @@ def test_kth_largest_by_bits_is_numpys_selection(monkeypatch):
         selection.kth_largest_by_bits(x, 0)
 
 
-def test_read_copies_what_the_memory_map_holds_and_names_a_truncated_file(bf16_dirs, tmp_path, monkeypatch):
+def test_read_copies_what_the_memory_map_holds_and_names_a_truncated_file(wide_bf16_dirs, tmp_path, monkeypatch):
     from lata import checkpoints
 
     monkeypatch.setattr(checkpoints, "READ_PIECE", 1000)  # tensors in several pieces, read out of order
-    ckpt = Checkpoint(bf16_dirs["experts"]["code"])
+    ckpt = Checkpoint(wide_bf16_dirs["experts"]["code"])
     for name in ckpt.names:
         got, reads = ckpt.read_later(name)
         assert len(reads) == -(-ckpt.nbytes(name) // 1000)
@@ -207,16 +196,16 @@ def test_host_copies_keep_the_order_they_were_given_in():
     assert [float(t[0]) for _, t in out] == [0.0, 1.0, 2.0, 3.0]
 
 
-def test_merge_into_model_on_the_staged_path(dirs):
+def test_merge_into_model_on_the_staged_path(wide_dirs):
     from transformers import AutoModelForCausalLM
 
     merge, weighting = MergeConfig(method="ties", density=0.3), WeightingConfig(name="linear_rank")
-    expected = merged(dirs, merge, weighting, staged=False, chunk=None)
-    plan = plan_merge(family_of(dirs), merge, weighting, progress=False)
+    expected = merged(wide_dirs, merge, weighting, staged=False, chunk=None)
+    plan = plan_merge(family_of(wide_dirs), merge, weighting, progress=False)
     plan.staged = True
     kept = dict(iter_merged(plan, progress=False, keep_on_device=True))
     assert_identical(kept, expected)
-    model = merge_into_model(plan, AutoModelForCausalLM.from_pretrained(dirs["instruct"]))
+    model = merge_into_model(plan, AutoModelForCausalLM.from_pretrained(wide_dirs["instruct"]))
     state = model.state_dict()
     for name, value in expected.items():
         assert torch.equal(state[name], value), name
