@@ -23,20 +23,18 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from lata.registry import ConfigError
 
-if TYPE_CHECKING:
-    from lata.engine import MergePlan
-
 log = logging.getLogger("lata")
 
 
-def mergekit_recipe(plan: "MergePlan") -> dict[str, Any]:
-    """The mergekit recipe of a planned merge (its layer weights, lambdas and parameters)."""
+def mergekit_recipe(plan) -> dict[str, Any]:
+    """The mergekit recipe of a planned merge (a ``lata.engine.MergePlan``: its layer weights,
+    lambdas and parameters)."""
     method, family = plan.method, plan.family
     check_exportable(method, has_target=family.target is not None)
     per_model = method.mergekit_parameters()
@@ -66,7 +64,7 @@ def check_exportable(method, has_target: bool = False) -> None:
                           "model.target has no mergekit recipe")
 
 
-def recipe_yaml(plan: "MergePlan") -> str:
+def recipe_yaml(plan) -> str:
     header = (f"# mergekit recipe written by LATA: merge={plan.method.name}, weight = lambda_k * w_(l,k) per block\n"
               f"# (LATA's layer weights), the tensors outside the blocks by name. Run: mergekit-yaml THIS_FILE OUT\n")
     return header + yaml.safe_dump(mergekit_recipe(plan), sort_keys=False, width=120)
