@@ -71,25 +71,13 @@ def _order_keys(values: torch.Tensor) -> torch.Tensor:
 
 def kth_largest_by_bits(values: torch.Tensor, k: int) -> float:
     """The k-th largest of a float32 tensor's values (1 <= k <= n), exactly, on the tensor's own
-    device: a histogram of the high 16 bits of order-preserving keys finds the bin holding it,
-    a histogram of the low 16 bits of that bin's keys finds the value."""
+    device (``_kth_largest_by_histograms`` over steps of ``BITS_STEP`` values)."""
     flat = values.detach().reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} is out of range for {n} values")
     steps = [flat[start:start + BITS_STEP] for start in range(0, n, BITS_STEP)]
-    high = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-    for part in steps:
-        high += torch.bincount((_order_keys(part) >> 16) + (_BINS >> 1), minlength=_BINS)
-    hi, rank = _bin_holding(high.cpu(), k)
-    low = torch.zeros(_BINS, dtype=torch.int64, device=flat.device)
-    for part in steps:
-        keys = _order_keys(part)
-        low += torch.bincount(keys[(keys >> 16) == hi - (_BINS >> 1)] & 0xFFFF, minlength=_BINS)
-    lo, _ = _bin_holding(low.cpu(), rank)
-    key = ((hi - (_BINS >> 1)) << 16) | lo  # a signed 32-bit key
-    bits = key ^ 0x7FFFFFFF if key < 0 else key
-    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
+    return _kth_largest_by_histograms(lambda: steps, lambda _: k, signed=True)
 
 
 def kth_largest_magnitude(v: torch.Tensor, k: int) -> float:
@@ -157,44 +145,60 @@ def tensor_threshold(v: torch.Tensor, density: float) -> float:
     return kth_largest_magnitude(v, keep_count(v.numel(), density))
 
 
-def _magnitude_bits(v: torch.Tensor) -> torch.Tensor:
-    return v.detach().float().abs().contiguous().view(torch.int32).flatten()
-
-
 def global_threshold(tensors: Callable[[], Iterable[torch.Tensor | int]], density: float) -> float:
-    """Exact k-th largest |value| over every tensor that ``tensors()`` yields (called twice).
+    """Exact k-th largest |value| over every tensor that ``tensors()`` yields (called twice),
+    k = ``keep_count(n, density)`` of all n values.
 
     An ``int`` item stands for that many zeros (a tensor whose pure vector is 0, never read).
     """
-    high, zeros = _Counts(), 0
-    n = 0
-    for v in tensors():
-        if isinstance(v, int):
-            zeros += v
-            n += v
+    def magnitudes():
+        for v in tensors():
+            yield v if isinstance(v, int) else v.detach().float().abs().contiguous().reshape(-1)
+
+    return _kth_largest_by_histograms(magnitudes, lambda n: keep_count(n, density), signed=False)
+
+
+def _kth_largest_by_histograms(parts: Callable[[], Iterable[torch.Tensor | int]], k_of: Callable[[int], int],
+                               signed: bool) -> float:
+    """The k-th largest value over the flat float32 tensors ``parts()`` yields (called twice; an
+    ``int`` stands for that many zeros), k = ``k_of(n)`` for n values in all (0.0 where k is 0).
+
+    Two passes of 65,536-bin histograms, each on the values' own device: the high 16 bits of
+    order-preserving int32 keys find the bin holding the k-th largest, the low 16 bits of that
+    bin's keys find the value. ``signed=False`` (values known non-negative): the keys are the
+    bit patterns themselves.
+    """
+    def keys(part: torch.Tensor) -> torch.Tensor:
+        return _order_keys(part) if signed else part.view(torch.int32)
+
+    middle = _BINS >> 1  # the high bin of key 0 (+0.0): keys are signed, bins are not
+    high, zeros, n = _Counts(), 0, 0
+    for part in parts():
+        if isinstance(part, int):
+            zeros, n = zeros + part, n + part
             continue
-        bits = _magnitude_bits(v)
-        high.add(torch.bincount((bits >> 16).long(), minlength=_BINS))
-        n += bits.numel()
+        high.add(torch.bincount((keys(part) >> 16) + middle, minlength=_BINS))
+        n += part.numel()
     high = high.total()
-    high[0] += zeros
-    k = keep_count(n, density)
+    high[middle] += zeros
+    k = k_of(n)
     if k == 0:
         return 0.0
     hi, rank = _bin_holding(high, k)
     low, zeros = _Counts(), 0
-    for v in tensors():
-        if isinstance(v, int):
-            zeros += v
+    for part in parts():
+        if isinstance(part, int):
+            zeros += part
             continue
-        bits = _magnitude_bits(v)
-        in_bin = bits[(bits >> 16) == hi]
-        low.add(torch.bincount((in_bin & 0xFFFF).long(), minlength=_BINS))
+        key = keys(part)
+        low.add(torch.bincount(key[(key >> 16) == hi - middle] & 0xFFFF, minlength=_BINS))
     low = low.total()
-    if hi == 0:
+    if hi == middle:
         low[0] += zeros
     lo, _ = _bin_holding(low, rank)
-    return float(torch.tensor([(hi << 16) | lo], dtype=torch.int32).view(torch.float32)[0])
+    key = ((hi - middle) << 16) | lo  # a signed 32-bit key
+    bits = key ^ 0x7FFFFFFF if key < 0 else key
+    return float(torch.tensor([bits], dtype=torch.int32).view(torch.float32)[0])
 
 
 class _Counts:
