@@ -489,8 +489,9 @@ def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
     the read-ahead thread and the slice workers run."""
     tune_malloc()
     previous = plan._target
-    reads = [plan.reads(n) for n in names]
-    prefetcher = Prefetcher(reads, enabled=plan.prefetch and not plan.is_staged)
+    # the staged path reads through its own loader (lata.transfer), not the memory maps
+    reads = [] if plan.is_staged else [plan.reads(n) for n in names]
+    prefetcher = Prefetcher(reads, enabled=plan.prefetch)
     plan._workers = SliceWorkers(plan.threads, device=plan.device)
     try:
         yield prefetcher
