@@ -127,12 +127,13 @@ class AdapterCheckpoint(Checkpoint):
             if match:
                 modules.setdefault(match.group(1), {})[match.group(2)] = key
             elif name.endswith(".base_layer.weight"):
-                replaced[name.removesuffix(".base_layer.weight") + ".weight"] = key
-            elif _model_tensor(name.replace(".modules_to_save.default.", "."), model) in model:
-                replaced[name.replace(".modules_to_save.default.", ".")] = key
-            else:
-                raise CheckpointError(f"adapter {self._file} ({self.role}) holds '{key}', which is neither a LoRA "
-                                      f"factor nor a tensor of the model")
+                replaced[_model_tensor(name.removesuffix(".base_layer.weight") + ".weight", model)] = key
+            else:  # a module saved whole (modules_to_save)
+                tensor = _model_tensor(name.replace(".modules_to_save.default.", "."), model)
+                if tensor not in model:
+                    raise CheckpointError(f"adapter {self._file} ({self.role}) holds '{key}', which is neither a "
+                                          f"LoRA factor nor a tensor of the model")
+                replaced[tensor] = key
         loras = {}
         for module, parts in modules.items():
             tensor = _model_tensor(f"{module}.weight", model)
@@ -148,7 +149,6 @@ class AdapterCheckpoint(Checkpoint):
             loras[tensor] = _Lora(a, b, self._scaling(module, self._shape(a)[0]),
                                   transpose=embedding or bool(self.adapter_config.get("fan_in_fan_out")))
             self._check_shapes(tensor, loras[tensor], embedding)
-        replaced = {_model_tensor(tensor, model): key for tensor, key in replaced.items()}
         for tensor, key in replaced.items():
             if tensor not in model:
                 raise CheckpointError(f"adapter {self._file} ({self.role}) saves '{key}', but the model has no "
