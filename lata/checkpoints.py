@@ -199,19 +199,11 @@ class Checkpoint:
                 self._bases[file] = _address(self._maps[file])
             return self._maps[file]
 
-    def read(self, name: str, pin: bool = False) -> torch.Tensor:
-        """One tensor (CPU, stored dtype) copied into fresh memory by ``pread``, not through the
-        memory map: nothing is mapped into the process, so nothing needs ``release``. ``pin``:
-        page-locked memory, which a GPU copies from asynchronously (needs a CUDA build of torch).
-        """
-        tensor, reads = self.read_later(name, pin)
-        for read in reads:
-            read()
-        return tensor
-
     def read_later(self, name: str, pin: bool = False) -> tuple[torch.Tensor, list]:
-        """``read`` in pieces: the tensor's memory, and the calls that fill it, one per
-        ``READ_PIECE`` bytes, which may run at once on different threads."""
+        """One tensor (CPU, stored dtype) in fresh memory, and the calls that fill it by ``pread``,
+        one per ``READ_PIECE`` bytes, which may run at once on different threads. Nothing goes
+        through the memory map, so nothing needs ``release``. ``pin``: page-locked memory, which
+        a GPU copies from asynchronously (needs a CUDA build of torch)."""
         file = self.files[name]
         dtype, shape = self.torch_dtype(name), self.shape(name)
         try:
