@@ -106,8 +106,9 @@ def main(root: Path, out: Path) -> None:
     for name in COMMANDS:
         folder = root / name
         if (folder / "multirun.yaml").is_file():
-            build_report(folder)
-            tables[name] = _with_experts(collect(folder), folder)
+            table = collect(folder)
+            build_report(folder, table=table)
+            tables[name] = _with_experts(table, folder)
     walls = [float((root / name / "wall_s").read_text()) for name in COMMANDS if (root / name / "wall_s").is_file()]
     parts = [HEADER.format(total=sum(walls) / 60, timed=len(walls))]
 

@@ -239,13 +239,15 @@ def failed_points(path: str | os.PathLike) -> list[dict]:
     return sorted(found, key=lambda f: (f.get("job", 0), f["run"]))
 
 
-def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None) -> dict[str, Path]:
+def build_report(path: str | os.PathLike, out: str | os.PathLike | None = None,
+                 table: pd.DataFrame | None = None) -> dict[str, Path]:
     """Write results.csv, results.md and the plots for the runs under ``path`` (and, in
-    results.md, the points that failed); return {file name: path}."""
+    results.md, the points that failed); return {file name: path}. ``table``: ``collect(path)``,
+    where the caller has it already."""
     failed = failed_points(path)
     out = Path(out) if out is not None else Path(path)
     try:
-        table = collect(path)
+        table = collect(path) if table is None else table
     except FileNotFoundError:
         if not failed:
             raise
