@@ -33,26 +33,6 @@ CASES = [
 ]
 
 
-def compare(a: Path, b: Path) -> tuple[int, int, float, float]:
-    """(tensors, bit-identical tensors, largest |a - b|, fraction of values that differ) over two
-    checkpoints."""
-    import torch
-    from safetensors.torch import load_file
-
-    def load(d: Path) -> dict:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
-
-    x, y = load(a), load(b)
-    names = sorted(set(x) & set(y))
-    same = sum(torch.equal(x[n], y[n]) for n in names)
-    worst = max(float((x[n].double() - y[n].double()).abs().max()) for n in names)
-    differing = sum(int((x[n] != y[n]).sum()) for n in names) / sum(x[n].numel() for n in names)
-    return len(names), same, worst, differing
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mergekit", required=True, help="path to mergekit-yaml (in its own virtual environment)")
@@ -71,8 +51,8 @@ def main() -> int:
                         f"hydra.run.dir={run}"], check=True, capture_output=True)
         subprocess.run([args.mergekit, str(run / "mergekit.yaml"), str(mk_out), "--no-copy-tokenizer",
                         "--no-write-model-card", "--quiet", "--allow-crimes"], check=True, capture_output=True)
-        n, same, worst, differing = compare(lata_out, mk_out)
-        print(f"{label:<32} {n:8d} {same:10d} {worst:22.3g} {differing:17.2%}", flush=True)
+        c = scale.compare_outputs(lata_out, mk_out)
+        print(f"{label:<32} {c.tensors:8d} {c.identical:10d} {c.max_abs:22.3g} {c.differing:17.2%}", flush=True)
     return 0
 
 

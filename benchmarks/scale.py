@@ -362,8 +362,17 @@ def mergekit_argv(exe: str, config: Path, out: Path, shard_params: int, device: 
             "--quiet", f"--out-shard-size={shard_params}", *(["--cuda"] if device.startswith("cuda") else [])]
 
 
-def compare_outputs(a: Path, b: Path) -> float:
-    """Largest |a - b| over every tensor of two checkpoints (read one tensor at a time)."""
+@dataclass
+class Comparison:
+    tensors: int  # tensors in both checkpoints
+    identical: int  # of them, equal bit for bit (and in dtype)
+    max_abs: float  # largest |a - b|
+    differing: float  # fraction of the values that differ
+
+
+def compare_outputs(a: Path, b: Path) -> Comparison:
+    """Two checkpoints compared tensor by tensor (read one tensor at a time)."""
+    import torch
     from safetensors import safe_open
 
     def index(d: Path) -> dict[str, Path]:
@@ -374,15 +383,19 @@ def compare_outputs(a: Path, b: Path) -> float:
         return idx
 
     ia, ib = index(a), index(b)
-    worst = 0.0
-    for name in sorted(set(ia) & set(ib)):
+    names = sorted(set(ia) & set(ib))
+    identical, worst, differing, values = 0, 0.0, 0, 0
+    for name in names:
         with safe_open(str(ia[name]), "pt") as ha, safe_open(str(ib[name]), "pt") as hb:
-            x, y = ha.get_tensor(name).float(), hb.get_tensor(name).float()
+            x, y = ha.get_tensor(name), hb.get_tensor(name)
+        identical += x.dtype == y.dtype and torch.equal(x, y)
+        x, y = x.double(), y.double()
         worst = max(worst, float((x - y).abs().max()))
+        differing, values = differing + int((x != y).sum()), values + x.numel()
     missing = set(ia) ^ set(ib)
     if missing:
         print(f"  tensors in only one output: {sorted(missing)[:3]}")
-    return worst
+    return Comparison(len(names), identical, worst, differing / max(values, 1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -510,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(res)
                 outs[(method, tag)] = out
             if args.check and args.mergekit and (method, "lata-uniform") in outs:
-                diff = compare_outputs(outs[(method, "lata-uniform")], outs[(method, "mergekit")])
+                diff = compare_outputs(outs[(method, "lata-uniform")], outs[(method, "mergekit")]).max_abs
                 print(f"  {method}: max |lata uniform - mergekit| = {diff:.3g}", flush=True)
             for key in [k for k in outs if k[0] == method]:
                 shutil.rmtree(outs.pop(key), ignore_errors=True)
