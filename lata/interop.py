@@ -31,6 +31,9 @@ from lata.registry import ConfigError
 
 log = logging.getLogger("lata")
 
+#: the recipe's file in a run directory (``export=mergekit``)
+RECIPE_FILE = "mergekit.yaml"
+
 
 def mergekit_recipe(plan) -> dict[str, Any]:
     """The mergekit recipe of a planned merge (a ``lata.engine.MergePlan``: its layer weights,

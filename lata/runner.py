@@ -23,7 +23,7 @@ from lata.atomic import write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
-from lata.interop import recipe_yaml
+from lata.interop import RECIPE_FILE, recipe_yaml
 from lata.plots import HeatmapProcess
 from lata.sources import FamilyPaths, family_paths, target_path
 
@@ -101,7 +101,7 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
         key = store.point_key(cfg, roles)
         model_key = store.model_key(cfg, roles) if saving else None
         stored = store.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
-        if stored is not None and cfg.export == "mergekit" and not (stored / "mergekit.yaml").is_file():
+        if stored is not None and cfg.export == "mergekit" and not (stored / RECIPE_FILE).is_file():
             log.info("point %s: results exist in %s, but no mergekit recipe: computing the point again", key, stored)
             stored = None
         if stored is not None:
@@ -140,9 +140,9 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                           progress=cfg.progress, threads=cfg.threads)
         drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
         if cfg.export == "mergekit":
-            write_text_atomic(run_dir / "mergekit.yaml", recipe_yaml(plan))
-            summary["mergekit_recipe"] = str(run_dir / "mergekit.yaml")
-            log.info("mergekit recipe written to %s", run_dir / "mergekit.yaml")
+            recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
+            summary["mergekit_recipe"] = str(recipe)
+            log.info("mergekit recipe written to %s", recipe)
         if saving:
             summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                       overwrite=cfg.overwrite, shard_size=cfg.shard_size,

@@ -19,10 +19,11 @@ from omegaconf import DictConfig
 from lata.atomic import atomic_directory, write_json_atomic
 from lata.config import parse_size, to_plain
 from lata.fingerprints import KEY_VERSION, content_key, fingerprint
+from lata.interop import RECIPE_FILE
 from lata.outputs import holds_model
 
 RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png",
-                "mergekit.yaml")
+                RECIPE_FILE)
 
 
 def point_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
