@@ -22,6 +22,7 @@ import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import threading
 import warnings
@@ -68,6 +69,21 @@ def resolve(path_or_id: str | os.PathLike) -> Path:
         raise CheckpointError(
             f"'{text}' is neither a local directory nor a hub model that could be fetched: {exc}"
         ) from exc
+
+
+def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
+    """``path`` if it is a regular file (links followed); CheckpointError naming it otherwise.
+
+    Called before a file is opened: opening a FIFO or a device blocks or reads forever."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise CheckpointError(f"{what} {path} is {kind}; LATA reads regular files only")
+    return path
 
 
 class Checkpoint:
