@@ -24,6 +24,15 @@ Decisions:
   tuning...), DoRA, LoRA biases, layer replication, LoRA on parameters or convolutions, and a
   module the model does not have. A shape that disagrees with the model's is an error; an
   adapter trained on another base (``base_model_name_or_path``) is a warning.
+- ``adapter_config.json`` must be a JSON object with the types PEFT's ``LoraConfig`` expects of
+  the keys LATA reads (``peft_type`` a string; ``r`` and ``rank_pattern``'s values positive
+  integers, PEFT's default r 8; ``lora_alpha`` and ``alpha_pattern``'s values finite numbers;
+  the patterns objects whose keys are regular expressions; ``use_rslora``, ``fan_in_fan_out``,
+  ``use_dora``, ``lora_bias`` true or false; ``base_model_name_or_path`` a string), and the
+  weights file a valid safetensors file (``lata.checkpoints.read_header``).
+- A module whose factors' rank is not the r the config gives it (``rank_pattern``, else ``r``)
+  is refused: PEFT builds each module with that r and refuses to load factors of another
+  (a size mismatch), so no PEFT model is this adapter.
 - The adapter's deltas are computed with plain torch, not by loading the model into PEFT:
   PEFT needs the whole model in memory, and the formula is PEFT's own (``get_delta_weight``);
   tests/test_adapters.py compares the result with PEFT's ``merge_and_unload``.
@@ -31,16 +40,16 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from lata.checkpoints import Checkpoint, CheckpointError, resolve
+from lata.checkpoints import (Checkpoint, CheckpointError, json_kind, one_line, read_header, read_json, read_tensor,
+                              resolve, shown)
 
 log = logging.getLogger("lata")
 
@@ -50,10 +59,16 @@ _PREFIX = "base_model.model."
 #: adapter_config.json keys that change what the adapter computes and that LATA does not follow
 _REFUSED_FLAGS = {"use_dora": "DoRA", "lora_bias": "LoRA biases", "layer_replication": "layer replication",
                   "target_parameters": "LoRA on parameters (target_parameters)"}
+#: adapter_config.json keys that hold true or false (or null, PEFT's default false)
+_FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias")
+#: PEFT's LoraConfig defaults of r and lora_alpha
+_DEFAULT_R, _DEFAULT_ALPHA = 8, 8
 
 
 def is_adapter(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file()
+    """Whether a directory holds ``adapter_config.json`` (of whatever kind: one that is not a
+    regular file is then refused by name)."""
+    return os.path.lexists(Path(path) / CONFIG_FILE)
 
 
 def open_checkpoint(path_or_id, role: str, instruct: Checkpoint) -> Checkpoint:
@@ -83,13 +98,14 @@ class AdapterCheckpoint(Checkpoint):
         self.path = path if path is not None else resolve(path_or_id)
         self.instruct = instruct
         self.config = instruct.config
+        self.config_file = instruct.config_file
         self.files = instruct.files
         self.adapter_config = self._read_adapter_config()
         self._file = self.path / WEIGHTS_FILE
-        if not self._file.is_file():
+        if not os.path.lexists(self._file):
             raise CheckpointError(f"adapter {self.path} ({role}) has {CONFIG_FILE} but no {WEIGHTS_FILE} "
                                   f"(save it with safetensors)")
-        self._handle = safe_open(str(self._file), framework="pt", device="cpu")
+        self._entries = read_header(self._file)
         self.loras, self.replaced = self._plan()
         self._check_base()
 
@@ -100,14 +116,18 @@ class AdapterCheckpoint(Checkpoint):
 
     def _read_adapter_config(self) -> dict:
         file = self.path / CONFIG_FILE
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
-        kind = str(config.get("peft_type", "")).upper()
+        config = read_json(file, f"adapter config ({self.role})")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{file} ({self.role}) is {json_kind(config)}, not a JSON object")
+        peft_type = config.get("peft_type")
+        if peft_type is not None and not isinstance(peft_type, str):
+            raise CheckpointError(f"{file} ({self.role}): peft_type is {shown(peft_type)}, not a string")
+        kind = (peft_type or "").upper()
         if kind != "LORA":
+            kind = kind if kind.isprintable() else shown(kind)
             raise CheckpointError(f"adapter {self.path} ({self.role}) is a {kind or 'untyped'} adapter "
                                   f"(peft_type in {file.name}); LATA merges LoRA adapters only")
+        _check_lora_config(config, f"{file} ({self.role})")
         for key, what in _REFUSED_FLAGS.items():
             if config.get(key):
                 raise CheckpointError(f"adapter {self.path} ({self.role}) uses {what} ({key} in {file.name}); "
@@ -117,7 +137,7 @@ class AdapterCheckpoint(Checkpoint):
 
     def _plan(self) -> tuple[dict[str, _Lora], dict[str, str]]:
         """{tensor: its LoRA factors}, {tensor: the adapter key that replaces it whole}."""
-        keys = list(self._handle.keys())
+        keys = list(self._entries)
         modules: dict[str, dict[str, str]] = {}
         replaced: dict[str, str] = {}
         model = set(self.instruct.names)
@@ -146,9 +166,10 @@ class AdapterCheckpoint(Checkpoint):
             if a is None or b is None:
                 raise CheckpointError(f"adapter {self._file} ({self.role}) has only one of the two LoRA factors of "
                                       f"module '{module}'")
-            loras[tensor] = _Lora(a, b, self._scaling(module, self._shape(a)[0]),
-                                  transpose=embedding or bool(self.adapter_config.get("fan_in_fan_out")))
-            self._check_shapes(tensor, loras[tensor], embedding)
+            lora = _Lora(a, b, 0.0, transpose=embedding or bool(self.adapter_config.get("fan_in_fan_out")))
+            self._check_shapes(tensor, lora, embedding)
+            lora.scaling = self._scaling(module, self._rank(module, lora))
+            loras[tensor] = lora
         for tensor, key in replaced.items():
             if tensor not in model:
                 raise CheckpointError(f"adapter {self._file} ({self.role}) saves '{key}', but the model has no "
@@ -160,12 +181,26 @@ class AdapterCheckpoint(Checkpoint):
         return loras, replaced
 
     def _shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(key).get_shape())
+        return self._entries[key].shape
+
+    def _tensor(self, key: str) -> torch.Tensor:
+        return read_tensor(self._file, key, self._entries[key])
+
+    def _rank(self, module: str, lora: _Lora) -> int:
+        """The factors' rank, which must be the r the config gives the module, as PEFT requires."""
+        rank = self._shape(lora.a)[0]
+        config = self.adapter_config
+        r = _by_pattern(config.get("rank_pattern") or {}, module, config.get("r", _DEFAULT_R))
+        if rank != r:
+            raise CheckpointError(f"adapter {self._file} ({self.role}), module '{module}': its LoRA factors have rank "
+                                  f"{rank}, but {CONFIG_FILE} gives it r={r} (r, or rank_pattern): PEFT would refuse "
+                                  f"to load this adapter (a size mismatch)")
+        return rank
 
     def _scaling(self, module: str, r: int) -> float:
         """lora_alpha / r (rsLoRA: / sqrt(r)), alpha from ``alpha_pattern`` where it names the module."""
         config = self.adapter_config
-        alpha = _by_pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        alpha = _by_pattern(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", _DEFAULT_ALPHA))
         return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
     def _check_shapes(self, tensor: str, lora: _Lora, embedding: bool) -> None:
@@ -195,8 +230,8 @@ class AdapterCheckpoint(Checkpoint):
         lora = self.loras.get(name)
         if lora is None:
             return None
-        a = self._handle.get_tensor(lora.a).float()
-        b = self._handle.get_tensor(lora.b).float()
+        a = self._tensor(lora.a).float()
+        b = self._tensor(lora.b).float()
         delta = (b @ a).mul_(lora.scaling)
         return delta.T if lora.transpose else delta
 
@@ -212,7 +247,7 @@ class AdapterCheckpoint(Checkpoint):
 
     def _made(self, name: str) -> torch.Tensor:
         dtype = self.instruct.torch_dtype(name) or self.instruct.get(name).dtype
-        stored = self._handle.get_tensor(self.replaced[name]) if name in self.replaced else self.instruct.get(name)
+        stored = self._tensor(self.replaced[name]) if name in self.replaced else self.instruct.get(name)
         delta = self.delta(name)
         if delta is None:
             return stored.to(dtype)
@@ -251,7 +286,7 @@ class AdapterCheckpoint(Checkpoint):
         return self.instruct.dtype_name(name)
 
     def close(self) -> None:
-        self._handle = None
+        pass  # no file is held open: each factor is read when needed
 
 
 def _model_tensor(name: str, model: set[str]) -> str:
@@ -261,6 +296,45 @@ def _model_tensor(name: str, model: set[str]) -> str:
         return name
     shorter = name.split(".", 1)[1]
     return shorter if shorter in model else name
+
+
+def _check_lora_config(config: dict, where: str) -> None:
+    """The types PEFT's LoraConfig expects of the keys LATA reads; CheckpointError naming the file
+    (``where``) and the key otherwise."""
+    def refuse(key: str, value, wanted: str):
+        raise CheckpointError(f"{where}: {key} is {shown(value)}, not {wanted}")
+
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    def finite(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    for key in _FLAGS:
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            refuse(key, config[key], "true or false")
+    if "r" in config and not positive_int(config["r"]):
+        refuse("r", config["r"], "a positive integer (LoRA's rank; PEFT refuses it too)")
+    if "lora_alpha" in config and not finite(config["lora_alpha"]):
+        refuse("lora_alpha", config["lora_alpha"], "a finite number")
+    for key, valid, wanted in (("rank_pattern", positive_int, "a positive integer"),
+                               ("alpha_pattern", finite, "a finite number")):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            refuse(key, patterns, "an object of module patterns")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as exc:
+                raise CheckpointError(f"{where}: {key} key {shown(pattern)} is not a regular expression "
+                                      f"({one_line(exc)})") from None
+            if not valid(value):
+                refuse(f"{key}[{shown(pattern)}]", value, wanted)
+    trained_on = config.get("base_model_name_or_path")
+    if trained_on is not None and not isinstance(trained_on, str):
+        refuse("base_model_name_or_path", trained_on, "a string")
 
 
 def _by_pattern(patterns: dict, module: str, default):

@@ -59,6 +59,30 @@ class LayerAnalysis:
             for k in self.experts
         }
 
+    def degeneracies(self) -> list[str]:
+        """What makes the similarities say nothing about the layers, one sentence each: a zero
+        instruction vector (base = instruct), an expert equal to the instruct model (task vector
+        zero, similarity 1 everywhere) or to the base (similarity 0 everywhere), or similarities
+        equal in every layer. Any weighting of such a family is decided by its tie rule alone."""
+        out = []
+        tie = "its layer weights are decided by the weighting's tie rule alone"
+        if all(v == 0 for v in self.instr_sq):
+            out.append(f"base and instruct are equal in every block (the instruction vector is zero): every "
+                       f"similarity is 0, and {tie}")
+        sims = self.similarities
+        for k in self.experts:
+            if all(v == 0 for v in self.instr_sq):
+                continue
+            if all(v == 0 for v in self.comp_sq[k]):
+                out.append(f"expert '{k}' equals the base model in every block (similarity 0 everywhere): {tie}")
+            elif all(math.isclose(d, c, rel_tol=1e-9, abs_tol=0) and math.isclose(d, i, rel_tol=1e-9, abs_tol=0)
+                     for d, c, i in zip(self.dot[k], self.comp_sq[k], self.instr_sq)):
+                out.append(f"expert '{k}' equals the instruct model in every block (its task vector is zero, "
+                           f"similarity 1 everywhere): {tie}")
+            elif self.num_layers > 1 and max(sims[k]) - min(sims[k]) <= 1e-12:
+                out.append(f"expert '{k}' has the same similarity in every layer ({sims[k][0]:.6g}): {tie}")
+        return out
+
     def table(self, weights: dict[str, list[float]] | None = None) -> list[dict]:
         """One row per (expert, layer): similarity, norms and (if given) the layer weight."""
         sims = self.similarities

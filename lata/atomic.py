@@ -3,9 +3,6 @@
 A reader therefore sees either nothing, the previous complete output, or the new complete
 output; never a half-written file or directory.
 
-``cached_build`` builds on it: a directory built once, content-addressed and whole, that every
-later caller (of any process) reuses.
-
 Temporary siblings are named ``.NAME.tmp-PID-...`` after the process writing them. A run that
 is killed (SIGKILL, a node lost) cannot remove its own; the next ``atomic_directory`` write to
 the same place removes those whose process is gone (``clean_leftovers``). Temporary files of
@@ -18,7 +15,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -225,51 +221,3 @@ def file_lock(path: str | os.PathLike, wait: bool = True, remove: bool = False) 
             with contextlib.suppress(OSError):
                 path.unlink()
         os.close(fd)  # releases the lock
-
-
-# --------------------------------------------------------------------------- content-addressed builds
-
-BUILD_MARKER = "COMPLETE"
-
-
-def cache_key(kind: str, config: dict, code_version: str) -> str:
-    """First 12 hex characters of the sha256 of the canonical JSON of the build inputs."""
-    blob = json.dumps({"kind": kind, "config": config, "code_version": code_version},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def is_complete(path: Path, key: str | None = None) -> bool:
-    """Whether ``path`` holds a readable ``COMPLETE`` marker (for ``key``, when given)."""
-    try:
-        marker = json.loads((Path(path) / BUILD_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return key is None or (isinstance(marker, dict) and marker.get("key") == key)
-
-
-def cached_build(cache_dir: str | os.PathLike, kind: str, config: dict,
-                 build: Callable[[Path], None], code_version: str) -> Path:
-    """Return ``cache_dir/<kind>-<key>``, calling ``build(tmp_dir)`` first if it is not complete.
-
-    A build lands there only when whole: ``build`` writes everything into the temporary
-    directory it is given, a ``COMPLETE`` marker (the key and the build inputs) is written last,
-    and the directory is renamed into place (``atomic_directory``); a directory without the
-    marker is never returned, it is rebuilt. Concurrent callers for the same key serialise on a
-    lock file and the later ones reuse the first one's result.
-    """
-    cache_dir = Path(cache_dir)
-    key = cache_key(kind, config, code_version)
-    target = cache_dir / f"{kind}-{key}"
-    if is_complete(target, key):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with file_lock(cache_dir / f".{kind}-{key}.lock"):
-        if is_complete(target, key):  # built by another process while we waited
-            return target
-        marker: dict[str, Any] = {"kind": kind, "key": key, "config": config,
-                                  "code_version": code_version}
-        with atomic_directory(target, overwrite=True) as tmp:
-            build(tmp)
-            (tmp / BUILD_MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
-    return target

@@ -5,9 +5,9 @@ for the life of the process:
   * each family's checkpoints open (memory-mapped: read from disk once, then from the page cache);
   * each family's layer analysis (pass 1), computed once; also on disk under
     ``paths.cache_dir/analysis/<key>.json`` for multi-process launchers (joblib, submitit), keyed
-    by the content fingerprints of base, instruct and experts (``lata.fingerprints``; the layer
-    weights are derived from it per point: they cost microseconds, so the weighting is not part
-    of the key);
+    by the content of base, instruct and experts and LATA's code version (``lata.fingerprints``;
+    the layer weights are derived from it per point: they cost microseconds, so the weighting is
+    not part of the key);
   * each family's selections (``Family.selections``: per-tensor magnitude thresholds, such as
     TIES's, which no lambda or layer weight changes), likewise also on disk under
     ``paths.cache_dir/selections/``;
@@ -15,23 +15,26 @@ for the life of the process:
 
 Decision: the task vectors are not held in memory between points; each point streams them again
 from the (page-cached) checkpoints, which keeps memory bounded by one tensor per expert whatever
-the model size. A cache file never fails a run: one that cannot be used is computed and
-written again. (Finished points themselves are kept by ``lata.store``.)
+the model size. A cache file is stored with the digest of its content (``lata.digests``) and
+never fails a run: one that is damaged or cannot be used is computed and written again, with a
+warning naming it. (Finished points themselves are kept by ``lata.store``.)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.atomic import file_lock, write_json_atomic
+from lata.atomic import file_lock
+from lata.checkpoints import CheckpointError
+from lata.digests import DamagedFile, content_key, read_checked_json, write_checked_json
 from lata.family import Family
-from lata.fingerprints import KEY_VERSION, content_key, fingerprint
+from lata.fingerprints import KEY_VERSION, checkpoint_digest, code_version
 
 log = logging.getLogger("lata")
 T = TypeVar("T")
@@ -54,7 +57,8 @@ def open_family(base: str, instruct: str, experts: dict[str, str], target: str |
 def _family_key(family: Family) -> str:
     roles = {"base": family.base.path, "instruct": family.instruct.path,
              **{f"expert:{k}": c.path for k, c in family.experts.items()}}
-    return content_key({"v": KEY_VERSION, **{role: fingerprint(path) for role, path in roles.items()}})
+    return content_key({"v": KEY_VERSION, "code": code_version(),
+                        **{role: checkpoint_digest(path) for role, path in roles.items()}})
 
 
 def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",
@@ -74,7 +78,7 @@ def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = 
             analysis = _read_cache(file, parse)
             if analysis is None:
                 analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
-                write_json_atomic(file, asdict(analysis))
+                write_checked_json(file, asdict(analysis))
                 log.info("layer analysis computed and cached in %s", file)
                 _analyses[key] = analysis
                 return analysis
@@ -92,13 +96,13 @@ def _checked_analysis(analysis: LayerAnalysis, family: Family) -> LayerAnalysis:
 
 
 def _read_cache(file: Path, parse: Callable[[Any], T]) -> T | None:
-    """``parse`` of a cache file's JSON; None where there is none or it cannot be used (with a
-    warning): a cache file never fails a run, it is computed and written again."""
-    if not file.is_file():
-        return None
+    """``parse`` of a cache file's data (checked JSON); None where there is none or it cannot be
+    used (with a warning): a cache file never fails a run, it is computed and written again."""
     try:
-        return parse(json.loads(file.read_text()))
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        return parse(read_checked_json(file))
+    except FileNotFoundError:
+        return None
+    except (OSError, DamagedFile, ValueError, TypeError, KeyError, AttributeError) as exc:
         log.warning("cache file %s ignored (%s: %s)", file, type(exc).__name__, exc)
         return None
 
@@ -142,7 +146,7 @@ def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
     if stored.keys() >= family.selections.keys():
         return
     stored.update(family.selections)
-    write_json_atomic(file, [[list(key), value] for key, value in stored.items()])
+    write_checked_json(file, [[list(key), value] for key, value in stored.items()])
 
 
 # --------------------------------------------------------------------------- the evaluation model
@@ -176,4 +180,25 @@ def _load(path: str, dtype: str, device: str):
     from transformers import AutoModelForCausalLM
 
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    with _named("model", path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of the checkpoint at ``path`` (CheckpointError naming it where its files
+    cannot be read)."""
+    from transformers import AutoTokenizer
+
+    with _named("tokenizer", path):
+        return AutoTokenizer.from_pretrained(path)
+
+
+@contextmanager
+def _named(what: str, path: str):
+    """transformers' errors on malformed files as one line naming the checkpoint."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise CheckpointError(f"cannot load the {what} of {path}: {text[:500]}") from exc

@@ -4,6 +4,11 @@ A checkpoint is a Hugging Face model directory (or hub id) holding ``model.safet
 shards listed in ``model.safetensors.index.json``. Tensors are zero-copy views of a private,
 read-only-in-practice memory map of each file; nothing is loaded until asked for.
 
+Every file is checked when the checkpoint is opened, before anything else reads it: a regular
+file (``regular_file``), config.json and the index JSON objects of the expected shape
+(``read_json``), each safetensors header as safetensors checks it (``read_header``). A malformed
+one is refused with a one-line CheckpointError naming the file (and the tensor or key).
+
 Memory: pages of a mapped file that are touched count in the process's resident set, so a
 streaming reader that never lets go would end up "holding" every input it has read. ``release``
 drops a tensor's pages from this process (``madvise(MADV_DONTNEED)``; the kernel's page cache
@@ -21,12 +26,13 @@ import math
 import mmap
 import os
 import re
+import reprlib
 import shutil
-import stat
 import struct
 import threading
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -34,6 +40,7 @@ from safetensors import safe_open
 
 from lata.atomic import write_json_atomic
 from lata.atomic import libc_function
+from lata.digests import NotRegularFile, regular_stat
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,6 +48,10 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgp
 # Files fetched from the hub besides weights: config, generation config, tokenizer, templates.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: the largest safetensors header read (safetensors' own limit, MAX_HEADER_SIZE)
+MAX_HEADER_BYTES = 100_000_000
+#: the largest JSON file read (config.json, an index, adapter_config.json)
+MAX_JSON_BYTES = 100_000_000
 
 
 class CheckpointError(ValueError):
@@ -77,13 +88,227 @@ def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     Called before a file is opened: opening a FIFO or a device blocks or reads forever."""
     path = Path(path)
     try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(mode):
-        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-        raise CheckpointError(f"{what} {path} is {kind}; LATA reads regular files only")
+        regular_stat(path)
+    except NotRegularFile as exc:
+        raise CheckpointError(f"{what} {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        raise CheckpointError(f"cannot read {what} {path}: {why}") from None
     return path
+
+
+def one_line(exc_or_text) -> str:
+    """An exception's message (or a text) on one line, its whitespace runs made single spaces,
+    at most 300 characters."""
+    text = " ".join(str(exc_or_text).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlong = 40
+
+
+def shown(value) -> str:
+    """A value read from a file as a message shows it: Python's repr, shortened, on one line
+    (nested and shared structures are cut off, never walked whole)."""
+    return one_line(_REPR.repr(value))
+
+
+def json_kind(value) -> str:
+    """What a parsed JSON value is, for a message: 'a JSON list', 'a JSON number', ..."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "JSON null" if value is None else f"a JSON {kinds.get(type(value), type(value).__name__)}"
+
+
+def quoted(name: str) -> str:
+    """A name read from a file, quoted for a message ('name'; repr where it is not printable)."""
+    return f"'{name}'" if isinstance(name, str) and name.isprintable() else shown(name)
+
+
+def read_json(file: str | os.PathLike, what: str = "file"):
+    """The value of a JSON file (UTF-8, -16 or -32); CheckpointError naming the file where it is
+    not a regular file, holds more than ``MAX_JSON_BYTES``, or is not JSON."""
+    file = regular_file(file, what)
+    try:
+        size = file.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{what} {file} has {size} bytes, more than the {MAX_JSON_BYTES} LATA reads "
+                                  f"from a JSON file")
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {file}: {exc.strerror or one_line(exc)}") from None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits
+        raise CheckpointError(f"{file} is not valid JSON: {one_line(exc)}") from None
+
+
+class TensorEntry(NamedTuple):
+    """One tensor of a safetensors header: its shape, dtype string and byte span [start, end) in
+    the file (absolute offsets)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    start: int
+    end: int
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted(k for k in set(keys) if keys.count(k) > 1)[0]
+        raise ValueError(f"the key {quoted(twice)} appears twice")
+    return dict(pairs)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _needed_bytes(shape: list[int], dtype: str, limit: int) -> int:
+    """Bytes of a tensor of ``shape`` and ``dtype``; past ``limit``, some number above it (a
+    product of huge dimensions is never computed)."""
+    if 0 in shape:
+        return 0
+    total = _DTYPE_BYTES[dtype]
+    for dim in shape:
+        total *= dim
+        if total > limit:
+            return limit + 1
+    return total
+
+
+def read_header(file: str | os.PathLike, what: str = "safetensors file") -> dict[str, TensorEntry]:
+    """The header of a safetensors file, checked: {tensor name: TensorEntry}, sorted by name.
+
+    Checked as safetensors checks a file it opens, and before anything else reads the file: a
+    regular file of at least 8 bytes, whose first 8 (little-endian) give a header length of at
+    most ``MAX_HEADER_BYTES`` and at most the bytes that follow; a header that is a UTF-8 JSON
+    object without repeated keys; ``__metadata__``, if there, an object of strings; every other
+    entry an object with a ``dtype`` LATA knows (``_DTYPE_BYTES``), a ``shape`` of non-negative
+    integers and ``data_offsets`` [a, b] with 0 <= a <= b <= the data's size and b - a the
+    shape's bytes; the tensors' byte ranges, in order, tile the data (no gap, no overlap,
+    nothing after the last). A tensor name that is not printable (a line break...) is refused.
+    CheckpointError naming the file (and the tensor) otherwise; huge sizes are never allocated.
+    """
+    file = regular_file(file, what)
+
+    def fail(reason: str) -> CheckpointError:
+        return CheckpointError(f"cannot read {what} {file}: {reason}")
+
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise fail(f"it has {size} bytes, fewer than the 8 of the header length (truncated?)")
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise fail(f"its first 8 bytes give a header length of {length} bytes, more than the "
+                           f"{MAX_HEADER_BYTES} safetensors allows (not a safetensors file?)")
+            if length > size - 8:
+                raise fail(f"its first 8 bytes give a header length of {length} bytes, but {size - 8} follow "
+                           f"(truncated, or not a safetensors file?)")
+            raw = f.read(length)
+    except OSError as exc:
+        raise fail(exc.strerror or one_line(exc)) from None
+    if len(raw) != length:
+        raise fail(f"the file ends inside its {length}-byte header (truncated?)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, JSONDecodeError, a repeated key
+        raise fail(f"its header is not valid UTF-8 JSON ({one_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise fail(f"its header is {json_kind(header)}, not a JSON object")
+    base, data = 8 + length, size - 8 - length
+    entries: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise fail(f"its __metadata__ is {shown(info)}, not an object of strings")
+            continue
+        if not name.isprintable():
+            raise fail(f"tensor name {shown(name)} is not printable")
+        where = f"tensor '{name}'"
+        if not isinstance(info, dict):
+            raise fail(f"{where}: its entry is {json_kind(info)}, not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
+            raise fail(f"{where}: dtype {shown(dtype)} is not one LATA reads ({', '.join(_DTYPE_BYTES)})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise fail(f"{where}: shape {shown(shape)} is not a list of non-negative integers")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise fail(f"{where}: data_offsets {shown(offsets)} is not a pair of non-negative integers")
+        start, end = offsets
+        if not start <= end <= data:
+            raise fail(f"{where}: data_offsets {shown(offsets)} lie outside the {data} bytes of data (truncated?)")
+        needed = _needed_bytes(shape, dtype, 1 << 64)
+        if end - start != needed:
+            needs = "more than 2**64 bytes" if needed > 1 << 64 else f"{needed} bytes"
+            raise fail(f"{where}: data_offsets {shown(offsets)} hold {end - start} bytes, but shape {shown(shape)} "
+                       f"of {dtype} needs {needs}")
+        entries[name] = TensorEntry(tuple(shape), dtype, base + start, base + end)
+    covered = 0
+    for name, entry in sorted(entries.items(), key=lambda item: (item[1].start, item[1].end)):
+        if entry.start - base != covered:
+            problem = "overlap those of another tensor" if entry.start - base < covered else \
+                f"start at {entry.start - base}, but the tensors before end at {covered}"
+            raise fail(f"tensor '{name}': its bytes {problem} (safetensors tiles the data)")
+        covered = entry.end - base
+    if covered != data:
+        raise fail(f"its tensors hold {covered} bytes of data, but {data} follow the header (bytes appended?)")
+    return dict(sorted(entries.items()))
+
+
+def read_tensor(file: str | os.PathLike, name: str, entry: TensorEntry) -> torch.Tensor:
+    """One tensor of a safetensors file (its ``read_header`` entry), read into fresh memory (a
+    dtype torch cannot view is decoded by safetensors)."""
+    dtype = _SAFETENSORS_TO_TORCH_ALL.get(entry.dtype)
+    file = regular_file(file, "safetensors file")
+    if dtype is None:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name)
+    raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        _read_exactly(fd, raw.numpy(), entry.start)
+    finally:
+        os.close(fd)
+    return raw.view(dtype).view(entry.shape)
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """tensor name -> shard file of a safetensors index: a JSON object whose ``weight_map`` maps
+    names to shard file names inside the checkpoint, each a regular file; CheckpointError naming
+    the index otherwise.
+
+    Decision: a shard name is checked as a name (not absolute, no '..' component), never by
+    where it resolves: in the Hugging Face cache every file of a snapshot is a link into
+    ../../blobs."""
+    folder = index.parent
+    data = read_json(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        kind = "it has no 'weight_map' object" if isinstance(data, dict) else f"it is {json_kind(data)}"
+        raise CheckpointError(f"{index} is not a valid safetensors index: {kind}")
+    files = {}
+    for name, shard in weight_map.items():
+        if not name.isprintable():
+            raise CheckpointError(f"{index} lists tensor name {shown(name)}, which is not printable")
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index} is not a valid safetensors index: tensor '{name}' maps to "
+                                  f"{shown(shard)}, not a shard file name")
+        parts = PurePosixPath(shard).parts
+        if not shard.isprintable() or PurePosixPath(shard).is_absolute() or ".." in parts or not parts:
+            raise CheckpointError(f"{index} names shard {shown(shard)} (tensor '{name}'), which is not a "
+                                  f"file inside the checkpoint: a shard name is a printable relative path "
+                                  f"without '..'")
+        files[name] = folder / shard
+    for shard in sorted(set(files.values())):
+        if not os.path.lexists(shard):
+            raise CheckpointError(f"{index} names shard {shard.name}, which is missing")
+        regular_file(shard, "shard")
+    return files
 
 
 class Checkpoint:
@@ -93,69 +318,70 @@ class Checkpoint:
         self.role = role
         self.source = str(path_or_id)
         self.path = resolve(path_or_id)
+        self.config_file = self.path / "config.json"
         self.config = self._read_config()
         self._handles: dict[Path, object] = {}
         self._maps: dict[Path, mmap.mmap] = {}
         self._fds: dict[Path, int] = {}
         self._bases: dict[Path, int | None] = {}
         self._lock = threading.Lock()
+        self._file_headers: dict[Path, dict[str, TensorEntry]] = {}
         self.files = self._tensor_files()  # tensor name -> shard path
         self._headers: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # name -> (start, end) byte offsets in its file
         for file in sorted(set(self.files.values())):
-            handle = self._open(file)
-            for name in handle.keys():
+            for name, entry in self._header(file).items():  # sorted by name within a file
                 if self.files.get(name) == file:
-                    sl = handle.get_slice(name)
-                    self._headers[name] = (tuple(sl.get_shape()), sl.get_dtype())
+                    self._headers[name] = (entry.shape, entry.dtype)
+                    self._spans[name] = (entry.start, entry.end)
         missing = sorted(set(self.files) - set(self._headers))
         if missing:
             raise CheckpointError(
                 f"{self.path / INDEX_FILE} lists tensor '{missing[0]}' in "
                 f"{self.files[missing[0]].name}, which does not contain it"
             )
-        self._spans: dict[str, tuple[int, int]] = {}  # name -> (start, end) byte offsets in its file
-        for file in sorted(set(self.files.values())):
-            for name, span in _data_spans(file).items():
-                if self.files.get(name) == file:
-                    self._spans[name] = span
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.role}: {self.path})"
 
     def _read_config(self) -> dict:
-        config_path = self.path / "config.json"
-        if not config_path.is_file():
+        """config.json, a JSON object (CheckpointError naming the file otherwise)."""
+        config_path = self.config_file
+        if not os.path.lexists(config_path):
             raise CheckpointError(f"{self.role} checkpoint {self.path} has no config.json")
-        try:
-            return json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+        config = read_json(config_path, f"{self.role} config")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_path} ({self.role}) is {json_kind(config)}, not a JSON object")
+        return config
 
     def _tensor_files(self) -> dict[str, Path]:
+        """tensor name -> its file: from the index (``read_index``), else every tensor of
+        ``model.safetensors``."""
         index = self.path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-            files = {name: self.path / shard for name, shard in weight_map.items()}
-            for shard in sorted(set(files.values())):
-                if not shard.is_file():
-                    raise CheckpointError(f"{index} names shard {shard.name}, which is missing")
-            return files
+        if os.path.lexists(index):
+            return read_index(index)
         single = self.path / SINGLE_FILE
-        if single.is_file():
-            return {name: single for name in self._open(single).keys()}
+        if os.path.lexists(single):
+            return {name: single for name in self._header(single)}
         other = sorted(p.name for p in self.path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         hint = f" (found {', '.join(other)}; convert to safetensors)" if other else ""
         raise CheckpointError(f"{self.role} checkpoint {self.path} has no {SINGLE_FILE} or {INDEX_FILE}{hint}")
 
+    def _header(self, file: Path) -> dict[str, TensorEntry]:
+        if file not in self._file_headers:
+            self._file_headers[file] = read_header(file)
+        return self._file_headers[file]
+
     def _open(self, file: Path):
+        """safetensors' own reader of a file: only to decode a dtype torch cannot view."""
         if file not in self._handles:
             try:
-                self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
+                self._handles[file] = safe_open(str(regular_file(file, "safetensors file")), framework="pt",
+                                                device="cpu")
+            except CheckpointError:
+                raise
             except Exception as exc:
-                raise CheckpointError(f"cannot read safetensors file {file}: {exc}") from exc
+                raise CheckpointError(f"cannot read safetensors file {file}: {one_line(exc)}") from exc
         return self._handles[file]
 
     @property
@@ -179,7 +405,7 @@ class Checkpoint:
         return dtype is None or dtype.is_floating_point
 
     def nbytes(self, name: str) -> int:
-        return math.prod(self.shape(name)) * _DTYPE_BYTES.get(self.dtype_name(name), 4)
+        return math.prod(self.shape(name)) * _DTYPE_BYTES[self.dtype_name(name)]
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor (CPU, stored dtype).
@@ -408,18 +634,11 @@ def finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:
     return math.isfinite(total)
 
 
-def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
-    """name -> (start, end) absolute byte offsets of each tensor's data in a safetensors file."""
-    with open(file, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    base = 8 + length
-    return {name: (base + info["data_offsets"][0], base + info["data_offsets"][1])
-            for name, info in header.items() if name != "__metadata__"}
-
-
+#: bytes per element of each safetensors dtype LATA reads (those of whole bytes; the ones
+#: missing from ``_SAFETENSORS_TO_TORCH_ALL`` are decoded by safetensors)
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U64": 8, "U32": 4, "U16": 2, "C64": 8,
+                "F8_E8M0": 1, "F8_E4M3FNUZ": 1, "F8_E5M2FNUZ": 1}
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _SAFETENSORS_TO_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -509,16 +728,21 @@ class Prefetcher:
         self.close()
 
 
+def support_files(folder: Path) -> list[Path]:
+    """The files a merged checkpoint takes from its anchor: everything at the top of ``folder``
+    but weights, the index, READMEs and hidden files (config, generation config, tokenizer,
+    chat template, custom code), sorted."""
+    return [item for item in sorted(Path(folder).iterdir())
+            if not item.is_dir() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_FILE
+            and not item.name.lower().startswith("readme") and not item.name.startswith(".")]
+
+
 def copy_support_files(source: Path, target: Path, dtype: str | None = None) -> None:
     """Copy config, generation config and tokenizer files (everything but weights) from ``source``.
 
     ``dtype`` (e.g. 'bfloat16') is written into config.json's dtype key(s).
     """
-    for item in sorted(Path(source).iterdir()):
-        if not item.is_file() or item.name.endswith(WEIGHT_SUFFIXES) or item.name == INDEX_FILE:
-            continue
-        if item.name.lower().startswith("readme") or item.name.startswith("."):
-            continue
+    for item in support_files(source):
         shutil.copy2(item, target / item.name)
     config_path = target / "config.json"
     if dtype is not None and config_path.is_file():

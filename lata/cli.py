@@ -145,6 +145,30 @@ def _preload_kernels(cfg: DictConfig) -> None:
         kernels.preload()
 
 
+class InputGuard(Callback):
+    """Before Hydra makes a run or sweep directory (and writes ``.hydra/`` into it): refuse one,
+    or a results or cache directory, that is or lies inside an input checkpoint the config
+    names, in one line (exit status 2). The runner checks again once the family is resolved."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, {"run directory": config.hydra.run.dir})
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, {"sweep directory": config.hydra.sweep.dir})
+
+    @staticmethod
+    def _check(config: DictConfig, directories: dict) -> None:
+        from lata.outputs import OutputError, check_outside_inputs
+        from lata.sources import named_inputs
+
+        try:
+            check_outside_inputs({**directories, "results directory": config.paths.results_dir,
+                                  "cache directory": config.paths.cache_dir}, named_inputs(config.model))
+        except OutputError as exc:
+            print(f"lata: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+
 class SweepReport(Callback):
     """At the end of a multirun: ``lata-report`` on the sweep directory (results table and plots,
     and the points that failed, with their errors); a sweep with a failed point ends with exit

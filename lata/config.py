@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import importlib.resources
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -29,6 +30,8 @@ def config_dir() -> str:
     return os.environ.get("LATA_CONFIG_DIR") or str(importlib.resources.files("lata") / "conf")
 
 
+#: names that reach file names, plots and logs (experts, benchmark tasks): checked before any work
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (model.which)
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
@@ -236,11 +239,21 @@ def validate_weighting(weighting: Any):
     return WEIGHTINGS.build(w.name, w.params)
 
 
+def check_name(key: str, value: Any) -> None:
+    """A name that reaches file names, plots and logs: letters, digits, '_', '-', '.' (at most 64,
+    starting with a letter or digit)."""
+    if not isinstance(value, str) or not NAME.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} is not a usable name; use letters, digits, '_', '-' and '.' "
+                          f"(at most 64, starting with a letter or digit)")
+
+
 def validate_benchmark(b: BenchmarkConfig) -> None:
     """Values only: task names are checked against LATA's tasks, lm-eval's registry and
     ``include_path`` when the harness loads them, before any generation."""
     if any(not isinstance(t, str) or not t for t in b.tasks):
         raise ConfigError(f"benchmark.tasks={list(b.tasks)} must be a list of task names")
+    for task in b.tasks:
+        check_name("benchmark.tasks", task)
     if getattr(b, "include_path", None) and not os.path.isdir(os.path.expanduser(str(b.include_path))):
         raise ConfigError(f"benchmark.include_path={b.include_path} is not a directory (of lm-eval task YAMLs)")
     if b.limit is not None and b.limit <= 0:
@@ -328,9 +341,12 @@ def validate(cfg: Any) -> None:
     if model.target not in (None, "") and cfg.merge.method == "none":
         raise ConfigError(f"model.target={model.target!r} names where merged vectors are added; with merge=none "
                           f"nothing is merged (model.which picks the model to evaluate)")
-    for name in model.experts:
+    for name, path in model.experts.items():
+        check_name(f"model.experts.{name}", name)
         if name in ("base", "instruct"):
             raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")
+        if model.embedded is None and (path is None or not str(path).strip()):
+            raise ConfigError(f"model.experts.{name} is empty: give a directory or hub id")
     if model.experts:
         validate_lams(cfg.merge.lams, list(model.experts))
 

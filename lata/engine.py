@@ -195,6 +195,8 @@ class MergePlan:
         else:
             bad = self._merge_into(name, stored, active, out, base, read)
         if bad:
+            for ckpt, n in self.reads(name):  # a NaN or Inf read from an input is named as such
+                ckpt.refuse_non_finite(n)
             bad = _non_finite(out.view(-1))
             hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
                     else "lower the lambdas, or look at the experts' largest values")
@@ -381,6 +383,8 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         kernels.preload()
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
+    for warning in analysis.degeneracies():
+        log.warning("%s", warning)
     weights = {k: normalized(scheme.weights_for(analysis.similarities[k]), weighting.normalize) for k in family.experts}
     rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
     for k, w in weights.items():
@@ -615,6 +619,7 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
             for name, tensor in iter_merged(plan, out_dtype, progress):
                 writer.add(name, tensor)
             writer.finish()
+            digests = writer.digests
         except BaseException:
             writer.abort()
             raise
@@ -626,7 +631,7 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
                            "target": None if plan.family.target is None else plan.family.target.source,
                            "inputs": {c.role: c.source for c in plan.family.inputs}, "lams": plan.lams,
                            "weights": plan.weights, "rest_weight": plan.rest_weight, "dtype": dtype_name,
-                           "shard_size": max_bytes, **(record or {})})
+                           "shard_size": max_bytes, **(record or {})}, digests)
     return out
 
 

@@ -13,7 +13,7 @@ from functools import cached_property
 import torch
 
 from lata.adapters import open_checkpoint
-from lata.architectures import Architecture, architecture_for, config_value
+from lata.architectures import Architecture, architecture_for, config_value, model_type_of
 from lata.checkpoints import Checkpoint, CheckpointError
 
 RESERVED_ROLES = ("base", "instruct")
@@ -115,11 +115,17 @@ class Family:
 
     def _check_compatible(self) -> Architecture:
         inputs = self.inputs
-        types = {c.config.get("model_type") for c in inputs}
+        types = {model_type_of(c.config, f"{c.config_file} ({c.role})") for c in inputs}
         if len(types) != 1:
-            listing = ", ".join(f"{c.role}={c.config.get('model_type')}" for c in inputs)
-            raise CheckpointError(f"checkpoints have different model_type: {listing}")
-        arch = architecture_for(types.pop())
+            listing = ", ".join(f"{c.role}={t if t.isprintable() else repr(t)}"
+                                for c, t in ((c, c.config["model_type"]) for c in inputs))
+            kinds = [c.config["model_type"] for c in inputs]
+            usual = max(kinds, key=lambda t: (kinds.count(t), t == self.instruct.config["model_type"]))
+            odd = ", ".join(f"{c.role}'s in {c.config_file}" for c, t in zip(inputs, kinds) if t != usual)
+            raise CheckpointError(f"checkpoints have different model_type: {listing} ({odd})")
+        arch = architecture_for(types.pop(), where=f"{self.base.config_file} (base)")
+        for ckpt in inputs:
+            arch.check_config(ckpt.config, f"{ckpt.config_file} ({ckpt.role})")
         reference = self.base
         ref_names = set(reference.names)
         ref_layers = _count_layers(arch, reference.names)
@@ -182,7 +188,7 @@ class Family:
 def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
     """config.json agrees with the tensors (layer count, vocabulary size, tied embeddings): the
     anchor's config is copied into the merged checkpoint, and a model loads by it."""
-    where = f"{ckpt.role} ({ckpt.path / 'config.json'})"
+    where = f"{ckpt.role} ({ckpt.config_file})"
     layers, counted = arch.num_layers(ckpt.config), _count_layers(arch, ckpt.names)
     if layers is not None and layers != counted:
         raise CheckpointError(f"{where} says {arch.num_layers_key}={layers}, but its tensors hold {counted} layers")

@@ -21,6 +21,7 @@ DELLA draw their own random masks; DELLA ranks per row and rescales to the L1 no
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ log = logging.getLogger("lata")
 
 #: the recipe's file in a run directory (``export=mergekit``)
 RECIPE_FILE = "mergekit.yaml"
+#: the largest recipe read (``weighting.from_mergekit``)
+MAX_RECIPE_BYTES = 10_000_000
+#: how deeply a weight's entries may nest ({value: {value: ...}})
+_MAX_DEPTH = 8
 
 
 def mergekit_recipe(plan) -> dict[str, Any]:
@@ -86,32 +91,45 @@ def mergekit_layer_weights(path: str | os.PathLike, num_layers: int, model: str 
     ``model`` picks the model (its ``model`` entry, or the end of it); None: the only model with a
     weight. Entries with a filter apply, in mergekit, to the tensors they name: LATA has one
     weight per block and takes the entry without a filter (a warning names the others).
+
+    The file must be a regular file of at most ``MAX_RECIPE_BYTES``, YAML, a mapping whose
+    ``models`` is a list of mappings, each ``parameters`` a mapping, a weighted ``model`` a
+    string, weights finite numbers; ConfigError naming the file (and the entry) otherwise.
     """
-    file = Path(path)
-    try:
-        recipe = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"weighting.from_mergekit={path}: cannot read it as a mergekit YAML: {exc}") from exc
+    recipe = _read_recipe(path)
     if not isinstance(recipe, dict) or not isinstance(recipe.get("models"), list):
         what = "uses slices" if isinstance(recipe, dict) and "slices" in recipe else "has no models list"
         raise ConfigError(f"weighting.from_mergekit={path}: the recipe {what}; LATA reads recipes with a "
                           f"'models' list")
-    weighted = [m for m in recipe["models"] if isinstance(m, dict) and (m.get("parameters") or {}).get("weight")
-                is not None]
-    names = [str(m.get("model")) for m in weighted]
+    weighted = []
+    for i, entry in enumerate(recipe["models"]):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"weighting.from_mergekit={path}: models[{i}] is {_shown(entry)}, not a mapping")
+        parameters = entry.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise ConfigError(f"weighting.from_mergekit={path}: models[{i}].parameters is {_shown(parameters)}, "
+                              f"not a mapping")
+        if (parameters or {}).get("weight") is not None:
+            if not isinstance(entry.get("model"), str):
+                raise ConfigError(f"weighting.from_mergekit={path}: models[{i}].model is {_shown(entry.get('model'))}, "
+                                  f"not a model's path or hub id")
+            weighted.append(entry)
+    names = [m["model"] for m in weighted]
     if model is None:
         if len(weighted) != 1:
-            raise ConfigError(f"weighting.from_mergekit={path}: {len(weighted)} models have a weight ({', '.join(names)}); "
+            raise ConfigError(f"weighting.from_mergekit={path}: {len(weighted)} models have a weight "
+                              f"({', '.join(map(_shown, names))}); "
                               f"choose one with weighting.mergekit_model=...")
         chosen = weighted[0]
     else:
         matches = [m for m, n in zip(weighted, names) if n == model or n.endswith(model)]
         if len(matches) != 1:
-            raise ConfigError(f"weighting.mergekit_model={model} names {len(matches)} of the recipe's weighted models "
-                              f"({', '.join(names)}); give one, or the end of its path")
+            raise ConfigError(f"weighting.mergekit_model={model} names {len(matches)} of the weighted models of "
+                              f"weighting.from_mergekit={path} ({', '.join(map(_shown, names))}); give one, or the end "
+                              f"of its path")
         chosen = matches[0]
     setting = chosen["parameters"]["weight"]
-    filters = _filters(setting)
+    filters = _filters(setting, path)
     if filters:
         log.warning("weighting.from_mergekit=%s: the weight entries filtered by %s apply, in mergekit, to the tensors "
                     "they name; LATA takes one weight per block, from the entry without a filter", path,
@@ -120,27 +138,73 @@ def mergekit_layer_weights(path: str | os.PathLike, num_layers: int, model: str 
     return [_evaluate(setting, t, path) for t in ts]
 
 
-def _filters(setting) -> list[str]:
+def _read_recipe(path):
+    """The parsed YAML of a recipe file; ConfigError naming it where it is not a regular file,
+    is too large, or is not YAML."""
+    from lata.checkpoints import CheckpointError, one_line, regular_file
+
+    try:
+        file = regular_file(Path(path), "weighting.from_mergekit: the recipe")
+        size = file.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(f"weighting.from_mergekit={path}: the recipe has {size} bytes, more than the "
+                              f"{MAX_RECIPE_BYTES} LATA reads")
+        text = file.read_bytes()
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    except OSError as exc:
+        raise ConfigError(f"weighting.from_mergekit={path}: cannot read it: {exc.strerror or one_line(exc)}") from None
+    try:
+        return yaml.safe_load(text)
+    except Exception as exc:  # YAMLError, and what a constructor raises (a bad date, too many digits...)
+        raise ConfigError(f"weighting.from_mergekit={path}: cannot read it as a mergekit YAML: "
+                          f"{one_line(exc)}") from None
+
+
+def _shown(value) -> str:
+    from lata.checkpoints import shown
+
+    return shown(value)
+
+
+def _filters(setting, path) -> list[str]:
     items = setting if isinstance(setting, list) else [setting]
-    return [str(c["filter"]) for c in items if isinstance(c, dict) and c.get("filter") not in (None, "*")]
+    filters = [c["filter"] for c in items if isinstance(c, dict) and c.get("filter") not in (None, "*")]
+    for f in filters:
+        if not isinstance(f, str):
+            raise ConfigError(f"weighting.from_mergekit={path}: filter {_shown(f)} is not a tensor name's part")
+    return filters
 
 
-def _evaluate(setting, t: float, path) -> float:
+def _number(value, path) -> float:
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"weighting.from_mergekit={path}: weight {_shown(value)} is not a finite number")
+    return number
+
+
+def _evaluate(setting, t: float, path, depth: int = 0) -> float:
     """mergekit's ``evaluate_setting`` for a tensor no filter names: a number, a gradient, or
     the first entry without a filter."""
+    if depth > _MAX_DEPTH:
+        raise ConfigError(f"weighting.from_mergekit={path}: weight entries nest deeper than {_MAX_DEPTH} values")
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
-        return float(setting)
+        return _number(setting, path)
     if isinstance(setting, list) and setting:
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in setting):
-            scaled = t * (len(setting) - 1)
+            values = [_number(v, path) for v in setting]
+            scaled = t * (len(values) - 1)
             i0 = int(scaled)
-            i1 = min(len(setting) - 1, i0 + 1)
+            i1 = min(len(values) - 1, i0 + 1)
             frac = scaled - i0
-            return float((1 - frac) * setting[i0] + frac * setting[i1])
+            return _number((1 - frac) * values[i0] + frac * values[i1], path)
         for cond in setting:
             if isinstance(cond, dict) and cond.get("filter") in (None, "*"):
-                return _evaluate(cond.get("value"), t, path)
-    raise ConfigError(f"weighting.from_mergekit={path}: weight {setting!r} has no value for the blocks (a number, "
-                      f"a list of numbers, or an entry without a filter)")
+                return _evaluate(cond.get("value"), t, path, depth + 1)
+    raise ConfigError(f"weighting.from_mergekit={path}: weight {_shown(setting)} has no value for the blocks (a "
+                      f"number, a list of numbers, or an entry without a filter)")

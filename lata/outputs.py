@@ -17,15 +17,17 @@ checkpoint is renamed into place:
 - **One writer per target:** ``writer_lock`` holds ``.NAME.lock`` beside the target from the
   check to the rename; a second run fails at once, naming the holder.
 
-The marker also records what was merged and the ``model_key`` that identifies the bytes
-written (``holds_model``), so that a resumed sweep point knows whether a directory already
-holds its model.
+The marker also records what was merged, the ``model_key`` that identifies the bytes written
+and every file's size and content digest (``holds_model``), so that a resumed sweep point knows
+whether a directory already holds its model whole; a stored model is checked against the same
+digests as it is copied (``copy_checkpoint``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -34,9 +36,15 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from lata.atomic import atomic_directory, file_lock, write_json_atomic
+from lata.digests import CHUNK, DamagedFile, NotRegularFile, digest_of, file_digest, new_hasher, regular_stat
+
+log = logging.getLogger("lata")
 
 MARKER = "lata_merge.json"
-MARKER_FORMAT = "lata-merge/1"
+#: written by this version: every file's size and content digest; read: also lata-merge/1
+#: (sizes only: a directory LATA wrote, which overwrite=true may replace, but no model to reuse)
+MARKER_FORMAT = "lata-merge/2"
+MARKER_FORMATS = ("lata-merge/1", MARKER_FORMAT)
 
 
 class OutputError(ValueError):
@@ -93,17 +101,19 @@ def _probe(directory: Path) -> None:
 
 def _marker(directory: Path) -> dict | None:
     try:
+        regular_stat(directory / MARKER)
         marker = json.loads((directory / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    return marker if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT else None
+    return marker if isinstance(marker, dict) and marker.get("format") in MARKER_FORMATS else None
 
 
 def _foreign_entries(directory: Path) -> list[str]:
     """Entries of ``directory`` that its LATA marker does not list (all of them where none)."""
     entries = sorted(p.name for p in directory.iterdir())
     marker = _marker(directory)
-    listed = set(marker.get("files", {})) | {MARKER} if marker else set()
+    files = marker.get("files") if marker else None
+    listed = set(files) | {MARKER} if isinstance(files, dict) else set()
     return [e for e in entries if e not in listed]
 
 
@@ -150,6 +160,23 @@ def check_target(target: str | os.PathLike, *, overwrite: Any = False,
                               f"own outputs: choose another directory, or set overwrite=force to replace it")
     _probe(path.parent if path.parent.is_dir() else existing)
     return path
+
+
+def check_outside_inputs(directories: Mapping[str, str | os.PathLike],
+                         inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse a directory LATA writes (run, results, cache: name -> path) that is or lies inside
+    an input checkpoint (paths resolved, links followed; an input that is not a local path, a
+    hub id, is skipped): checkpoints are read, never written."""
+    for role, path in inputs.items():
+        other = absolute(path)
+        if not other.is_dir():
+            continue
+        other = other.resolve()
+        for what, directory in directories.items():
+            mine = absolute(directory).resolve()
+            if mine == other or other in mine.parents:
+                raise OutputError(f"the {what} {directory} {_related(mine, other)} the input checkpoint {role} "
+                                  f"({other}): LATA never writes into its inputs; choose another directory")
 
 
 def check_space(target: str | os.PathLike, nbytes: int, key: str = "save_model") -> None:
@@ -208,34 +235,77 @@ def writer_lock(target: str | os.PathLike) -> Iterator[None]:
                           f"another save_model") from None
 
 
-def files_of(directory: Path) -> dict[str, int]:
-    """name -> size of the files in ``directory`` (what a marker lists)."""
-    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MARKER}
+def write_marker(directory: Path, record: Mapping[str, Any], digests: Mapping[str, str] | None = None) -> None:
+    """Write the marker into a finished checkpoint directory (last, before its rename): ``record``
+    and every file's size and content digest (``digests``: those already known, e.g. computed
+    as the shards were written; the others are read)."""
+    digests = dict(digests or {})
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.name != MARKER and path.is_file():
+            files[path.name] = {"size": path.stat().st_size,
+                                "digest": digests.get(path.name) or file_digest(path)}
+    write_json_atomic(directory / MARKER, {"format": MARKER_FORMAT, **record, "files": files})
 
 
-def write_marker(directory: Path, record: Mapping[str, Any]) -> None:
-    """Write the marker into a finished checkpoint directory (last, before its rename)."""
-    write_json_atomic(directory / MARKER, {"format": MARKER_FORMAT, **record, "files": files_of(directory)})
+def _listed(marker: dict) -> dict[str, dict] | None:
+    """{name: {"size", "digest"}} of a marker that records digests, else None."""
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files or not all(
+            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("digest"), str)
+            for v in files.values()):
+        return None
+    return files
 
 
-def holds_model(directory: str | os.PathLike, model_key: str) -> bool:
+def holds_model(directory: str | os.PathLike, model_key: str, verify: bool = True) -> bool:
     """Whether ``directory`` is a whole checkpoint LATA wrote with ``model_key``: its marker has
-    that key and every file it lists is there with the size it had."""
+    that key and every file it lists is there with its size and (``verify``) its content digest.
+    A directory that has the key but does not match is named in a warning."""
     directory = absolute(directory)
     marker = _marker(directory) if directory.is_dir() else None
-    if marker is None or marker.get("model_key") != model_key or not marker.get("files"):
+    files = _listed(marker) if marker is not None and marker.get("model_key") == model_key else None
+    if files is None:
         return False
-    try:
-        return all((directory / name).stat().st_size == size for name, size in marker["files"].items())
-    except OSError:
-        return False
+    for name, entry in files.items():
+        path = directory / name
+        try:
+            whole = path.stat().st_size == entry["size"] and (not verify or file_digest(path) == entry["digest"])
+        except (OSError, ValueError):
+            whole = False
+        if not whole:
+            log.warning("%s does not match the record of the merged model in %s (%s)", path, directory, MARKER)
+            return False
+    return True
 
 
 def copy_checkpoint(source: Path, target: str | os.PathLike, check) -> Path:
     """Copy a whole checkpoint directory LATA wrote into ``target`` atomically (``check`` as
-    for ``atomic_directory``), under the writer lock."""
+    for ``atomic_directory``), under the writer lock. Every file is checked against the digest
+    its marker records as it is copied: where one does not match, nothing is written to
+    ``target`` and DamagedFile names the file."""
+    marker = _marker(Path(source))
+    files = _listed(marker) if marker is not None else None
+    if files is None:
+        raise DamagedFile(f"{Path(source) / MARKER} records no content digests")
     with writer_lock(target), atomic_directory(target, check=check) as tmp:
-        for item in sorted(Path(source).iterdir()):
-            if item.is_file():
-                shutil.copyfile(item, tmp / item.name)
+        for name, entry in files.items():
+            _copy_checked(Path(source) / name, tmp / name, entry["digest"])
+        shutil.copyfile(Path(source) / MARKER, tmp / MARKER)
     return Path(target)
+
+
+def _copy_checked(source: Path, target: Path, digest: str) -> None:
+    hasher = new_hasher()
+    try:
+        regular_stat(source)
+        with open(source, "rb") as src, open(target, "wb") as dst:
+            while chunk := src.read(CHUNK):
+                hasher.update(chunk)
+                dst.write(chunk)
+    except FileNotFoundError:
+        raise DamagedFile(f"{source} is missing") from None
+    except NotRegularFile as exc:
+        raise DamagedFile(str(exc)) from None
+    if digest_of(hasher) != digest:
+        raise DamagedFile(f"{source} does not match its recorded digest")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m lata.plots ANALYSIS_JSON PNG TITLE`` draws one heatmap; with no arguments,
     load matplotlib, then draw each request read from stdin (a JSON line) and reply on stdout
     ``{}`` or ``{"error": traceback}``, until stdin ends."""
+    # SIGTERM (a job killed with its process group) unwinds like Ctrl-C: a PNG being written is
+    # removed with its temporary file (lata.atomic), never left behind
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = argv if argv is not None else sys.argv[1:]
     if args:
         _draw(*args)

@@ -9,7 +9,6 @@ is located). The checkpoint is written once, atomically, under
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -17,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from lata.atomic import cached_build
+from lata.digests import cached_build, file_digest
 
 log = logging.getLogger("lata")
 
@@ -50,14 +49,6 @@ def smollm2_gguf() -> Path:
                               f"reinstall it with: {SMOLLM2_INSTALL}")
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
     """The cached HF checkpoint of SmolLM2-135M-Instruct; converted from the GGUF on first use.
 
@@ -67,9 +58,10 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
     layers), Q8_0 (the tied embedding) and F32 (norms), transformers dequantizes all of them to
     float32, and float32 is the only common dtype that keeps every value exactly (bf16/fp16 would
     round them a second time). 538 MB on disk, about 30 s once. The cache key covers the GGUF's
-    sha256 and size and the transformers and gguf versions, so another file or converter converts
-    anew; the build is atomic and locked (``lata.atomic.cached_build``: a ``COMPLETE`` marker
-    holding the provenance, then a rename), so a half-written directory is never used.
+    content digest and size and the transformers and gguf versions, so another file or converter
+    converts anew; the build is atomic and locked (``lata.digests.cached_build``: a ``COMPLETE``
+    marker holding the provenance and every file's digest, then a rename), so a half-written or
+    damaged directory is never used.
     """
     gguf_path = smollm2_gguf()
     try:
@@ -81,7 +73,7 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
 
     source = {"package": SMOLLM2_PACKAGE, "package_version": importlib.metadata.version(SMOLLM2_PACKAGE),
               "gguf_file": gguf_path.name, "gguf_size": gguf_path.stat().st_size,
-              "gguf_sha256": file_sha256(gguf_path), "dtype": "float32",
+              "gguf_digest": file_digest(gguf_path), "dtype": "float32",
               "transformers": transformers.__version__, "gguf": gguf_version}
 
     def build(out: Path) -> None:

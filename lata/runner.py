@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,10 +21,11 @@ from lata import caches, outputs, store
 from lata.atomic import write_json_atomic, write_text_atomic
 from lata.compute import check_device
 from lata.config import ConfigError, to_plain, validate
+from lata.digests import DamagedFile, use_memo_dir
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
 from lata.interop import RECIPE_FILE, recipe_yaml
 from lata.plots import HeatmapProcess
-from lata.sources import FamilyPaths, family_paths, target_path
+from lata.sources import FamilyPaths, family_paths, named_inputs
 
 log = logging.getLogger("lata")
 
@@ -54,33 +54,24 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     """
     validate(cfg)
     check_device(cfg.device)
+    use_memo_dir(Path(cfg.paths.cache_dir) / "digests")  # file digests, remembered for every process
     run_dir = Path(run_dir)
     merging = cfg.merge.method != "none"
     saving = bool(cfg.save_model) and merging
     protected = {"run directory": run_dir, "results directory": cfg.paths.results_dir,
                  "cache directory": cfg.paths.cache_dir}
+    outputs.check_outside_inputs(protected, named_inputs(cfg.model))
     if saving:  # refuse before any work, on the inputs named in the config
-        outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=_named_inputs(cfg.model),
+        outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=named_inputs(cfg.model),
                              protected=protected, defer_lata=True)
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress, device=str(cfg.device))
     if merging and (paths.base is None or not paths.experts):
         raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
                           "it can only be evaluated (merge=none)")
+    outputs.check_outside_inputs(protected, paths.roles())
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with outputs.writer_lock(cfg.save_model) if saving and not cfg.dry_run else contextlib.nullcontext():
         return _run(cfg, run_dir, paths, merging, saving, protected)
-
-
-def _named_inputs(model: Any) -> dict[str, str]:
-    """The checkpoints a config names itself (an embedded family's are known once built)."""
-    if model.embedded is not None:
-        return {}
-    experts = {k: str(v) for k, v in model.experts.items()}
-    named = {"base": str(model.base), "instruct": str(model.instruct), **{f"expert '{k}'": v for k, v in experts.items()}}
-    target = target_path(model, {"base": named["base"], "instruct": named["instruct"], **experts})
-    if target is not None and target not in named.values():
-        named["target"] = target
-    return named
 
 
 #: the SLURM variables a job's summary records (as slurm.job_id, ...)
@@ -90,15 +81,25 @@ SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLUR
 
 def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, saving: bool,
          protected: dict) -> dict:
-    key = model_key = None
     slurm = {k.removeprefix("SLURM_").lower(): os.environ[k] for k in SLURM_KEYS if k in os.environ}
     if slurm:  # a job of a SLURM cluster (hydra/launcher=submitit_slurm)
         log.info("running as SLURM job %s on %s", slurm.get("job_id"), slurm.get("job_nodelist", "?"))
-    roles = ({"base": paths.base, "instruct": paths.instruct, **paths.experts,
-              **({"target": paths.target} if paths.target else {})} if merging
-             else {cfg.model.which: paths.role(cfg.model.which)})
-    if not cfg.dry_run:
-        key = store.point_key(cfg, roles)
+    roles = paths.roles() if merging else {cfg.model.which: paths.role(cfg.model.which)}
+    summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts,
+                                **({"target": paths.target} if paths.target else {})},
+                     "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
+                     "point": None}
+    if slurm:
+        summary["slurm"] = slurm
+    family = _open_family(cfg, paths, summary, saving, protected) if merging else None
+    if family is not None and cfg.dry_run:
+        log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
+                 family.architecture.model_type, family.num_layers, len(family.tensor_names))
+        write_json_atomic(run_dir / "summary.json", summary)
+        return summary
+    key = model_key = None
+    if not cfg.dry_run:  # the inputs were checked as a fresh run checks them: a stored point may be restored
+        key = summary["point"] = store.point_key(cfg, roles, heldout=paths.heldout)
         model_key = store.model_key(cfg, roles) if saving else None
         stored = store.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
         if stored is not None and cfg.export == "mergekit" and not (stored / RECIPE_FILE).is_file():
@@ -108,69 +109,16 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
             resumed = _resume(cfg, stored, run_dir, key, model_key, roles, protected)
             if resumed is not None:
                 return resumed
-    summary: dict = {"family": {"base": paths.base, "instruct": paths.instruct, "experts": paths.experts,
-                                **({"target": paths.target} if paths.target else {})},
-                     "merge": to_plain(cfg.merge), "weighting": to_plain(cfg.weighting), "run_dir": str(run_dir),
-                     "point": key}
-    if slurm:
-        summary["slurm"] = slurm
     drawing: HeatmapProcess | None = None
-    if not merging:
+    if family is None:
         summary["evaluated"] = cfg.model.which
         model_dir = paths.role(cfg.model.which)
         model = (caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=False)
                  if cfg.benchmark.tasks else None)
     else:
-        family = caches.open_family(paths.base, paths.instruct, paths.experts, paths.target)
-        summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
-                                 tensors=len(family.tensor_names))
-        if saving:  # the family's resolved paths (hub ids), and room for the output, before any read
-            outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, protected=protected,
-                                 inputs={c.role: c.path for c in family.inputs})
-            outputs.check_space(cfg.save_model, output_bytes(family, cfg.merge.anchor, cfg.out_dtype))
-        if cfg.dry_run:
-            log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
-                     family.architecture.model_type, family.num_layers, len(family.tensor_names))
-            write_json_atomic(run_dir / "summary.json", summary)
-            return summary
-        analysis = caches.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress,
-                                         threads=cfg.threads)
-        caches.load_selections(family, cfg.paths.cache_dir)  # earlier processes' magnitude selections
-        plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
-                          progress=cfg.progress, threads=cfg.threads)
-        drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
-        if cfg.export == "mergekit":
-            recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
-            summary["mergekit_recipe"] = str(recipe)
-            log.info("mergekit recipe written to %s", recipe)
-        if saving:
-            summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
-                                                      overwrite=cfg.overwrite, shard_size=cfg.shard_size,
-                                                      progress=cfg.progress, protected=protected,
-                                                      record={"model_key": model_key, "point": key}))
-            log.info("merged model written to %s", summary["saved_model"])
-        model_dir = str(plan.output_base.path)
-        model = None
-        if cfg.benchmark.tasks:
-            model = caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)
-            try:
-                merge_into_model(plan, model, progress=cfg.progress)
-            except BaseException:
-                caches.forget_model()  # possibly half-written
-                raise
-        caches.save_selections(family, cfg.paths.cache_dir)
+        model_dir, model, drawing = _merge(cfg, family, run_dir, summary, saving, protected, key, model_key)
     if model is not None:
-        from transformers import AutoTokenizer
-
-        from lata.evaluation.harness import evaluate, format_metrics
-
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        metrics = evaluate(model, tokenizer, cfg.benchmark, run_dir, Path(cfg.paths.cache_dir) / "data",
-                           zoo_heldout=Path(paths.heldout) if paths.heldout else None)
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        summary["metrics"] = metrics
-        log.info("%s on %s:\n%s", cfg.benchmark.name, summary.get("evaluated", "the merged model"),
-                 format_metrics(metrics))
+        _evaluate(cfg, model, model_dir, run_dir, paths, summary)
     elif not cfg.save_model:
         log.info("save_model is null and benchmark=none: only the layer analysis was written")
     if drawing is not None:
@@ -181,15 +129,78 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
     return summary
 
 
+def _open_family(cfg: DictConfig, paths: FamilyPaths, summary: dict, saving: bool, protected: dict):
+    """The family opened and checked (architecture, names, shapes, vocabulary, config) as every
+    merge checks it, before any stored point is restored; the output place checked against the
+    resolved inputs."""
+    family = caches.open_family(paths.base, paths.instruct, paths.experts, paths.target)
+    summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
+                             tensors=len(family.tensor_names))
+    inputs = {c.role: c.path for c in family.inputs}
+    outputs.check_outside_inputs(protected, inputs)
+    if saving:  # the family's resolved paths (hub ids), and room for the output, before any read
+        outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, protected=protected, inputs=inputs,
+                             defer_lata=True)  # a stored point may find its model there already
+        outputs.check_space(cfg.save_model, output_bytes(family, cfg.merge.anchor, cfg.out_dtype))
+    return family
+
+
+def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, protected: dict,
+           key: str | None, model_key: str | None):
+    """Pass 1 (or its cache), the plan, the layer analysis files, the saved model and the merged
+    weights in the evaluation model: (the directory the model loads from, the model or None,
+    the heatmap being drawn)."""
+    analysis = caches.family_analysis(family, cfg.paths.cache_dir, device=cfg.device, progress=cfg.progress,
+                                     threads=cfg.threads)
+    caches.load_selections(family, cfg.paths.cache_dir)  # earlier processes' magnitude selections
+    plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
+                      progress=cfg.progress, threads=cfg.threads)
+    drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+    if cfg.export == "mergekit":
+        recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
+        summary["mergekit_recipe"] = str(recipe)
+        log.info("mergekit recipe written to %s", recipe)
+    if saving:
+        summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
+                                                  overwrite=cfg.overwrite, shard_size=cfg.shard_size,
+                                                  progress=cfg.progress, protected=protected,
+                                                  record={"model_key": model_key, "point": key}))
+        log.info("merged model written to %s", summary["saved_model"])
+    model_dir = str(plan.output_base.path)
+    model = None
+    if cfg.benchmark.tasks:
+        model = caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)
+        try:
+            merge_into_model(plan, model, progress=cfg.progress)
+        except BaseException:
+            caches.forget_model()  # possibly half-written
+            raise
+    caches.save_selections(family, cfg.paths.cache_dir)
+    return model_dir, model, drawing
+
+
+def _evaluate(cfg: DictConfig, model, model_dir: str, run_dir: Path, paths: FamilyPaths, summary: dict) -> None:
+    from lata.evaluation.harness import evaluate, format_metrics
+
+    tokenizer = caches.load_tokenizer(model_dir)
+    metrics = evaluate(model, tokenizer, cfg.benchmark, run_dir, Path(cfg.paths.cache_dir) / "data",
+                       zoo_heldout=Path(paths.heldout) if paths.heldout else None)
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    summary["metrics"] = metrics
+    log.info("%s on %s:\n%s", cfg.benchmark.name, summary.get("evaluated", "the merged model"),
+             format_metrics(metrics))
+
+
 def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: str | None, roles: dict,
             protected: dict) -> dict | None:
     """A point whose results are stored: restored into ``run_dir``, with ``save_model`` holding
-    its merged model (already there, or copied from the stored run's own output when that is
-    still whole); None where the model must be merged again.
+    its merged model (already there and whole, or copied from the stored run's own output,
+    checked against its digests as it is copied); None where the model must be merged again.
 
     Decision: the results key (``store.point_key``) leaves out what changes only the written
     bytes (out_dtype, shard_size); those are in ``model_key``, which the marker of every
-    written checkpoint carries, so a directory counts as saved only when it holds that key.
+    written checkpoint carries, so a directory counts as saved only when it holds that key and
+    its files match their digests.
     """
     if model_key is None:
         log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
@@ -204,8 +215,12 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
         log.info("point %s: results exist in %s, but no whole copy of its merged model does: merging again",
                  key, stored)
         return None
-    outputs.copy_checkpoint(source, save, check=lambda target: outputs.check_target(
-        target, overwrite=cfg.overwrite, inputs=roles, protected=protected))
+    try:
+        outputs.copy_checkpoint(source, save, check=lambda target: outputs.check_target(
+            target, overwrite=cfg.overwrite, inputs=roles, protected=protected))
+    except DamagedFile as exc:
+        log.warning("point %s: the merged model stored in %s is damaged (%s): merging again", key, source, exc)
+        return None
     log.info("point %s: results exist in %s; its merged model was copied from %s to %s", key, stored, source, save)
     return store.restore(stored, run_dir, saved_model=str(save))
 

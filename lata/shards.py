@@ -22,6 +22,7 @@ import torch
 
 from lata.atomic import write_json_atomic
 from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
+from lata.digests import digest_of, new_hasher
 
 
 WRITE_BEHIND_BYTES = 256 << 20  # merged bytes that may wait for the writer thread
@@ -75,6 +76,8 @@ class StreamingShardWriter:
         self.direct = direct
         self._on_written = on_written
         self._file: _ShardFile | None = None
+        #: file name -> content digest of each shard written whole (``lata.digests``)
+        self.digests: dict[str, str] = {}
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -148,6 +151,7 @@ class StreamingShardWriter:
         if self._file is not None:
             file, self._file = self._file, None
             file.close()
+            self.digests[file.path.name] = digest_of(file.hasher)
 
     def _stop(self) -> None:
         if self._thread is not None:
@@ -188,6 +192,7 @@ class _ShardFile:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.dfd = None
         self.offset = 0  # bytes written so far
+        self.hasher = new_hasher()  # of every byte written, in order
         if direct and hasattr(os, "O_DIRECT"):
             try:
                 self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
@@ -204,7 +209,9 @@ class _ShardFile:
         With O_DIRECT: where the file position and the tensor's address are both multiples of
         4096, the whole blocks go to the file straight from the tensor's memory; other bytes are
         copied into the staging buffer by ``memmove`` through ctypes, which lets go of the GIL.
+        The bytes are hashed on the way (``hasher``): the file is never read back.
         """
+        self.hasher.update(memoryview(data.numpy()))
         if self.dfd is None:
             self._plain(memoryview(data.numpy()))
             return

@@ -29,8 +29,13 @@ class FamilyPaths:
     heldout: str | None = None  # an embedded family's held-out task data
     target: str | None = None  # model.target resolved: where the merged vectors are added (None: the anchor)
 
+    def roles(self) -> dict[str, str]:
+        """{role: path}: base (where there is one), instruct, the experts, the target (where set)."""
+        return {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts,
+                **({"target": self.target} if self.target else {})}
+
     def role(self, which: str) -> str:
-        roles = {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts}
+        roles = {k: v for k, v in self.roles().items() if k != "target"}
         if which not in roles:
             raise ConfigError(f"model.which={which!r} is not allowed; choose one of: {', '.join(roles)}")
         return roles[which]
@@ -69,6 +74,19 @@ def target_path(model: Any, roles: dict[str, str]) -> str | None:
     if target is None or target == "":
         return None
     return roles.get(str(target), str(target))
+
+
+def named_inputs(model: Any) -> dict[str, str]:
+    """{role: path} of the checkpoints a config names itself (an embedded family's are known once
+    built; none here)."""
+    if model.embedded is not None:
+        return {}
+    experts = {k: str(v) for k, v in model.experts.items()}
+    named = {"base": str(model.base), "instruct": str(model.instruct), **{f"expert '{k}'": v for k, v in experts.items()}}
+    target = target_path(model, {"base": named["base"], "instruct": named["instruct"], **experts})
+    if target is not None and target not in named.values():
+        named["target"] = target
+    return named
 
 
 # --------------------------------------------------------------------------- the sources

@@ -15,7 +15,7 @@ import reference
 from conftest import family_args, run_lata, write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.adapters import AdapterCheckpoint
-from lata.fingerprints import fingerprint
+from lata.fingerprints import checkpoint_digest as fingerprint
 
 
 

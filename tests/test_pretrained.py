@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lata.config import ConfigError
+from lata.digests import read_checked_json
 
 pytest.importorskip("gguf", reason="pip install gguf")
 try:
@@ -166,8 +167,8 @@ def test_second_call_reuses_the_cache(converted, monkeypatch):
     start = time.perf_counter()
     assert pretrained.smollm2_checkpoint(cache, progress=False) == path
     assert time.perf_counter() - start < min(5.0, seconds / 3)
-    marker = json.loads((path / "COMPLETE").read_text())["config"]
-    assert marker["gguf_size"] == 98_362_432 and marker["dtype"] == "float32" and len(marker["gguf_sha256"]) == 64
+    marker = read_checked_json(path / "COMPLETE")["config"]
+    assert marker["gguf_size"] == 98_362_432 and marker["dtype"] == "float32" and len(marker["gguf_digest"]) == 37
     assert [p.name for p in path.parent.iterdir() if not p.name.startswith(".")] == [path.name]  # no leftovers
 
 

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 from conftest import write_family
 from lata import Family, MergeConfig, WeightingConfig, caches, engine, merge_state_dict, plan_merge, store
 from lata.config import ObjectiveConfig
-from lata.fingerprints import fingerprint
+from lata.digests import read_checked_json, write_checked_json
+from lata.fingerprints import checkpoint_digest as fingerprint
 from lata.objective import objective
 
 LATA = [sys.executable, "-m", "lata"]
@@ -93,7 +94,8 @@ def test_a_killed_sweep_resumes_where_it_stopped(micro_zoo_cache, tmp_path):
     args = POINT + ["merge.lam=0.2,0.4,0.6,0.8"]
     results = tmp_path / "results"
     proc = lata_multirun(args, micro_zoo_cache, results, tmp_path / "killed", start_new_session=True)
-    stored = lambda: sorted(p.name for p in results.glob("*/summary.json")) if results.is_dir() else []
+    stored = lambda: sorted(p.parent.name for p in results.glob("*/summary.json")  # noqa: E731
+                            if not p.parent.name.startswith(".")) if results.is_dir() else []  # not a point being written
     deadline = time.time() + 300
     while time.time() < deadline and not stored():
         time.sleep(0.05)
@@ -176,7 +178,7 @@ def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monk
     assert file.stat().st_mtime_ns == stamp
     merged(other, "uniform", topk_scope="global")
     caches.save_selections(other, cache)
-    assert len(json.loads(file.read_text())) == len(first.selections) + 2  # one per expert
+    assert len(read_checked_json(file)) == len(first.selections) + 2  # one per expert
 
 
 def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
@@ -187,8 +189,12 @@ def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
     analysis_file = next((cache / "analysis").glob("*.json"))
     selections_file = cache / "selections" / analysis_file.name
     selections_file.parent.mkdir()
-    wrong_layers = {**json.loads(analysis_file.read_text()), "num_layers": 3}
-    for text in ("{not json", json.dumps({"experts": ["math"]}), json.dumps(wrong_layers)):
+    whole = analysis_file.read_text()
+    write_checked_json(tmp_path / "wrong.json", {**read_checked_json(analysis_file), "num_layers": 3})
+    wrong_layers = (tmp_path / "wrong.json").read_text()  # whole, with its digest, but another family's
+    flipped = whole.replace('"num_layers": 4', '"num_layers": 5')  # one digit changed: the digest disagrees
+    assert flipped != whole
+    for text in ("{not json", json.dumps({"experts": ["math"]}), whole[: len(whole) // 2], wrong_layers, flipped):
         analysis_file.write_text(text)
         selections_file.write_text(text)
         caches._analyses.clear()
@@ -198,7 +204,7 @@ def test_an_unusable_cache_file_is_recomputed_not_fatal(tmp_path, caplog):
             caches.load_selections(fresh, cache)
         assert fresh.selections == {}
         assert f"cache file {analysis_file} ignored" in caplog.text and f"cache file {selections_file} ignored" in caplog.text
-        assert json.loads(analysis_file.read_text())["num_layers"] == 4  # written again, whole
+        assert read_checked_json(analysis_file)["num_layers"] == 4  # written again, whole
         caplog.clear()
 
 
@@ -221,16 +227,22 @@ def test_point_key_covers_what_changes_the_numbers(tmp_path):
     cfg = OmegaConf.create({"merge": {"method": "ta", "lam": 1.0}, "weighting": {"name": "uniform"},
                             "benchmark": {"name": "zoo", "tasks": ["zoo_ppl"], "limit": 2},
                             "model": {"which": "instruct", "dtype": "auto"}})
-    key = store.point_key(cfg, roles)
-    changed = [("merge.lam", 0.5), ("weighting.name", "log_rank"), ("benchmark.limit", 3), ("model.dtype", "bfloat16")]
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    (heldout / "text.jsonl").write_text('{"text": "a held-out text"}\n')  # zoo_ppl's data
+    key = store.point_key(cfg, roles, heldout=heldout)
+    changed = [("merge.lam", 0.5), ("weighting.name", "log_rank"), ("benchmark.limit", 3), ("model.dtype", "bfloat16"),
+               ("device", "cuda:1")]
     for path, value in changed:
         other = cfg.copy()
-        OmegaConf.update(other, path, value)
-        assert store.point_key(other, roles) != key, path
+        OmegaConf.update(other, path, value, force_add=True)
+        assert store.point_key(other, roles, heldout=heldout) != key, path
     renamed = cfg.copy()
     renamed.benchmark.name = "custom"  # the suite's name does not change the numbers
-    assert store.point_key(renamed, roles) == key
-    assert store.point_key(cfg, {**roles, "math": dirs["instruct"]}) != key
+    assert store.point_key(renamed, roles, heldout=heldout) == key
+    assert store.point_key(cfg, {**roles, "math": dirs["instruct"]}, heldout=heldout) != key
+    (heldout / "text.jsonl").write_text('{"text": "another held-out text"}\n')  # the benchmark's data
+    assert store.point_key(cfg, roles, heldout=heldout) != key
 
 
 def test_every_merge_loads_the_selections_earlier_processes_stored(family_dirs, tmp_path, monkeypatch):
@@ -256,7 +268,7 @@ def test_every_merge_loads_the_selections_earlier_processes_stored(family_dirs, 
     caches._families.clear()  # a new process
     run(config("ta"), tmp_path / "ta")
     (family,) = caches._families.values()
-    assert family.selections and len(family.selections) == len(json.loads(stored))
+    assert family.selections and len(family.selections) == len(read_checked_json(next((tmp_path / "cache" / "selections").glob("*.json"))))
     assert next((tmp_path / "cache" / "selections").glob("*.json")).read_text() == stored  # nothing new to add
 
 
@@ -309,4 +321,4 @@ def test_processes_needing_one_layer_analysis_compute_it_once(tmp_path, monkeypa
     assert len(calls) == 1 and len(results) == 2
     assert results[0].similarities == results[1].similarities
     files = list((tmp_path / "cache" / "analysis").iterdir())
-    assert len(files) == 1 and json.loads(files[0].read_text())["num_layers"] == 4  # whole; no lock file left
+    assert len(files) == 1 and read_checked_json(files[0])["num_layers"] == 4  # whole; no lock file left

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lata.zoo import ZooConfig, ZooFamily, build_zoo, load_preset, to_zoo_config
-from lata.atomic import BUILD_MARKER as MARKER, cache_key, cached_build
+from lata.digests import BUILD_MARKER as MARKER, build_key as cache_key, cached_build, read_checked_json
 from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt, pretraining_corpus,
                            make_data, render_chat)
 
@@ -242,7 +242,7 @@ def test_second_call_reuses_cache(micro_zoo, micro_zoo_cache):  # noqa: F811
     assert time.perf_counter() - start < 3.0
     assert again == micro_zoo
     assert marker.stat().st_mtime_ns == before
-    assert json.loads(marker.read_text())["kind"] == "zoo-micro"
+    assert read_checked_json(marker)["kind"] == "zoo-micro"
 
 
 def test_half_built_dir_is_rebuilt(rebuilt):

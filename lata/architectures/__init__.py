@@ -50,6 +50,30 @@ class Architecture:
     def num_layers(self, config: dict) -> int | None:
         return config_value(config, self.num_layers_key)
 
+    def check_config(self, config: dict, where: str) -> None:
+        """Refuse a config.json value of the wrong type among those LATA reads: the layer count
+        (``num_layers_key``) and ``vocab_size`` (non-negative integers; in config.json, else in its
+        ``text_config``; a key given as null is refused, a missing one is not checked) and
+        ``tie_word_embeddings`` (true or false). CheckpointError naming ``where`` (the file) and
+        the key."""
+        from lata.checkpoints import CheckpointError, shown
+
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+        for key in (self.num_layers_key, "vocab_size"):
+            if config.get(key) is not None:
+                value, named = config[key], key
+            elif text.get(key) is not None:
+                value, named = text[key], f"text_config.{key}"
+            elif key in config or key in text:
+                value, named = None, key if key in config else f"text_config.{key}"
+            else:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise CheckpointError(f"{where}: {named} is {shown(value)}, not a non-negative integer")
+        tied = config.get("tie_word_embeddings", self.tie_word_embeddings_default)
+        if not isinstance(tied, bool):
+            raise CheckpointError(f"{where}: tie_word_embeddings is {shown(tied)}, not true or false")
+
 
 def config_value(config: dict, key: str):
     """``config[key]``, or the same key of its ``text_config`` (multimodal configs), or None."""
@@ -59,17 +83,37 @@ def config_value(config: dict, key: str):
     return value
 
 
+def model_type_of(config: dict, where: str) -> str:
+    """config.json's ``model_type``; CheckpointError naming ``where`` (the file) when it has none
+    or it is not a string."""
+    from lata.checkpoints import CheckpointError, shown
+
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise CheckpointError(f"{where} has no model_type: LATA needs it to know the model's architecture "
+                              f"(known: {', '.join(known_model_types())})")
+    if not isinstance(model_type, str):
+        raise CheckpointError(f"{where}: model_type is {shown(model_type)}, not a string")
+    return model_type
+
+
 def known_model_types() -> list[str]:
     return sorted(p.stem for p in DATA_DIR.glob("*.json"))
 
 
-def architecture_for(model_type: str) -> Architecture:
-    """Load the architecture data for a config.json ``model_type``."""
+def architecture_for(model_type: str, where: str | None = None) -> Architecture:
+    """Load the architecture data for a config.json ``model_type`` (one of ``known_model_types``:
+    a name is never made into a path outside this directory). ``where``: the config.json it
+    comes from, named by the error (CheckpointError) for a type without data."""
     path = DATA_DIR / f"{model_type}.json"
-    if not path.is_file():
-        raise ValueError(
-            f"no architecture data for model_type '{model_type}'; known: "
-            f"{', '.join(known_model_types())}. Add lata/architectures/{model_type}.json."
+    if model_type not in known_model_types():
+        from lata.checkpoints import CheckpointError, shown
+
+        plain = isinstance(model_type, str) and model_type.isprintable() and "/" not in model_type
+        hint = f" Add lata/architectures/{model_type}.json." if plain else ""
+        raise CheckpointError(
+            f"{where + ': ' if where else ''}no architecture data for model_type "
+            f"{repr(model_type) if plain else shown(model_type)}; known: {', '.join(known_model_types())}.{hint}"
         )
     data = json.loads(path.read_text())
     return Architecture(

