@@ -3,6 +3,7 @@
     python benchmarks/scale.py --size 135m --mergekit /path/to/mergekit-yaml --check
     python benchmarks/scale.py --size 1.1b --mergekit /path/to/mergekit-yaml --mergekit-methods ta
     python benchmarks/scale.py --size 1.1b --cold --weightings linear_rank
+    python benchmarks/scale.py --size 1.1b --digests --repeats 3
 
 1. Writes (once, reused afterwards) a Llama-shaped family under ``--work-dir/<size>/``: base
    (random, initialiser-like), instruct = base + small noise, and two experts = instruct + a
@@ -29,7 +30,9 @@ equal to lata's. ``--check`` compares lata's uniform-weighted output with mergek
 makes lata compute on a GPU (``device=cuda``) and gives mergekit ``--cuda``. ``--sweep-lams
 0.4,0.7,1.0`` also times one ``lata -m merge.lam=...`` per method and weighting: the points of
 a sweep share one process, the layer analysis and the TIES selections (mergekit has no sweep:
-it would run once per lambda).
+it would run once per lambda). ``--digests`` times only the content digests of the inputs that
+key every run (``digest_cost``): a sweep's first point and its later points, against the read
+floor.
 """
 
 from __future__ import annotations
@@ -424,6 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-device", default="cpu", help="where the synthetic family is generated (cuda: much "
                     "faster; a different family from the CPU's, written to its own directory)")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--digests", action="store_true",
+                    help="only time the content digests every lata run takes of its inputs (lata.fingerprints): "
+                         "a sweep's first point (nothing remembered) and its later points (remembered), against "
+                         "the read floor; --cold evicts the inputs first")
     args = ap.parse_args(argv)
     if args.sweep_lams and args.via != "cli":
         ap.error("--sweep-lams times the lata CLI's multirun: it needs --via cli")
@@ -455,6 +462,9 @@ def main(argv: list[str] | None = None) -> None:
 
     runs_dir = args.work_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    if args.digests:
+        digest_cost(dirs, inputs, in_bytes, runs_dir, args.repeats, args.cold)
+        return
     results: list[Result] = []
     floors: list[tuple[float, float, float]] = []
     methods = [m for m in args.methods.split(",") if m]
@@ -565,6 +575,52 @@ def main(argv: list[str] | None = None) -> None:
                                          "floor": {"read_s": read_s, "write_buffered_s": write_buffered,
                                                    "write_direct_s": write_direct},
                                          "startup_s": starts, "runs": [r.__dict__ for r in results]}, indent=2))
+
+
+DIGESTS = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from lata import digests
+from lata.fingerprints import checkpoint_digest
+digests.use_memo_dir(sys.argv[1])
+t1 = time.perf_counter()
+keys = [checkpoint_digest(path) for path in sys.argv[2:]]
+print(json.dumps({"import_s": t1 - t0, "digest_s": time.perf_counter() - t1, "keys": keys}))
+"""
+
+
+def digest_cost(dirs: dict, inputs: list[Path], in_bytes: int, runs_dir: Path, repeats: int, cold: bool) -> None:
+    """The content digests of the family's four checkpoints, each in a fresh process: with an
+    empty memo (a sweep's first point, or any run after the inputs changed: every byte read and
+    hashed) and with the memo the first wrote (every later point: a stat per file), against
+    the read floor measured in the same run."""
+    memo = runs_dir / "digest-memo"
+    rows = []
+    for rep in range(repeats):
+        if cold:
+            evict(inputs)
+        read_s, _ = floor(inputs, runs_dir / "floor.bin", 0, "buffered")
+        shutil.rmtree(memo, ignore_errors=True)
+        time.sleep(2.1)  # files written by the generator just now are outside the racy window by then
+        runs = []
+        for _ in ("first", "later"):
+            if cold:
+                evict(inputs)
+            out = subprocess.run([sys.executable, "-c", DIGESTS, str(memo), *(str(dirs[r]) for r in ROLES)],
+                                 capture_output=True, text=True, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        if runs[0]["keys"] != runs[1]["keys"]:
+            raise SystemExit("the remembered digests differ from the computed ones")
+        rows.append((read_s, runs[0]["digest_s"], runs[1]["digest_s"]))
+        print(f"[{rep + 1}/{repeats}] read floor {read_s:.2f} s ({in_bytes / 1e9 / read_s:.2f} GB/s); digests: first "
+              f"point {runs[0]['digest_s']:.2f} s ({in_bytes / 1e9 / runs[0]['digest_s']:.2f} GB/s, "
+              f"{runs[0]['digest_s'] / read_s:.2f} x read floor), later points {runs[1]['digest_s'] * 1e3:.1f} ms",
+              flush=True)
+    best = min(rows, key=lambda r: r[1])
+    print(f"\nsummary: {in_bytes / 1e9:.2f} GB in {len(inputs)} files, {'cold' if cold else 'warm'} cache, best of "
+          f"{repeats}: first point {best[1]:.2f} s = {best[1] / (in_bytes / 1e9):.3f} s/GB "
+          f"({best[1] / best[0]:.2f} x the read floor of {best[0]:.2f} s); later points "
+          f"{min(r[2] for r in rows) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

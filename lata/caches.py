@@ -34,7 +34,7 @@ from lata.atomic import file_lock
 from lata.checkpoints import CheckpointError
 from lata.digests import DamagedFile, content_key, read_checked_json, write_checked_json
 from lata.family import Family
-from lata.fingerprints import KEY_VERSION, checkpoint_digest, code_version
+from lata.fingerprints import KEY_VERSION, checkpoint_digests, code_version
 
 log = logging.getLogger("lata")
 T = TypeVar("T")
@@ -57,8 +57,7 @@ def open_family(base: str, instruct: str, experts: dict[str, str], target: str |
 def _family_key(family: Family) -> str:
     roles = {"base": family.base.path, "instruct": family.instruct.path,
              **{f"expert:{k}": c.path for k, c in family.experts.items()}}
-    return content_key({"v": KEY_VERSION, "code": code_version(),
-                        **{role: checkpoint_digest(path) for role, path in roles.items()}})
+    return content_key({"v": KEY_VERSION, "code": code_version(), **checkpoint_digests(roles)})
 
 
 def family_analysis(family: Family, cache_dir: str | os.PathLike, device: str = "cpu",

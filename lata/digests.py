@@ -28,6 +28,7 @@ import os
 import re
 import stat
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -131,6 +132,20 @@ def file_digest(path: str | os.PathLike) -> str:
                 pass  # a memo that cannot be written costs a read next time, nothing else
     _memo[stamp] = digest
     return digest
+
+
+#: files read and hashed at once by ``file_digests`` (a disk or page cache serves several readers faster)
+HASH_THREADS = min(8, os.cpu_count() or 1)
+
+
+def file_digests(paths: list, digest: Callable[[Any], str] = file_digest) -> list[str]:
+    """``digest`` (``file_digest``) of each path, in order; files not remembered are read on up to
+    ``HASH_THREADS`` threads at once."""
+    paths = list(paths)
+    if len(paths) < 2 or HASH_THREADS < 2:
+        return [digest(p) for p in paths]
+    with ThreadPoolExecutor(min(len(paths), HASH_THREADS), thread_name_prefix="lata-digest") as pool:
+        return list(pool.map(digest, paths))
 
 
 def _memo_entry(stamp: tuple) -> Path | None:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 from lata.checkpoints import (INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, CheckpointError, read_index, resolve,
                               support_files)
-from lata.digests import content_key, file_digest, tree_digests
+from lata.digests import (DamagedFile, content_key, file_digest, file_digests, memo_dir, read_checked_json,
+                          tree_digests, write_checked_json)
 
-__all__ = ["KEY_VERSION", "checkpoint_digest", "checkpoint_files", "code_version", "content_key", "input_digest"]
+__all__ = ["KEY_VERSION", "checkpoint_digest", "checkpoint_digests", "checkpoint_files", "code_version",
+           "content_key", "input_digest"]
 
 #: part of every key: bump it when what a key covers, or what is stored under it, changes
 KEY_VERSION = 2
@@ -48,8 +50,19 @@ def checkpoint_files(folder: Path) -> list[Path]:
 
 def checkpoint_digest(path_or_id: str | os.PathLike) -> str:
     """A key of every byte of a checkpoint LATA reads or copies (``checkpoint_files``)."""
-    folder = resolve(path_or_id)
-    return content_key({"files": {p.relative_to(folder).as_posix(): _digest(p, folder) for p in checkpoint_files(folder)}})
+    return checkpoint_digests({"checkpoint": path_or_id})["checkpoint"]
+
+
+def checkpoint_digests(checkpoints: dict[str, str | os.PathLike]) -> dict[str, str]:
+    """{role: ``checkpoint_digest``} of several checkpoints, their files hashed at once
+    (``lata.digests.file_digests``)."""
+    folders = {role: resolve(path) for role, path in checkpoints.items()}
+    listed = [(role, folder, path) for role, folder in folders.items() for path in checkpoint_files(folder)]
+    digests = file_digests(listed, lambda item: _digest(item[2], item[1]))
+    files: dict[str, dict[str, str]] = {role: {} for role in folders}
+    for (role, folder, path), digest in zip(listed, digests):
+        files[role][path.relative_to(folder).as_posix()] = digest
+    return {role: content_key({"files": files[role]}) for role in folders}
 
 
 def _digest(path: Path, folder: Path) -> str:
@@ -84,23 +97,40 @@ def code_version() -> str:
 
     Python modules count by their syntax tree without docstrings (an edited comment or
     docstring changes nothing); other files of the package (task YAMLs, architecture data) by
-    their bytes; the config groups do not count (the resolved config is in every key)."""
+    their bytes; the config groups do not count (the resolved config is in every key). The key
+    of the code is remembered in the digest memo (``lata.digests.memo_dir``) by every file's
+    path, size and mtime, so parsing happens once per change of the code."""
     root = Path(__file__).parent
-    parts = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if (path.is_dir() or rel.parts[0] in PRESENTATION + ("conf",) or "__pycache__" in rel.parts
-                or path.suffix in (".pyc", ".pyo")):
-            continue
-        data = path.read_bytes()
-        parts[rel.as_posix()] = _syntax(data) if path.suffix == ".py" else data.decode("utf-8", "replace")
+    sources = [p for p in sorted(root.rglob("*")) if _counts(p.relative_to(root)) and p.is_file()]
+    stamps = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    memo = memo_dir() / f"code-{content_key(stamps)}.json" if memo_dir() is not None else None
+    code = None
+    if memo is not None:
+        try:
+            code = read_checked_json(memo)
+        except (OSError, DamagedFile):
+            code = None
+    if not isinstance(code, str):
+        code = content_key({p.relative_to(root).as_posix(): _syntax(p.read_bytes()) if p.suffix == ".py"
+                            else p.read_bytes().decode("utf-8", "replace") for p in sources})
+        if memo is not None:
+            try:
+                write_checked_json(memo, code)
+            except OSError:
+                pass
     versions = {}
     for name in LIBRARIES:
         try:
             versions[name] = importlib.metadata.version(name.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    return content_key({"code": content_key(parts), "libraries": versions})
+    return content_key({"code": code, "libraries": versions})
+
+
+def _counts(rel: Path) -> bool:
+    """Whether a file of the package counts in the code version."""
+    return (rel.parts[0] not in PRESENTATION + ("conf",) and "__pycache__" not in rel.parts
+            and rel.suffix not in (".pyc", ".pyo"))
 
 
 def _syntax(source: bytes) -> str:

@@ -137,8 +137,11 @@ def collect(path: str | os.PathLike) -> pd.DataFrame:
             continue
         try:
             summary = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("skipping %s: %s", file, exc)
+            continue
+        if not isinstance(summary, dict):
+            log.warning("skipping %s: not a JSON object", file)
             continue
         found.append((file.stat().st_mtime, file, summary))
     if not found:
@@ -234,7 +237,7 @@ def failed_points(path: str | os.PathLike) -> list[dict]:
     for file in Path(path).rglob(FAILED_FILE):
         try:
             found.append({"run": file.parent.relative_to(path).as_posix(), **json.loads(file.read_text())})
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, TypeError) as exc:  # TypeError: not a JSON object
             log.warning("skipping %s: %s", file, exc)
     return sorted(found, key=lambda f: (f.get("job", 0), f["run"]))
 

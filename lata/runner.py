@@ -47,10 +47,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     The family's checkpoints come from the source ``model.embedded`` names (lata.sources).
     Within one process (a multirun with the basic launcher) families, layer analyses and the
     evaluation model are reused between points (lata.caches); a point whose results are stored
-    already (lata.store) is restored instead of recomputed when ``resume`` is true. With
-    ``save_model`` the run ends with that checkpoint whole (merged, copied from the stored
-    point's own output, or already there: ``_resume``) or fails; the output path is checked
-    before any tensor is read (``lata.outputs``) and locked for the rest of the job.
+    already (lata.store: keyed by the content of every input, checked against its digests) is
+    restored instead of recomputed when ``resume`` is true, once the family has been opened and
+    checked as a fresh run checks it. With ``save_model`` the run ends with that checkpoint
+    whole (merged, copied from the stored point's own output, or already there: ``_resume``) or
+    fails; the output path is checked before any tensor is read (``lata.outputs``) and locked
+    for the rest of the job. No directory the run writes may lie inside an input.
     """
     validate(cfg)
     check_device(cfg.device)
@@ -160,7 +162,12 @@ def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, 
         recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
         summary["mergekit_recipe"] = str(recipe)
         log.info("mergekit recipe written to %s", recipe)
-    if saving:
+    if saving and model_key is not None and outputs.holds_model(cfg.save_model, model_key):
+        # an earlier run of this point saved its model, then failed before its results were stored
+        summary["saved_model"] = str(outputs.absolute(cfg.save_model))
+        log.info("%s already holds this point's merged model (every file matches its digest): not written again",
+                 summary["saved_model"])
+    elif saving:
         summary["saved_model"] = str(merge_to_dir(plan, cfg.save_model, out_dtype=cfg.out_dtype,
                                                   overwrite=cfg.overwrite, shard_size=cfg.shard_size,
                                                   progress=cfg.progress, protected=protected,

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from lata.atomic import atomic_directory, atomic_file, write_json_atomic
 from lata.config import UNMERGED, parse_size, to_plain
 from lata.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
-from lata.fingerprints import KEY_VERSION, checkpoint_digest, code_version, input_digest
+from lata.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
 from lata.interop import RECIPE_FILE
 from lata.outputs import holds_model
 
@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 def _inputs(cfg: DictConfig, checkpoints: dict[str, str]) -> dict[str, Any]:
     """What every key shares: the key version, LATA's code, each checkpoint's content."""
     return {"v": KEY_VERSION, "code": code_version(),
-            "checkpoints": {role: checkpoint_digest(path) for role, path in checkpoints.items()}}
+            "checkpoints": checkpoint_digests(checkpoints)}
 
 
 def _weighting(cfg: DictConfig) -> dict:
