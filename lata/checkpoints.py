@@ -126,18 +126,22 @@ def quoted(name: str) -> str:
     return f"'{name}'" if isinstance(name, str) and name.isprintable() else shown(name)
 
 
-def read_json(file: str | os.PathLike, what: str = "file"):
-    """The value of a JSON file (UTF-8, -16 or -32); CheckpointError naming the file where it is
-    not a regular file, holds more than ``MAX_JSON_BYTES``, or is not JSON."""
+def read_bounded(file: str | os.PathLike, what: str, limit: int) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes; CheckpointError naming it otherwise."""
     file = regular_file(file, what)
     try:
         size = file.stat().st_size
-        if size > MAX_JSON_BYTES:
-            raise CheckpointError(f"{what} {file} has {size} bytes, more than the {MAX_JSON_BYTES} LATA reads "
-                                  f"from a JSON file")
-        raw = file.read_bytes()
+        if size > limit:
+            raise CheckpointError(f"{what} {file} has {size} bytes, more than the {limit} LATA reads from it")
+        return file.read_bytes()
     except OSError as exc:
         raise CheckpointError(f"cannot read {what} {file}: {exc.strerror or one_line(exc)}") from None
+
+
+def read_json(file: str | os.PathLike, what: str = "file"):
+    """The value of a JSON file (UTF-8, -16 or -32); CheckpointError naming the file where it is
+    not a regular file, holds more than ``MAX_JSON_BYTES``, or is not JSON."""
+    raw = read_bounded(file, what, MAX_JSON_BYTES)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits

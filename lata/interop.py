@@ -141,19 +141,12 @@ def mergekit_layer_weights(path: str | os.PathLike, num_layers: int, model: str 
 def _read_recipe(path):
     """The parsed YAML of a recipe file; ConfigError naming it where it is not a regular file,
     is too large, or is not YAML."""
-    from lata.checkpoints import CheckpointError, one_line, regular_file
+    from lata.checkpoints import CheckpointError, one_line, read_bounded
 
     try:
-        file = regular_file(Path(path), "weighting.from_mergekit: the recipe")
-        size = file.stat().st_size
-        if size > MAX_RECIPE_BYTES:
-            raise ConfigError(f"weighting.from_mergekit={path}: the recipe has {size} bytes, more than the "
-                              f"{MAX_RECIPE_BYTES} LATA reads")
-        text = file.read_bytes()
+        text = read_bounded(Path(path), "weighting.from_mergekit: the recipe", MAX_RECIPE_BYTES)
     except CheckpointError as exc:
         raise ConfigError(str(exc)) from None
-    except OSError as exc:
-        raise ConfigError(f"weighting.from_mergekit={path}: cannot read it: {exc.strerror or one_line(exc)}") from None
     try:
         return yaml.safe_load(text)
     except Exception as exc:  # YAMLError, and what a constructor raises (a bad date, too many digits...)

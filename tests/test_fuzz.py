@@ -405,6 +405,25 @@ CONFIG_VALUES = {
 CONFIG_DAMAGE = ["truncate", "flip", "whole", "value", "value", "drop", "special", "bytes"]
 
 
+def damaged_json(file: Path, rng: random.Random, kind: str, values: dict, wholes: list = ()) -> tuple:
+    """(the damaged bytes, the parsed original) of a JSON file for one kind of damage: truncated,
+    bytes flipped, replaced whole by another JSON value, or one key given a value of ``values``;
+    other kinds leave the bytes as they are, for the caller."""
+    data = bytearray(file.read_bytes())
+    config = json.loads(data)
+    if kind == "truncate":
+        data = data[:rng.randrange(len(data))]
+    elif kind == "flip":
+        flip(data, rng, 0, len(data), rng.randint(1, 3))
+    elif kind == "whole":
+        data = bytearray(json.dumps(rng.choice([[config], 1, "config", None, *wholes])).encode())
+    elif kind == "value":
+        key = rng.choice(sorted(values))
+        config[key] = rng.choice(values[key])
+        data = bytearray(json.dumps(config).encode())
+    return data, config
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_a_damaged_config(inputs, seed):
     rng = random.Random(2000 + seed)
@@ -412,19 +431,8 @@ def test_a_damaged_config(inputs, seed):
     file = roles(d)[rng.choice(["base", "instruct", "math"])] / "config.json"
     kind = CONFIG_DAMAGE[seed % len(CONFIG_DAMAGE)]
     with restored(file):
-        data = bytearray(file.read_bytes())
-        config = json.loads(data)
-        if kind == "truncate":
-            data = data[:rng.randrange(len(data))]
-        elif kind == "flip":
-            flip(data, rng, 0, len(data), rng.randint(1, 3))
-        elif kind == "whole":
-            data = bytearray(json.dumps(rng.choice([[config], 1, "config", None, True, [1, 2]])).encode())
-        elif kind == "value":
-            key = rng.choice(sorted(CONFIG_VALUES))
-            config[key] = rng.choice(CONFIG_VALUES[key])
-            data = bytearray(json.dumps(config).encode())
-        elif kind == "drop":
+        data, config = damaged_json(file, rng, kind, CONFIG_VALUES, [True, [1, 2]])
+        if kind == "drop":
             config.pop(rng.choice(["model_type", "num_hidden_layers", "vocab_size", "tie_word_embeddings"]))
             data = bytearray(json.dumps(config).encode())
         elif kind == "bytes":
@@ -464,18 +472,7 @@ def test_a_damaged_adapter(inputs, seed):
         return
     file = adapter / "adapter_config.json"
     with restored(file):
-        data = bytearray(file.read_bytes())
-        config = json.loads(data)
-        if kind == "truncate":
-            data = data[:rng.randrange(len(data))]
-        elif kind == "flip":
-            flip(data, rng, 0, len(data), rng.randint(1, 3))
-        elif kind == "whole":
-            data = bytearray(json.dumps(rng.choice([[config], 1, "config", None])).encode())
-        elif kind == "value":
-            key = rng.choice(sorted(ADAPTER_VALUES))
-            config[key] = rng.choice(ADAPTER_VALUES[key])
-            data = bytearray(json.dumps(config).encode())
+        data, _ = damaged_json(file, rng, kind, ADAPTER_VALUES)
         if kind == "special":
             make_special(file, SPECIAL[rng.randrange(len(SPECIAL))])
         else:
