@@ -67,16 +67,17 @@ def digest_of(hasher) -> str:
 # --------------------------------------------------------------------------- files
 
 _memo: dict[tuple, str] = {}
-_memo_dir: list[Path | None] = [None]
+_memo_dir: Path | None = None
 
 
 def use_memo_dir(directory: str | os.PathLike | None) -> None:
     """Remember file digests on disk in ``directory`` (None: in this process only)."""
-    _memo_dir[0] = None if directory is None else Path(directory)
+    global _memo_dir
+    _memo_dir = None if directory is None else Path(directory)
 
 
 def memo_dir() -> Path | None:
-    return _memo_dir[0]
+    return _memo_dir
 
 
 def regular_stat(path: str | os.PathLike) -> os.stat_result:
@@ -149,8 +150,7 @@ def file_digests(paths: list, digest: Callable[[Any], str] = file_digest) -> lis
 
 
 def _memo_entry(stamp: tuple) -> Path | None:
-    directory = _memo_dir[0]
-    return None if directory is None else directory / f"{stamp[0]:x}-{stamp[1]:x}.json"
+    return None if _memo_dir is None else _memo_dir / f"{stamp[0]:x}-{stamp[1]:x}.json"
 
 
 def _read_memo(entry: Path, stamp: tuple) -> str | None:

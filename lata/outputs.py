@@ -252,8 +252,9 @@ def _listed(marker: dict) -> dict[str, dict] | None:
     """{name: {"size", "digest"}} of a marker that records digests, else None."""
     files = marker.get("files")
     if not isinstance(files, dict) or not files or not all(
-            isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("digest"), str)
-            for v in files.values()):
+            k not in ("", ".", "..", MARKER) and "/" not in k and "\0" not in k  # a name in the directory
+            and isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("digest"), str)
+            for k, v in files.items()):
         return None
     return files
 
