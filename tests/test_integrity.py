@@ -153,6 +153,8 @@ def test_same_tensors_under_another_model_type_never_share_a_point(fam, tmp_path
     summary, log = lata_run(fam, tmp_path, "mistral")
     assert not restored(log) and summary["family"]["model_type"] == "mistral"
     assert json.loads((tmp_path / "mistral" / "config.json").read_text())["model_type"] == "mistral"
+    lata_run(fam, tmp_path, "mistral-fresh", resume=False)
+    assert files(tmp_path / "mistral") == files(tmp_path / "mistral-fresh")
     for path in roles(fam).values():  # an architecture LATA does not know is refused, stored points or not
         edit_json(path / "config.json", model_type="granite")
     with pytest.raises(ValueError, match="granite"):
@@ -275,6 +277,19 @@ def test_a_cached_analysis_never_hides_a_non_finite_input(fam, tmp_path):
     with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj.weight.*math.*NaN"):
         lata_run(fam, tmp_path, "out2", *weights, resume=False)
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_non_finite_target_is_named_not_blamed_on_the_lambdas(fam, tmp_path):
+    """The target is read by the merge only (pass 1 never reads it): a NaN there is named as the
+    target's, not reported as merged values beyond the dtype's range."""
+    target = tmp_path / "target"
+    shutil.copytree(fam["instruct"], target)
+    edit_tensor_in_place(target, "model.layers.6.self_attn.q_proj.weight",
+                         lambda v: np.where(np.arange(v.size) == 3, np.inf, v))
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.6.self_attn.q_proj.weight' in .*target.* \(target\) "
+                                         r"contains Inf"):
+        lata_run(fam, tmp_path, "out", f"++model.target={target}", "merge.lam=-1")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_damaged_cached_build_is_built_again(tmp_path, caplog):
