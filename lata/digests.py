@@ -22,6 +22,7 @@ Decisions:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -175,7 +176,7 @@ def _hash_file(path: str | os.PathLike, tries: int = 3) -> tuple[str, os.stat_re
                 raise NotRegularFile(f"{path} is not a regular file; LATA reads regular files only")
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            hasher = xxhash.xxh3_128()
+            hasher = new_hasher()
             buffer = bytearray(min(CHUNK, max(before.st_size, 1)))
             view = memoryview(buffer)
             while True:
@@ -191,16 +192,11 @@ def _hash_file(path: str | os.PathLike, tries: int = 3) -> tuple[str, os.stat_re
     raise OSError(f"{path} kept changing while it was read; is another program writing it?")
 
 
-def tree_digests(root: str | os.PathLike, skip: Callable[[Path], bool] = lambda p: False) -> dict[str, str]:
+def tree_digests(root: str | os.PathLike) -> dict[str, str]:
     """{relative path: file_digest} of every file under ``root`` (links followed), sorted."""
     root = Path(root)
-    out = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if skip(rel) or path.is_dir():
-            continue
-        out[rel.as_posix()] = file_digest(path)
-    return out
+    return {path.relative_to(root).as_posix(): file_digest(path) for path in sorted(root.rglob("*"))
+            if not path.is_dir()}
 
 
 def verify_files(root: Path, expected: dict[str, str]) -> str | None:
@@ -254,8 +250,6 @@ BUILD_MARKER = "COMPLETE"
 
 def content_key(data: Any, length: int = 20) -> str:
     """A short stable key of JSON-able ``data`` (hex characters of its canonical sha256)."""
-    import hashlib
-
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
@@ -276,10 +270,6 @@ def build_problem(path: Path, key: str | None = None) -> str | None:
     if not isinstance(marker, dict) or (key is not None and marker.get("key") != key):
         return "built for another key"
     return verify_files(Path(path), marker.get("files"))
-
-
-def is_complete(path: Path, key: str | None = None) -> bool:
-    return build_problem(path, key) is None
 
 
 def cached_build(cache_dir: str | os.PathLike, kind: str, config: dict,

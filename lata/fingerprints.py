@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
+from lata.adapters import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, is_adapter
 from lata.checkpoints import (INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, CheckpointError, read_index, resolve,
                               support_files)
 from lata.digests import (DamagedFile, content_key, file_digest, file_digests, memo_dir, read_checked_json,
@@ -28,17 +29,14 @@ __all__ = ["KEY_VERSION", "checkpoint_digest", "checkpoint_digests", "checkpoint
 #: part of every key: bump it when what a key covers, or what is stored under it, changes
 KEY_VERSION = 2
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
 def checkpoint_files(folder: Path) -> list[Path]:
     """The files of a checkpoint directory that LATA reads or copies: its weights (the shards
     an index lists and the index, else ``model.safetensors``, else any weight file there: what
     an unmerged evaluation loads), a LoRA adapter's two files, and its support files."""
     folder = Path(folder)
     index = folder / INDEX_FILE
-    if (folder / ADAPTER_FILES[0]).exists():
-        weights = [folder / name for name in ADAPTER_FILES if (folder / name).exists()]
+    if is_adapter(folder):
+        weights = [folder / name for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if (folder / name).exists()]
     elif index.exists():
         weights = [index] + sorted(set(read_index(index).values()))
     elif (folder / SINGLE_FILE).exists():

@@ -62,7 +62,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     saving = bool(cfg.save_model) and merging
     protected = {"run directory": run_dir, "results directory": cfg.paths.results_dir,
                  "cache directory": cfg.paths.cache_dir}
-    outputs.check_outside_inputs(protected, named_inputs(cfg.model))
     if saving:  # refuse before any work, on the inputs named in the config
         outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=named_inputs(cfg.model),
                              protected=protected, defer_lata=True)
@@ -104,8 +103,9 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
         key = summary["point"] = store.point_key(cfg, roles, heldout=paths.heldout)
         model_key = store.model_key(cfg, roles) if saving else None
         stored = store.stored_result(cfg.paths.results_dir, key) if cfg.resume else None
-        if stored is not None and cfg.export == "mergekit" and not (stored / RECIPE_FILE).is_file():
-            log.info("point %s: results exist in %s, but no mergekit recipe: computing the point again", key, stored)
+        if stored is not None and cfg.export == "mergekit" and RECIPE_FILE not in stored.files:
+            log.info("point %s: results exist in %s, but no mergekit recipe: computing the point again", key,
+                     stored.folder)
             stored = None
         if stored is not None:
             resumed = _resume(cfg, stored, run_dir, key, model_key, roles, protected)
@@ -162,7 +162,7 @@ def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, 
         recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
         summary["mergekit_recipe"] = str(recipe)
         log.info("mergekit recipe written to %s", recipe)
-    if saving and model_key is not None and outputs.holds_model(cfg.save_model, model_key):
+    if saving and outputs.holds_model(cfg.save_model, model_key):
         # an earlier run of this point saved its model, then failed before its results were stored
         summary["saved_model"] = str(outputs.absolute(cfg.save_model))
         log.info("%s already holds this point's merged model (every file matches its digest): not written again",
@@ -198,8 +198,8 @@ def _evaluate(cfg: DictConfig, model, model_dir: str, run_dir: Path, paths: Fami
              format_metrics(metrics))
 
 
-def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: str | None, roles: dict,
-            protected: dict) -> dict | None:
+def _resume(cfg: DictConfig, stored: store.StoredPoint, run_dir: Path, key: str, model_key: str | None,
+            roles: dict, protected: dict) -> dict | None:
     """A point whose results are stored: restored into ``run_dir``, with ``save_model`` holding
     its merged model (already there and whole, or copied from the stored run's own output,
     checked against its digests as it is copied); None where the model must be merged again.
@@ -210,17 +210,17 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
     its files match their digests.
     """
     if model_key is None:
-        log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored)
+        log.info("point %s: results exist in %s; skipped (resume=false recomputes)", key, stored.folder)
         return store.restore(stored, run_dir)
     save = outputs.absolute(cfg.save_model)
     if outputs.holds_model(save, model_key):
         log.info("point %s: results exist in %s and %s holds its merged model; skipped (resume=false "
-                 "recomputes)", key, stored, save)
+                 "recomputes)", key, stored.folder, save)
         return store.restore(stored, run_dir, saved_model=str(save))
     source = store.stored_model(stored, model_key)
     if source is None:
         log.info("point %s: results exist in %s, but no whole copy of its merged model does: merging again",
-                 key, stored)
+                 key, stored.folder)
         return None
     try:
         outputs.copy_checkpoint(source, save, check=lambda target: outputs.check_target(
@@ -228,7 +228,8 @@ def _resume(cfg: DictConfig, stored: Path, run_dir: Path, key: str, model_key: s
     except DamagedFile as exc:
         log.warning("point %s: the merged model stored in %s is damaged (%s): merging again", key, source, exc)
         return None
-    log.info("point %s: results exist in %s; its merged model was copied from %s to %s", key, stored, source, save)
+    log.info("point %s: results exist in %s; its merged model was copied from %s to %s", key, stored.folder,
+             source, save)
     return store.restore(stored, run_dir, saved_model=str(save))
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_an
 MANIFEST = "manifest.json"
 
 
-def _inputs(cfg: DictConfig, checkpoints: dict[str, str]) -> dict[str, Any]:
+def _inputs(checkpoints: dict[str, str]) -> dict[str, Any]:
     """What every key shares: the key version, LATA's code, each checkpoint's content."""
     return {"v": KEY_VERSION, "code": code_version(),
             "checkpoints": checkpoint_digests(checkpoints)}
@@ -56,7 +57,7 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None 
     unmerged = merge["method"] == UNMERGED
     benchmark = {k: v for k, v in to_plain(cfg.benchmark).items() if k != "name"}
     return content_key({
-        **_inputs(cfg, checkpoints),
+        **_inputs(checkpoints),
         "merge": {"method": UNMERGED, "which": cfg.model.which} if unmerged else merge,
         "weighting": None if unmerged else _weighting(cfg),
         "benchmark": benchmark,
@@ -84,7 +85,7 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
     """What determines the bytes of a saved merged model: the inputs' content, merge, weighting,
     output dtype, shard size and code (kept in its marker, ``lata.outputs``)."""
     return content_key({
-        **_inputs(cfg, checkpoints),
+        **_inputs(checkpoints),
         "merge": to_plain(cfg.merge),
         "weighting": _weighting(cfg),
         "out_dtype": cfg.out_dtype,
@@ -92,14 +93,27 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
     })
 
 
-def stored_model(stored: Path, model_key: str) -> Path | None:
+@dataclass(frozen=True)
+class StoredPoint:
+    """A stored point read whole: its folder and the bytes of its files, each checked against
+    the manifest (``stored_result``)."""
+
+    folder: Path
+    files: dict[str, bytes]
+
+    @property
+    def summary(self) -> dict:
+        return json.loads(self.files["summary.json"])
+
+
+def stored_model(stored: StoredPoint, model_key: str) -> Path | None:
     """The merged model a stored point saved, where it is still there with ``model_key`` (its
     content is checked as it is copied: ``lata.outputs.copy_checkpoint``)."""
-    saved = _summary(stored).get("saved_model")
+    saved = stored.summary.get("saved_model")
     return Path(saved) if isinstance(saved, str) and holds_model(saved, model_key, verify=False) else None
 
 
-def stored_result(results_dir: str | os.PathLike, key: str) -> Path | None:
+def stored_result(results_dir: str | os.PathLike, key: str) -> StoredPoint | None:
     """The stored point ``key`` where it is whole (every file matches its recorded digest); None
     where there is none, or it is damaged (a warning names the file: the point is computed again
     and stored over it)."""
@@ -107,11 +121,10 @@ def stored_result(results_dir: str | os.PathLike, key: str) -> Path | None:
     if not folder.exists():
         return None
     try:
-        _verified(folder)
+        return StoredPoint(folder, _verified(folder))
     except DamagedFile as exc:
         log.warning("stored point %s is damaged (%s): computing it again", folder, exc)
         return None
-    return folder
 
 
 def _verified(folder: Path) -> dict[str, bytes]:
@@ -146,17 +159,14 @@ def _verified(folder: Path) -> dict[str, bytes]:
     return files
 
 
-def _summary(stored: Path) -> dict:
-    return json.loads(_verified(stored)["summary.json"])
-
-
-def restore(stored: Path, run_dir: Path, saved_model: str | None = None) -> dict:
-    """Copy a stored point's files (checked again as they are read) into ``run_dir``; return its
-    summary (marked as resumed), naming this run's own directories: ``saved_model`` where this
-    run saved one, else none."""
-    files = _verified(stored)
-    summary = json.loads(files.pop("summary.json"))
-    for name, data in files.items():
+def restore(stored: StoredPoint, run_dir: Path, saved_model: str | None = None) -> dict:
+    """Write a stored point's checked files into ``run_dir``; return its summary (marked as
+    resumed), naming this run's own directories: ``saved_model`` where this run saved one, else
+    none."""
+    summary = stored.summary
+    for name, data in stored.files.items():
+        if name == "summary.json":
+            continue
         with atomic_file(run_dir / name) as tmp:
             tmp.write_bytes(data)
     summary.update(resumed_from=summary.get("run_dir"), run_dir=str(run_dir))
