@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lata.compute import check_device
+    from lata.accel.compute import check_device
 
     check_device(args.device)
     report: dict = {"device": args.device, "torch": torch.__version__, "size": args.size}

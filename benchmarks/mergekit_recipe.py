@@ -6,7 +6,7 @@ On a synthetic family of benchmarks/scale.py (``--size``), each case runs ``lata
 export=mergekit save_model=...`` (LATA's merge and its recipe, ``mergekit.yaml`` in the run
 directory), then ``mergekit-yaml`` on that recipe (mergekit installed in its own environment),
 and prints, per case, how many tensors are bit-identical and the largest |difference|.
-Expected (lata.interop): task arithmetic identical where lambda is 1 and within float32
+Expected (lata.results.mergekit): task arithmetic identical where lambda is 1 and within float32
 rounding otherwise; TIES differing where mergekit's int(density * n) and LATA's ceil keep
 different values, and where the agreeing experts' weights are not all 1 (mergekit divides by
 their sum, LATA by their count).

@@ -85,7 +85,7 @@ def cases():
 
 
 def run_case(family, case, tmp: Path, name: str) -> str:
-    from lata import kernels
+    from lata.accel import kernels
 
     merge = MergeConfig(method=case["method"], lam=0.7, anchor=case.get("anchor", "instruct"),
                         lams=case.get("lams", {}), **case["params"])

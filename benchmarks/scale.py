@@ -74,8 +74,8 @@ GENERATOR_VERSION = 1
 
 
 def _kernels_label(in_bytes: int, device: str) -> str:
-    """Which path lata's merges take here (lata.kernels): numba, or torch and why."""
-    from lata import kernels
+    """Which path lata's merges take here (lata.accel.kernels): numba, or torch and why."""
+    from lata.accel import kernels
 
     if not kernels.available():
         return "torch path (numba off or missing)"
@@ -422,13 +422,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sweep-lams", help="also time, per method and weighting, one lata multirun over these "
                                          "comma-separated lambdas (one process; CLI only)")
     ap.add_argument("--staged", choices=["auto", "on", "off"], default="auto",
-                    help="lata's staged path (whole tensors read ahead onto the device; lata.transfer): "
+                    help="lata's staged path (whole tensors read ahead onto the device; lata.accel.transfer): "
                          "auto = on an accelerator only; on/off need --via library")
     ap.add_argument("--gen-device", default="cpu", help="where the synthetic family is generated (cuda: much "
                     "faster; a different family from the CPU's, written to its own directory)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--digests", action="store_true",
-                    help="only time the content digests every lata run takes of its inputs (lata.fingerprints): "
+                    help="only time the content digests every lata run takes of its inputs (lata.run.fingerprints): "
                          "a sweep's first point (nothing remembered) and its later points (remembered), against "
                          "the read floor; --cold evicts the inputs first")
     args = ap.parse_args(argv)
@@ -580,8 +580,8 @@ def main(argv: list[str] | None = None) -> None:
 DIGESTS = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from lata import digests
-from lata.fingerprints import checkpoint_digest
+from lata.io import digests
+from lata.run.fingerprints import checkpoint_digest
 digests.use_memo_dir(sys.argv[1])
 t1 = time.perf_counter()
 keys = [checkpoint_digest(path) for path in sys.argv[2:]]

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from lata.plots import new_figure, save_figure
-from lata.report import build_report, collect
+from lata.results.plots import new_figure, save_figure
+from lata.results.report import build_report, collect
 
 MATH, CODE, UA, PPL = ("zoo_math/exact_match_strict", "zoo_code/pass@1", "zoo_ua/compliance",
                        "zoo_ppl/token_perplexity")

@@ -8,7 +8,7 @@ Library use::
                       WeightingConfig(name="log_rank", drop=0.5))
     merge_to_dir(plan, "merged")            # or merge_into_model(plan, model) / merge_state_dict(plan)
 
-The names below are imported on first use, so ``import lata.config`` or ``lata.plots`` does not
+The names below are imported on first use, so ``import lata.config`` or ``lata.results.plots`` does not
 pay for torch.
 """
 
@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LayerAnalysis": "lata.analysis", "layer_similarities": "lata.analysis",
-    "Checkpoint": "lata.checkpoints", "CheckpointError": "lata.checkpoints",
+    "Checkpoint": "lata.io.checkpoints", "CheckpointError": "lata.io.checkpoints",
     "ConfigError": "lata.config", "MergeConfig": "lata.config", "WeightingConfig": "lata.config",
     "MergePlan": "lata.engine", "iter_merged": "lata.engine", "merge_into_model": "lata.engine",
     "merge_state_dict": "lata.engine", "merge_to_dir": "lata.engine", "plan_merge": "lata.engine",
@@ -40,7 +40,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from lata.analysis import LayerAnalysis, layer_similarities
-    from lata.checkpoints import Checkpoint, CheckpointError
+    from lata.io.checkpoints import Checkpoint, CheckpointError
     from lata.config import ConfigError, MergeConfig, WeightingConfig
     from lata.engine import MergePlan, iter_merged, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
     from lata.family import Family

@@ -11,7 +11,7 @@ fails (a sum, or a squared norm already computed, is finite only if every term i
 Reading is streamed as in the merge (``lata.engine``): zero-copy views of the memory maps, a
 read-ahead thread, and each tensor's pages released from the process once used.
 
-On an accelerator (``staged``, ``lata.transfer``) each tensor arrives whole on the device and
+On an accelerator (``staged``, ``lata.accel.transfer``) each tensor arrives whole on the device and
 its sums are taken there at once: the float32 differences as above, their products and sums in
 float64 (exact products, sums good to about 1e-16 relative, one matrix product per 2^24
 values). Decision: these sums are the more exact ones, so the similarities of the staged path
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lata import kernels
-from lata.checkpoints import Prefetcher
-from lata.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
+from lata.accel import kernels
+from lata.io.checkpoints import Prefetcher
+from lata.accel.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
                           tune_malloc)
 from lata.family import Family
 
@@ -170,8 +170,8 @@ STAGED_STEP = 1 << 24
 
 
 def _staged_similarities(family: Family, device: str, progress: bool, threads: int | None) -> LayerAnalysis:
-    """``layer_similarities`` on the staged path (``lata.transfer``)."""
-    from lata.transfer import DeviceLoader
+    """``layer_similarities`` on the staged path (``lata.accel.transfer``)."""
+    from lata.accel.transfer import DeviceLoader
 
     result = _new_analysis(family)
     ckpts = family.checkpoints
@@ -217,7 +217,7 @@ def _gram(views: list[torch.Tensor], device: str, workers: SliceWorkers | None =
     Returns G with G[0][0] = ||tau_instr||^2, G[j][0] = <tau_comp_j, tau_instr> and
     G[j][j] = ||tau_comp_j||^2 (j >= 1); other entries are 0. Each slice of BLOCK elements gives
     float32 dot products; they are added up in float64, in slice order. ``fused``: by the numba
-    kernel where it supports the dtypes and device (``lata.kernels.gram``, the more exact sums).
+    kernel where it supports the dtypes and device (``lata.accel.kernels.gram``, the more exact sums).
     """
     flat = [v.reshape(-1) for v in views]
     base, rest = flat[0], flat[1:]

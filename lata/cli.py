@@ -1,4 +1,4 @@
-"""Hydra entry point ``lata`` (also ``python -m lata``): wiring only; the job is lata.runner."""
+"""Hydra entry point ``lata`` (also ``python -m lata``): wiring only; the job is lata.run.runner."""
 
 from __future__ import annotations
 
@@ -21,26 +21,26 @@ from lata.config import ConfigError, config_dir, register_configs
 
 
 def _task(cfg: DictConfig) -> float | None:
-    """One job; returns the objective (lata.objective) for hyper-parameter sweepers."""
-    from lata.plots import HeatmapProcess
+    """One job; returns the objective (lata.run.objective) for hyper-parameter sweepers."""
+    from lata.results.plots import HeatmapProcess
 
     if cfg.merge.method != "none" and not cfg.dry_run:
         _preload_kernels(cfg)
         # the layer heatmap's drawer loads matplotlib while this process loads torch
-        # (lata.runner); the later jobs of a multirun use it too
+        # (lata.run.runner); the later jobs of a multirun use it too
         HeatmapProcess.shared()
     hc = HydraConfig.get()
     sweep = hc.mode == RunMode.MULTIRUN
     run_dir = Path(hc.runtime.output_dir)
     if sweep:
-        from lata.report import FAILED_FILE
+        from lata.results.report import FAILED_FILE
 
         (run_dir / FAILED_FILE).unlink(missing_ok=True)  # from an earlier try of this job
     try:
         with interruptible():
-            from lata.logger import log_job
-            from lata.runner import run
-            from lata.objective import objective
+            from lata.results.logger import log_job
+            from lata.run.runner import run
+            from lata.run.objective import objective
 
             summary = run(cfg, hc.runtime.output_dir)
             group = Path(hc.sweep.dir).name if sweep else None
@@ -75,8 +75,8 @@ def _failed_point(run_dir: Path, hc, exc: BaseException) -> None:
 
     Decision: a failed point is not stored as a result, so the same command runs it again.
     """
-    from lata.atomic import write_json_atomic
-    from lata.report import FAILED_FILE
+    from lata.io.atomic import write_json_atomic
+    from lata.results.report import FAILED_FILE
 
     overrides = list(hc.overrides.task)
     record = {"job": hc.job.num, "overrides": overrides, "error": str(exc), "type": type(exc).__name__,
@@ -98,7 +98,7 @@ class Interrupted(KeyboardInterrupt):
 @contextlib.contextmanager
 def interruptible():
     """For the block, SIGTERM and SIGINT raise ``Interrupted`` in the main thread, so the work
-    unwinds: every temporary output is removed on the way (``lata.atomic``), locks are let go.
+    unwinds: every temporary output is removed on the way (``lata.io.atomic``), locks are let go.
     A second signal during that clean-up is ignored. Outside the main thread: nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -129,12 +129,12 @@ def _interrupted(exc: KeyboardInterrupt, what: str) -> None:
 
 
 def _preload_kernels(cfg: DictConfig) -> None:
-    """Start loading numba (lata.kernels.preload) while this thread imports torch, when the
+    """Start loading numba (lata.accel.kernels.preload) while this thread imports torch, when the
     family is given as local directories whose safetensors files are large enough for the
     kernels (sooner than loading it once the family is open). Hub ids and the embedded
     families are left to the passes, which start it once they know the family's size
     (``layer_similarities``, ``plan_merge``)."""
-    from lata import kernels
+    from lata.accel import kernels
 
     if str(cfg.device) != "cpu" or cfg.model.embedded is not None:
         return
@@ -158,7 +158,7 @@ class InputGuard(Callback):
 
     @staticmethod
     def _check(config: DictConfig, directories: dict) -> None:
-        from lata.outputs import OutputError, check_outside_inputs
+        from lata.io.outputs import OutputError, check_outside_inputs
         from lata.sources import named_inputs
 
         try:
@@ -175,7 +175,7 @@ class SweepReport(Callback):
     status 1."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from lata.report import build_report, failed_points
+        from lata.results.report import build_report, failed_points
 
         global _failed_in_sweep
         failed = failed_points(config.hydra.sweep.dir)

@@ -33,6 +33,7 @@ def config_dir() -> str:
 #: names that reach file names, plots and logs (experts, benchmark tasks): checked before any work
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (model.which)
+#: the family's reserved roles; every other role is an expert's name
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -140,7 +141,7 @@ class BenchmarkConfig:
 
 @dataclass
 class LoggerConfig:
-    """Where a job's results go besides its run directory (lata.logger): none | wandb."""
+    """Where a job's results go besides its run directory (lata.results.logger): none | wandb."""
 
     name: str = "none"
     project: str = "lata"
@@ -160,7 +161,7 @@ class PathsConfig:
 
 @dataclass
 class ObjectiveConfig:
-    """What ``hparams_search=optuna`` maximises (lata.objective.objective)."""
+    """What ``hparams_search=optuna`` maximises (lata.run.objective.objective)."""
 
     tasks: Optional[List[str]] = None  # tasks whose primary metrics are averaged; null = math and code tasks
     ppl_task: Optional[str] = None  # null = the suite's perplexity task
@@ -182,7 +183,7 @@ class LataConfig:
     zoo: Dict[str, Any] = field(default_factory=dict)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     save_model: Optional[str] = None
-    overwrite: Any = False  # false | true (only a directory LATA wrote) | force (lata.outputs)
+    overwrite: Any = False  # false | true (only a directory LATA wrote) | force (lata.io.outputs)
     out_dtype: Optional[str] = None
     device: str = "cpu"
     shard_size: str = "2GB"
@@ -192,6 +193,12 @@ class LataConfig:
     resume: bool = True
     #: mergekit: also write the merge as a mergekit recipe, mergekit.yaml in the run directory
     export: Optional[str] = None
+
+
+def role_map(base: Any, instruct: Any, experts: Dict[str, Any]) -> Dict[str, Any]:
+    """A family's roles in their one order: base (left out where None), instruct, then each
+    expert by name (the values: paths, checkpoints, digests...)."""
+    return {**({"base": base} if base is not None else {}), "instruct": instruct, **experts}
 
 
 def register_configs() -> None:
@@ -309,7 +316,7 @@ def validate(cfg: Any) -> None:
         one_of("export", cfg.export, ("mergekit",))
         if cfg.merge.method == UNMERGED:
             raise ConfigError("export=mergekit writes a merge's recipe; merge=none merges nothing")
-        from lata.interop import check_exportable
+        from lata.results.mergekit import check_exportable
 
         check_exportable(method, has_target=cfg.model.target not in (None, ""))
     validate_weighting(cfg.weighting)

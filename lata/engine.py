@@ -21,8 +21,8 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py: d
   once in ``prepare`` (TIES and Breadcrumbs thresholds, DARE masks, DELLA's ranked draws) and
   is elementwise after that, so neither
   the slicing nor the number of slice workers (``threads``) changes a single bit.
-- Compute runs with one torch thread per worker (``lata.compute.torch_threads``). On the CPU,
-  for families of 4 GB or more, TA and TIES run fused numba kernels instead (``lata.kernels``:
+- Compute runs with one torch thread per worker (``lata.accel.compute.torch_threads``). On the CPU,
+  for families of 4 GB or more, TA and TIES run fused numba kernels instead (``lata.accel.kernels``:
   the same float32 operations in one loop per block, the same values).
 - An expert whose scale lambda_k * w_{l,k} is 0 for a tensor (a layer LATA dropped) contributes
   a zero vector to every method; it is not read at all, and a tensor no expert touches is
@@ -30,7 +30,7 @@ How a tensor is processed (the levers, each measured with benchmarks/scale.py: d
 - ``merge_to_dir`` plans the shards from the headers and writes each tensor as soon as it is
   merged, from a writer thread (``write_behind``), with O_DIRECT where possible (``direct_io``),
   reusing output buffers once written: no output shard is ever held in memory.
-- On an accelerator the merge is staged (``MergePlan.staged``, ``lata.transfer``): a loader
+- On an accelerator the merge is staged (``MergePlan.staged``, ``lata.accel.transfer``): a loader
   thread reads each tensor's inputs whole (``pread`` into page-locked memory, in pieces on
   reader threads) and copies them to the device on a side stream ahead of the merge; the merge
   runs there in slices of ``DEVICE_CHUNK`` values; the result is copied back on another stream
@@ -54,21 +54,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lata import kernels
+from lata.accel import kernels
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.atomic import atomic_directory
-from lata.checkpoints import (TORCH_DTYPES, Checkpoint, CheckpointError, Prefetcher, copy_support_files, finite_sum,
+from lata.io.atomic import atomic_directory
+from lata.io.checkpoints import (TORCH_DTYPES, Checkpoint, CheckpointError, Prefetcher, copy_support_files, finite_sum,
                               torch_dtype_of)
-from lata.compute import (SliceWorkers, as_float32, check_device, on_device, page_aligned_empty, pure_slice,
+from lata.accel.compute import (SliceWorkers, as_float32, check_device, on_device, page_aligned_empty, pure_slice,
                           thread_buffer, torch_threads, tune_malloc)
 from lata.config import MergeConfig, WeightingConfig, parse_size, validate_lams, validate_merge, validate_weighting
 from lata.family import Family
 from lata.methods import MergeMethod
-from lata.outputs import check_space, check_target, write_marker, writer_lock
+from lata.io.outputs import check_space, check_target, write_marker, writer_lock
 from lata.selection import (band_around, global_threshold, kth_largest, kth_largest_in_band, sample_positions,
                             scaled_magnitude)
-from lata.shards import StreamingShardWriter
-from lata.transfer import DeviceLoader, HostCopies
+from lata.io.shards import StreamingShardWriter
+from lata.accel.transfer import DeviceLoader, HostCopies
 from lata.weightings import normalized
 
 log = logging.getLogger("lata")
@@ -108,12 +108,12 @@ class MergePlan:
     chunk_size: int | None = None
     #: merge_to_dir writes with O_DIRECT where the file system allows it (same bytes either way)
     direct_io: bool = True
-    #: slice worker threads, each computing with one torch thread; None: lata.compute.auto_threads()
+    #: slice worker threads, each computing with one torch thread; None: lata.accel.compute.auto_threads()
     threads: int | None = None
     #: TA and TIES on the CPU run fused numba kernels where they can and the family is large
-    #: enough (``lata.kernels``; the same values)
+    #: enough (``lata.accel.kernels``; the same values)
     kernels: bool = True
-    #: whole input tensors are read ahead onto the device (``lata.transfer``: pinned memory and
+    #: whole input tensors are read ahead onto the device (``lata.accel.transfer``: pinned memory and
     #: copies on a side stream on a GPU) instead of being viewed in the memory maps; None: on an
     #: accelerator only. The same values either way.
     staged: bool | None = None
@@ -371,7 +371,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
                threads: int | None = None) -> MergePlan:
     """Run pass 1 (unless ``analysis`` is given), derive the layer weights and build the plan.
 
-    ``threads``: CPU slice workers for both passes (None: ``lata.compute.auto_threads()``).
+    ``threads``: CPU slice workers for both passes (None: ``lata.accel.compute.auto_threads()``).
     """
     merge = MergeConfig.of(merge) if merge is not None else MergeConfig()
     weighting = WeightingConfig.of(weighting) if weighting is not None else WeightingConfig()
@@ -493,7 +493,7 @@ def _writing(plan: MergePlan, target: torch.dtype | None, names: list[str]):
     the read-ahead thread and the slice workers run."""
     tune_malloc()
     previous = plan._target
-    # the staged path reads through its own loader (lata.transfer), not the memory maps
+    # the staged path reads through its own loader (lata.accel.transfer), not the memory maps
     reads = [] if plan.is_staged else [plan.reads(n) for n in names]
     prefetcher = Prefetcher(reads, enabled=plan.prefetch)
     plan._workers = SliceWorkers(plan.threads, device=plan.device)
@@ -556,7 +556,7 @@ def _iter_staged(plan: MergePlan, target: torch.dtype | None, names: list[str], 
                  keep_on_device: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """``iter_merged`` on the staged path: a loader reads each tensor's inputs whole onto the
     device ahead of the merge, the merge runs there, and the result is copied back on a side
-    stream while the next tensor is merged (``lata.transfer``)."""
+    stream while the next tensor is merged (``lata.accel.transfer``)."""
     anchor = plan.output_base
     reads = [plan.reads(n) if anchor.is_float(n) else [] for n in names]
     copies = HostCopies(plan.device)
@@ -593,7 +593,7 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
 
     Config, generation config and tokenizer come from the anchor model (the target, where the
     family has one). Before any tensor is
-    read, ``out_dir`` is checked (``lata.outputs``: never an input, ``overwrite`` false / true /
+    read, ``out_dir`` is checked (``lata.io.outputs``: never an input, ``overwrite`` false / true /
     "force", writable, room for the output) and locked against other writers. The checkpoint is
     built in a temporary sibling directory and renamed to ``out_dir`` only when whole; shards
     are planned from the headers and each tensor is written as soon as it is merged, and

@@ -12,9 +12,9 @@ from functools import cached_property
 
 import torch
 
-from lata.adapters import open_checkpoint
+from lata.io.adapters import open_checkpoint
 from lata.architectures import Architecture, architecture_for, config_value, model_type_of
-from lata.checkpoints import Checkpoint, CheckpointError
+from lata.io.checkpoints import Checkpoint, CheckpointError
 
 RESERVED_ROLES = ("base", "instruct")
 
@@ -45,7 +45,7 @@ class Family:
         """Open every checkpoint (headers only) and check they can be merged.
 
         An expert (or the target) may be a LoRA adapter over the instruct model
-        (``lata.adapters``).
+        (``lata.io.adapters``).
 
         ``target``: where the merged vectors are added (None: the anchor); a path that is one of
         the family's own is that role's checkpoint.

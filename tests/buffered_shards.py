@@ -1,4 +1,4 @@
-"""The buffered shard writer ``lata.shards.StreamingShardWriter`` is tested against
+"""The buffered shard writer ``lata.io.shards.StreamingShardWriter`` is tested against
 (tests/test_scale.py): the simplest way to cut tensors into the same size-bounded shards."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lata.atomic import write_json_atomic
-from lata.checkpoints import INDEX_FILE, SINGLE_FILE, CheckpointError
+from lata.io.atomic import write_json_atomic
+from lata.io.checkpoints import INDEX_FILE, SINGLE_FILE, CheckpointError
 
 
 class ShardedWriter:
@@ -17,7 +17,7 @@ class ShardedWriter:
 
     Tensors are buffered until a shard reaches ``max_shard_bytes`` and then written, so memory
     holds at most one shard. ``finish`` names the shards as Hugging Face does and writes the
-    index; the caller renames the directory into place (see ``lata.atomic``).
+    index; the caller renames the directory into place (see ``lata.io.atomic``).
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int):

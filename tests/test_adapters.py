@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 import reference
 from conftest import family_args, run_lata, write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
-from lata.adapters import AdapterCheckpoint
-from lata.fingerprints import checkpoint_digest as fingerprint
+from lata.io.adapters import AdapterCheckpoint
+from lata.run.fingerprints import checkpoint_digest as fingerprint
 
 
 

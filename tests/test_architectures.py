@@ -3,7 +3,7 @@
 import pytest
 
 from lata.architectures import architecture_for, known_model_types
-from lata.checkpoints import CheckpointError, resolve
+from lata.io.checkpoints import CheckpointError, resolve
 
 
 @pytest.mark.parametrize("model_type, name, layer", [

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from lata.atomic import atomic_directory, atomic_file, write_text_atomic
+from lata.io.atomic import atomic_directory, atomic_file, write_text_atomic
 
 
 def _mode(path):
@@ -44,7 +44,7 @@ def test_a_failed_directory_leaves_the_old_one(tmp_path):
 
 @pytest.mark.parametrize("swap", [True, False], ids=["renameat2", "two-renames"])
 def test_a_replacement_is_whole_with_or_without_the_atomic_swap(tmp_path, monkeypatch, swap):
-    from lata import atomic
+    from lata.io import atomic
 
     swapped = []
     real = atomic._exchange
@@ -62,7 +62,7 @@ def test_a_replacement_is_whole_with_or_without_the_atomic_swap(tmp_path, monkey
 
 
 def test_paths_with_a_tilde_are_checked_and_locked_where_they_point(tmp_path, monkeypatch):
-    from lata.outputs import absolute, check_target, writer_lock
+    from lata.io.outputs import absolute, check_target, writer_lock
 
     monkeypatch.setenv("HOME", str(tmp_path))
     assert check_target("~/merged") == absolute("~/merged") == tmp_path / "merged"

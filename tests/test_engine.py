@@ -6,9 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import reference
 from conftest import engine_configs, write_family
-from lata import (Family, MergeConfig, WeightingConfig, engine, kernels, merge_into_model, merge_state_dict,
-                  merge_to_dir, plan_merge)
-from lata.compute import pure_slice
+from lata import (Family, MergeConfig, WeightingConfig, engine, merge_into_model, merge_state_dict, merge_to_dir, plan_merge)
+from lata.accel import kernels
+from lata.accel.compute import pure_slice
 
 from lata.methods import METHODS
 from lata.weightings import WEIGHTINGS

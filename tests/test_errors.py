@@ -136,7 +136,7 @@ def test_reserved_expert_names(dirs):
 
 
 def test_a_device_torch_cannot_use_is_refused_by_name_before_any_read(dirs, monkeypatch):
-    from lata.compute import check_device
+    from lata.accel.compute import check_device
     from lata.config import ConfigError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

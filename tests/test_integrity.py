@@ -1,7 +1,7 @@
 """Data integrity: a point is keyed by every byte that determines it, and everything reused is
-checked against its recorded digest first (lata.digests, lata.fingerprints, lata.store).
+checked against its recorded digest first (lata.io.digests, lata.run.fingerprints, lata.run.store).
 
-The runs are in process (``lata.runner.run`` on a composed config), each as a new process would
+The runs are in process (``lata.run.runner.run`` on a composed config), each as a new process would
 start: nothing of an earlier run is kept in memory but what the disk holds.
 """
 
@@ -22,12 +22,13 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import family_args, run_lata, write_family
-from lata import caches, digests, store
+from lata.run import caches, store
+from lata.io import digests
 from lata.config import ConfigError, config_dir, register_configs
-from lata.digests import DamagedFile, cached_build, file_digest, read_checked_json, write_checked_json
-from lata.fingerprints import checkpoint_digest
-from lata.outputs import MARKER
-from lata.runner import run
+from lata.io.digests import DamagedFile, cached_build, file_digest, read_checked_json, write_checked_json
+from lata.run.fingerprints import checkpoint_digest
+from lata.io.outputs import MARKER
+from lata.run.runner import run
 
 ROLES = ("base", "instruct", "math", "code")
 
@@ -370,7 +371,7 @@ def test_a_fifo_is_refused_not_read(tmp_path):
 
 
 def test_the_code_version_ignores_docstrings_and_comments():
-    from lata.fingerprints import _syntax
+    from lata.run.fingerprints import _syntax
 
     a = b'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
     b = b'def f(x):\n    """Other words."""\n    # a comment\n    return x + 1\n'
@@ -417,7 +418,7 @@ def test_degenerate_families_are_warned_about(tmp_path):
 
 def test_a_terminated_drawing_leaves_no_temporary_png(tmp_path):
     """The heatmap process killed while it writes a PNG (SIGTERM to the job's process group)."""
-    script = ("import time, lata.plots as p\n"
+    script = ("import time, lata.results.plots as p\n"
               "from matplotlib.figure import Figure\n"
               "Figure.savefig = lambda self, f, **k: (open(f, 'wb').write(b'x'), time.sleep(60))\n"
               "p.main()\n")

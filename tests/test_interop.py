@@ -7,7 +7,7 @@ import yaml
 
 from conftest import family_args, run_lata, write_family
 from lata import ConfigError, Family, MergeConfig, WeightingConfig, plan_merge
-from lata.interop import mergekit_layer_weights, mergekit_recipe, recipe_yaml
+from lata.results.mergekit import mergekit_layer_weights, mergekit_recipe, recipe_yaml
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ import torch
 pytest.importorskip("numba")
 
 from conftest import write_family
-from lata import Family, MergeConfig, WeightingConfig, kernels, merge_state_dict, plan_merge
+from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
+from lata.accel import kernels
 from lata import analysis
 from lata.analysis import _gram, layer_similarities
-from lata.compute import pure_slice
+from lata.accel.compute import pure_slice
 from lata.methods import build_method
 from lata.selection import largest_below
 

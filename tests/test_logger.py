@@ -1,4 +1,4 @@
-"""lata.logger: a real offline W&B run read back from its transaction log; failures never raise."""
+"""lata.results.logger: a real offline W&B run read back from its transaction log; failures never raise."""
 
 import json
 import logging
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lata.config import ConfigError, LoggerConfig, validate_logger
-from lata.logger import log_job, resolve_mode
-from lata.plots import layer_heatmap
+from lata.results.logger import log_job, resolve_mode
+from lata.results.plots import layer_heatmap
 
 METRICS = {"zoo_math": {"exact_match_strict": 0.25, "exact_match_flexible": 0.375, "samples": 40.0},
            "zoo_code": {"pass@1": 0.125, "samples": 40.0},

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lata.plots import HeatmapProcess, layer_heatmap
+from lata.results.plots import HeatmapProcess, layer_heatmap
 
 SIMS = {"math": [0.9, 0.5, 0.1], "code": [0.8, 0.4, -0.2]}
 WEIGHTS = {"math": [0.0, 0.5, 1.0], "code": [0.0, 0.5, 1.0]}

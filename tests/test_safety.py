@@ -1,6 +1,6 @@
 """Data safety: inputs are never touched, a saved model is whole or absent, interrupts clean up.
 
-One test (or a few) per rule of ``lata.outputs`` and the runner's resume; most drive the
+One test (or a few) per rule of ``lata.io.outputs`` and the runner's resume; most drive the
 ``lata`` command as a user would, on a tiny Llama family written to disk.
 """
 
@@ -21,11 +21,12 @@ from safetensors.torch import load_file, save_file
 
 import reference
 from conftest import family_args, run_lata, write_family
-from lata import CheckpointError, Family, MergeConfig, WeightingConfig, kernels, merge_to_dir, plan_merge
+from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
+from lata.accel import kernels
 from lata.cli import config_dir
 from lata.engine import output_bytes
 from lata.config import ConfigError, register_configs, validate
-from lata.outputs import MARKER, OutputError, check_target, writer_lock
+from lata.io.outputs import MARKER, OutputError, check_target, writer_lock
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -271,7 +272,7 @@ def patched_lata(patch: str, args, tmp_path, run_dir, **popen):
 # the writer slowed down, so that a signal or a second run finds the first one writing
 SLOW_WRITER = """
 import time
-from lata import shards
+from lata.io import shards
 add = shards.StreamingShardWriter.add
 shards.StreamingShardWriter.add = lambda self, name, tensor: time.sleep(0.08) or add(self, name, tensor)
 """
@@ -345,7 +346,7 @@ def test_output_path_problems_are_one_line_before_any_read(family, tmp_path):
 
 
 def test_a_read_only_directory_is_refused_by_name(tmp_path, monkeypatch):
-    from lata import outputs
+    from lata.io import outputs
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -356,7 +357,7 @@ def test_a_read_only_directory_is_refused_by_name(tmp_path, monkeypatch):
 
 
 def test_too_little_free_space_is_refused_before_any_read(family, tmp_path):
-    tiny = ("import os\nfrom lata import outputs\n"
+    tiny = ("import os\nfrom lata.io import outputs\n"
             "outputs.os = type('os', (), {**vars(os), 'statvfs': staticmethod(lambda path: os.statvfs_result("
             "(4096, 4096, 1000, 10, 10, 0, 0, 0, 0, 255)))})")
     proc = patched_lata(tiny, family_args(family) + [f"save_model={tmp_path / 'out'}"], tmp_path, tmp_path / "run")
@@ -369,7 +370,7 @@ def test_too_little_free_space_is_refused_before_any_read(family, tmp_path):
 
 
 def test_a_disk_that_fills_up_while_writing_names_the_file_and_leaves_nothing(family, tmp_path, monkeypatch):
-    from lata import shards
+    from lata.io import shards
 
     def full(fd, data, offset):
         raise OSError(28, "No space left on device")

@@ -16,11 +16,12 @@ import reference
 from buffered_shards import ShardedWriter
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
-from lata import compute, engine
-from lata.compute import SliceWorkers
-from lata import checkpoints
-from lata.checkpoints import Checkpoint, Prefetcher
-from lata.shards import StreamingShardWriter
+from lata import engine
+from lata.accel import compute
+from lata.accel.compute import SliceWorkers
+from lata.io import checkpoints
+from lata.io.checkpoints import Checkpoint, Prefetcher
+from lata.io.shards import StreamingShardWriter
 from lata.methods.ties import trim
 from lata.selection import kth_largest, kth_largest_magnitude
 
@@ -197,8 +198,8 @@ def test_writer_thread_holds_at_most_its_byte_budget(tmp_path, behind):
 
 
 def test_aligned_tensors_go_to_the_file_from_their_own_memory(tmp_path, monkeypatch):
-    from lata import shards
-    from lata.compute import page_aligned_empty
+    from lata.io import shards
+    from lata.accel.compute import page_aligned_empty
 
     copied = []
     memmove = shards.ctypes.memmove

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import family_args, write_family
-from lata.digests import read_checked_json
+from lata.io.digests import read_checked_json
 from test_sweep import POINT, job_metrics, lata_multirun
 
 pytestmark = pytest.mark.slurm

@@ -15,9 +15,9 @@ def model(**values):
 
 def test_every_embedded_name_is_a_registered_source():
     assert list(sources.SOURCES) == [None, "zoo", "smollm2"]
-    import lata.runner
+    import lata.run.runner
 
-    assert lata.runner.family_paths is family_paths and lata.runner.FamilyPaths is FamilyPaths
+    assert lata.run.runner.family_paths is family_paths and lata.run.runner.FamilyPaths is FamilyPaths
 
 
 def test_an_unknown_source_is_refused_naming_the_known_ones(tmp_path):

@@ -1,5 +1,5 @@
-"""Sweeps: reuse within a process and caches (lata.caches), launchers, resume after a kill (lata.store),
-Optuna search, objective (lata.objective)."""
+"""Sweeps: reuse within a process and caches (lata.run.caches), launchers, resume after a kill (lata.run.store),
+Optuna search, objective (lata.run.objective)."""
 
 import json
 import os
@@ -17,11 +17,12 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import write_family
-from lata import Family, MergeConfig, WeightingConfig, caches, engine, merge_state_dict, plan_merge, store
+from lata import Family, MergeConfig, WeightingConfig, engine, merge_state_dict, plan_merge
+from lata.run import caches, store
 from lata.config import ObjectiveConfig
-from lata.digests import read_checked_json, write_checked_json
-from lata.fingerprints import checkpoint_digest as fingerprint
-from lata.objective import objective
+from lata.io.digests import read_checked_json, write_checked_json
+from lata.run.fingerprints import checkpoint_digest as fingerprint
+from lata.run.objective import objective
 
 LATA = [sys.executable, "-m", "lata"]
 POINT = ["zoo=micro", "benchmark.tasks=[zoo_ppl]", "benchmark.limit=2", "progress=false"]
@@ -251,7 +252,7 @@ def test_every_merge_loads_the_selections_earlier_processes_stored(family_dirs, 
 
     from conftest import family_args
     from lata.config import config_dir, register_configs
-    from lata.runner import run
+    from lata.run.runner import run
 
     register_configs()
 

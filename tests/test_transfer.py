@@ -1,4 +1,4 @@
-"""The staged path (whole tensors read ahead onto the compute device, ``lata.transfer``), run on
+"""The staged path (whole tensors read ahead onto the compute device, ``lata.accel.transfer``), run on
 the CPU: the same bits as the sliced path for every method, bounded read-ahead, errors that
 reach the step that failed. On a GPU the same code adds pinned memory and side streams
 (benchmarks/device_check.py compares CPU and GPU bit for bit there)."""
@@ -17,9 +17,9 @@ from lata import (CheckpointError, Family, MergeConfig, WeightingConfig, iter_me
                   merge_state_dict, merge_to_dir, plan_merge)
 from lata import selection
 from lata.analysis import layer_similarities
-from lata.checkpoints import Checkpoint
+from lata.io.checkpoints import Checkpoint
 from lata.methods import METHODS
-from lata.transfer import DeviceLoader, HostCopies
+from lata.accel.transfer import DeviceLoader, HostCopies
 
 
 def family_of(d, target=None):
@@ -113,7 +113,7 @@ def test_kth_largest_by_bits_is_numpys_selection(monkeypatch):
 
 
 def test_read_copies_what_the_memory_map_holds_and_names_a_truncated_file(wide_bf16_dirs, tmp_path, monkeypatch):
-    from lata import checkpoints
+    from lata.io import checkpoints
 
     monkeypatch.setattr(checkpoints, "READ_PIECE", 1000)  # tensors in several pieces, read out of order
     ckpt = Checkpoint(wide_bf16_dirs["experts"]["code"])

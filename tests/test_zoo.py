@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from lata.zoo import ZooConfig, ZooFamily, build_zoo, load_preset, to_zoo_config
-from lata.digests import BUILD_MARKER as MARKER, build_key as cache_key, cached_build, read_checked_json
+from lata.io.digests import BUILD_MARKER as MARKER, build_key as cache_key, cached_build, read_checked_json
 from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt, pretraining_corpus,
                            make_data, render_chat)
 

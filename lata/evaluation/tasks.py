@@ -31,7 +31,7 @@ from typing import Callable
 
 import yaml
 
-from lata.atomic import write_text_atomic
+from lata.io.atomic import write_text_atomic
 
 log = logging.getLogger("lata")
 
@@ -170,7 +170,7 @@ def export_gsm8k_offline(out: Path) -> dict[str, Path]:
 
 def export_shakespeare(out: Path) -> Path:
     """Held-out Shakespeare text (the zoo never trains on these plays)."""
-    from lata.corpora import HELDOUT_PLAYS, shakespeare_texts
+    from lata.sources.corpora import HELDOUT_PLAYS, shakespeare_texts
 
     def make() -> str:
         texts = shakespeare_texts()
@@ -197,7 +197,7 @@ TASKS: dict[str, TaskSpec] = {s.name: s for s in map(load_spec, sorted(YAML_DIR.
 def data_digests(names: list[str], export_dir: Path, zoo_heldout: Path | None = None) -> dict[str, dict[str, str]]:
     """{task: {split: digest of its data file}} for LATA's file-backed tasks among ``names``
     (exported first where needed): what a point's key holds of its benchmark data."""
-    from lata.digests import file_digest
+    from lata.io.digests import file_digest
 
     paths = DataPaths(Path(export_dir), zoo_heldout)
     out = {}

@@ -18,7 +18,7 @@ computes the delta of any slice of the flattened tensor from the vectors' values
 The engine streams large tensors through ``delta_chunk`` in slices (bounded memory,
 cache-sized work); ``delta`` is the same on the whole tensor at once, and gives the same values
 whatever the slicing. A method with ``fused = True`` also has ``fused_chunk``: the same slice
-computed by a numba kernel (``lata.kernels``) straight from the stored inputs.
+computed by a numba kernel (``lata.accel.kernels``) straight from the stored inputs.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class MergeMethod:
     """Base: ``prepare`` + ``delta_chunk``; ``delta(vectors, lams, experts, tensor, thresholds)`` for one tensor."""
 
     name: ClassVar[str] = "base"
-    #: ``fused_chunk`` exists: a fused CPU kernel computes theta_0 + delta (``lata.kernels``)
+    #: ``fused_chunk`` exists: a fused CPU kernel computes theta_0 + delta (``lata.accel.kernels``)
     fused: ClassVar[bool] = False
     #: mergekit's ``merge_method`` with the same steps (``lata.export``); None: none has them
     mergekit: ClassVar[str | None] = None
@@ -109,7 +109,7 @@ class MergeMethod:
 
     def fused_chunk(self, slices: Any, lams: Sequence[float], state: Any, start: int, stop: int) -> int:
         """theta_0 + delta of elements [start, stop), written by a fused kernel into the output
-        that ``slices`` (``lata.kernels.FusedSlices``) holds: the same values as ``delta_chunk``
+        that ``slices`` (``lata.accel.kernels.FusedSlices``) holds: the same values as ``delta_chunk``
         plus theta_0. Returns 0 where every value written is finite."""
         raise NotImplementedError
 

@@ -1,6 +1,6 @@
 """Explicit: the user's own weight per layer, e.g. ``weighting.weights=[0,0,0.5,1]``, or one
 model's per-layer weights in a mergekit recipe (``weighting.from_mergekit=PATH``,
-``weighting.mergekit_model=...`` where several models have one; ``lata.interop``)."""
+``weighting.mergekit_model=...`` where several models have one; ``lata.results.mergekit``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from lata.interop import mergekit_layer_weights
+from lata.results.mergekit import mergekit_layer_weights
 from lata.registry import ConfigError
 from lata.weightings import Weighting, weighting
 

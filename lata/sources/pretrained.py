@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from lata.digests import cached_build, file_digest
+from lata.io.digests import cached_build, file_digest
 
 log = logging.getLogger("lata")
 
@@ -59,7 +59,7 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
     float32, and float32 is the only common dtype that keeps every value exactly (bf16/fp16 would
     round them a second time). 538 MB on disk, about 30 s once. The cache key covers the GGUF's
     content digest and size and the transformers and gguf versions, so another file or converter
-    converts anew; the build is atomic and locked (``lata.digests.cached_build``: a ``COMPLETE``
+    converts anew; the build is atomic and locked (``lata.io.digests.cached_build``: a ``COMPLETE``
     marker holding the provenance and every file's digest, then a rename), so a half-written or
     damaged directory is never used.
     """

@@ -21,18 +21,18 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lata.atomic import atomic_directory, atomic_file, write_json_atomic
+from lata.io.atomic import atomic_directory, atomic_file, write_json_atomic
 from lata.config import UNMERGED, parse_size, to_plain
-from lata.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
-from lata.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
-from lata.interop import RECIPE_FILE
-from lata.outputs import holds_model
+from lata.io.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
+from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
+from lata.results.mergekit import RECIPE_FILE
+from lata.io.outputs import holds_model
 
 log = logging.getLogger("lata")
 
 RESULT_FILES = ("summary.json", "metrics.json", "layer_analysis.json", "layer_analysis.csv", "layer_analysis.png",
                 RECIPE_FILE)
-#: the digest of every stored file, written last (checked JSON: ``lata.digests``)
+#: the digest of every stored file, written last (checked JSON: ``lata.io.digests``)
 MANIFEST = "manifest.json"
 
 
@@ -83,7 +83,7 @@ def _benchmark_data(cfg: DictConfig, heldout: str | None) -> dict:
 
 def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
     """What determines the bytes of a saved merged model: the inputs' content, merge, weighting,
-    output dtype, shard size and code (kept in its marker, ``lata.outputs``)."""
+    output dtype, shard size and code (kept in its marker, ``lata.io.outputs``)."""
     return content_key({
         **_inputs(checkpoints),
         "merge": to_plain(cfg.merge),
@@ -108,7 +108,7 @@ class StoredPoint:
 
 def stored_model(stored: StoredPoint, model_key: str) -> Path | None:
     """The merged model a stored point saved, where it is still there with ``model_key`` (its
-    content is checked as it is copied: ``lata.outputs.copy_checkpoint``)."""
+    content is checked as it is copied: ``lata.io.outputs.copy_checkpoint``)."""
     saved = stored.summary.get("saved_model")
     return Path(saved) if isinstance(saved, str) and holds_model(saved, model_key, verify=False) else None
 

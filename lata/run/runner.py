@@ -17,14 +17,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from lata import caches, outputs, store
-from lata.atomic import write_json_atomic, write_text_atomic
-from lata.compute import check_device
+from lata.run import caches, store
+
+from lata.io import outputs
+from lata.io.atomic import write_json_atomic, write_text_atomic
+from lata.accel.compute import check_device
 from lata.config import ConfigError, to_plain, validate
-from lata.digests import DamagedFile, use_memo_dir
+from lata.io.digests import DamagedFile, use_memo_dir
 from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
-from lata.interop import RECIPE_FILE, recipe_yaml
-from lata.plots import HeatmapProcess
+from lata.results.mergekit import RECIPE_FILE, recipe_yaml
+from lata.results.plots import HeatmapProcess
 from lata.sources import FamilyPaths, family_paths, named_inputs
 
 log = logging.getLogger("lata")
@@ -46,12 +48,12 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     The family's checkpoints come from the source ``model.embedded`` names (lata.sources).
     Within one process (a multirun with the basic launcher) families, layer analyses and the
-    evaluation model are reused between points (lata.caches); a point whose results are stored
-    already (lata.store: keyed by the content of every input, checked against its digests) is
+    evaluation model are reused between points (lata.run.caches); a point whose results are stored
+    already (lata.run.store: keyed by the content of every input, checked against its digests) is
     restored instead of recomputed when ``resume`` is true, once the family has been opened and
     checked as a fresh run checks it. With ``save_model`` the run ends with that checkpoint
     whole (merged, copied from the stored point's own output, or already there: ``_resume``) or
-    fails; the output path is checked before any tensor is read (``lata.outputs``) and locked
+    fails; the output path is checked before any tensor is read (``lata.io.outputs``) and locked
     for the rest of the job. No directory the run writes may lie inside an input.
     """
     validate(cfg)
@@ -238,7 +240,7 @@ def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapP
     (``HeatmapProcess.shared()``).
 
     Decision: the heatmap (matplotlib's import, a second or so of CPU once per process, and
-    its drawing) is drawn from layer_analysis.json by ``python -m lata.plots``
+    its drawing) is drawn from layer_analysis.json by ``python -m lata.results.plots``
     while this process merges and evaluates (on a thread it shared the GIL with the merge and
     gained nothing); the job waits for it before it counts as done.
     """

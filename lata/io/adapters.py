@@ -29,7 +29,7 @@ Decisions:
   integers, PEFT's default r 8; ``lora_alpha`` and ``alpha_pattern``'s values finite numbers;
   the patterns objects whose keys are regular expressions; ``use_rslora``, ``fan_in_fan_out``,
   ``use_dora``, ``lora_bias`` true or false; ``base_model_name_or_path`` a string), and the
-  weights file a valid safetensors file (``lata.checkpoints.read_header``).
+  weights file a valid safetensors file (``lata.io.checkpoints.read_header``).
 - A module whose factors' rank is not the r the config gives it (``rank_pattern``, else ``r``)
   is refused: PEFT builds each module with that r and refuses to load factors of another
   (a size mismatch), so no PEFT model is this adapter.
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from lata.checkpoints import (Checkpoint, CheckpointError, json_kind, one_line, read_header, read_json, read_tensor,
+from lata.io.checkpoints import (Checkpoint, CheckpointError, json_kind, one_line, read_header, read_json, read_tensor,
                               resolve, shown)
 
 log = logging.getLogger("lata")

@@ -5,7 +5,7 @@ for the life of the process:
   * each family's checkpoints open (memory-mapped: read from disk once, then from the page cache);
   * each family's layer analysis (pass 1), computed once; also on disk under
     ``paths.cache_dir/analysis/<key>.json`` for multi-process launchers (joblib, submitit), keyed
-    by the content of base, instruct and experts and LATA's code version (``lata.fingerprints``;
+    by the content of base, instruct and experts and LATA's code version (``lata.run.fingerprints``;
     the layer weights are derived from it per point: they cost microseconds, so the weighting is
     not part of the key);
   * each family's selections (``Family.selections``: per-tensor magnitude thresholds, such as
@@ -15,9 +15,9 @@ for the life of the process:
 
 Decision: the task vectors are not held in memory between points; each point streams them again
 from the (page-cached) checkpoints, which keeps memory bounded by one tensor per expert whatever
-the model size. A cache file is stored with the digest of its content (``lata.digests``) and
+the model size. A cache file is stored with the digest of its content (``lata.io.digests``) and
 never fails a run: one that is damaged or cannot be used is computed and written again, with a
-warning naming it. (Finished points themselves are kept by ``lata.store``.)
+warning naming it. (Finished points themselves are kept by ``lata.run.store``.)
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.atomic import file_lock
-from lata.checkpoints import CheckpointError
-from lata.digests import DamagedFile, content_key, read_checked_json, write_checked_json
+from lata.io.atomic import file_lock
+from lata.io.checkpoints import CheckpointError
+from lata.io.digests import DamagedFile, content_key, read_checked_json, write_checked_json
 from lata.family import Family
-from lata.fingerprints import KEY_VERSION, checkpoint_digests, code_version
+from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version
 
 log = logging.getLogger("lata")
 T = TypeVar("T")

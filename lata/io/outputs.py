@@ -35,8 +35,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from lata.atomic import atomic_directory, file_lock, write_json_atomic
-from lata.digests import CHUNK, DamagedFile, NotRegularFile, digest_of, file_digest, new_hasher, regular_stat
+from lata.io.atomic import atomic_directory, file_lock, write_json_atomic
+from lata.io.digests import CHUNK, DamagedFile, NotRegularFile, digest_of, file_digest, new_hasher, regular_stat
 
 log = logging.getLogger("lata")
 

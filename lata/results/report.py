@@ -43,10 +43,10 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import colormaps
 
-from lata.atomic import write_text_atomic
+from lata.io.atomic import write_text_atomic
 from lata.evaluation.tasks import LOWER_IS_BETTER, mean_task_score, primary_metric
 from lata.methods import METHODS
-from lata.plots import new_figure, save_figure
+from lata.results.plots import new_figure, save_figure
 from lata.registry import ConfigError, Registry
 from lata.weightings import WEIGHTINGS
 

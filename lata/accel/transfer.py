@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from lata.compute import auto_threads
+from lata.accel.compute import auto_threads
 
 #: Decision: tensors loaded ahead of the one being computed, in bytes as stored (at least one
 #: step is loaded ahead whatever its size). A step is one tensor of every model it reads: 2 GiB

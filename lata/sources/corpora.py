@@ -19,7 +19,7 @@ NOT_TEXT = ("metadata.txt",)
 def data_dir() -> Path:
     """``$LATA_DATA``, else ``.data`` beside the package (a checkout, where ``make data`` puts it)."""
     env = os.environ.get("LATA_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / ".data"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / ".data"
 
 
 def shakespeare_texts() -> dict[str, str]:

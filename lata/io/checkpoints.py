@@ -1,4 +1,4 @@
-"""Checkpoints on disk: a lazy tensor reader, read-ahead and support files (writers: lata.shards).
+"""Checkpoints on disk: a lazy tensor reader, read-ahead and support files (writers: lata.io.shards).
 
 A checkpoint is a Hugging Face model directory (or hub id) holding ``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``. Tensors are zero-copy views of a private,
@@ -38,9 +38,9 @@ import numpy
 import torch
 from safetensors import safe_open
 
-from lata.atomic import write_json_atomic
-from lata.atomic import libc_function
-from lata.digests import NotRegularFile, regular_stat
+from lata.io.atomic import write_json_atomic
+from lata.io.atomic import libc_function
+from lata.io.digests import NotRegularFile, regular_stat
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

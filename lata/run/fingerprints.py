@@ -3,10 +3,10 @@
 - ``checkpoint_digest``: every file of a checkpoint that LATA reads or copies into a merged
   checkpoint (``checkpoint_files``): the tensors (every byte), the index, config.json,
   generation config, tokenizer files, chat template, custom code; for a LoRA adapter its
-  config and weights. By ``lata.digests.file_digest``: full content, remembered per file.
+  config and weights. By ``lata.io.digests.file_digest``: full content, remembered per file.
 - ``code_version``: LATA's own code that computes numbers (docstrings and comments left out)
   and the versions of the libraries that compute them.
-- ``content_key``: a short key of any JSON-able description (``lata.digests``).
+- ``content_key``: a short key of any JSON-able description (``lata.io.digests``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from lata.adapters import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, is_adapter
-from lata.checkpoints import (INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, CheckpointError, read_index, resolve,
+from lata.io.adapters import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, is_adapter
+from lata.io.checkpoints import (INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, CheckpointError, read_index, resolve,
                               support_files)
-from lata.digests import (DamagedFile, content_key, file_digest, file_digests, memo_dir, read_checked_json,
+from lata.io.digests import (DamagedFile, content_key, file_digest, file_digests, memo_dir, read_checked_json,
                           tree_digests, write_checked_json)
 
 __all__ = ["KEY_VERSION", "checkpoint_digest", "checkpoint_digests", "checkpoint_files", "code_version",
@@ -53,7 +53,7 @@ def checkpoint_digest(path_or_id: str | os.PathLike) -> str:
 
 def checkpoint_digests(checkpoints: dict[str, str | os.PathLike]) -> dict[str, str]:
     """{role: ``checkpoint_digest``} of several checkpoints, their files hashed at once
-    (``lata.digests.file_digests``)."""
+    (``lata.io.digests.file_digests``)."""
     folders = {role: resolve(path) for role, path in checkpoints.items()}
     listed = [(role, folder, path) for role, folder in folders.items() for path in checkpoint_files(folder)]
     digests = file_digests(listed, lambda item: _digest(item[2], item[1]))
@@ -83,7 +83,7 @@ def input_digest(path: str | os.PathLike, key: str) -> str | dict:
 
 #: modules that only present results (tables, plots, logs, the command line): left out of the
 #: code version, so that editing them keeps the results stored; the zoo is keyed by its build
-PRESENTATION = ("cli.py", "__main__.py", "report.py", "plots.py", "logger.py", "zoo")
+PRESENTATION = ("cli.py", "__main__.py", "results", "zoo")
 #: libraries whose versions change numbers (the merge, the model's forward pass, the metrics)
 LIBRARIES = ("torch", "transformers", "safetensors", "numpy", "numba", "lm_eval", "datasets", "tokenizers",
              "accelerate")
@@ -96,9 +96,9 @@ def code_version() -> str:
     Python modules count by their syntax tree without docstrings (an edited comment or
     docstring changes nothing); other files of the package (task YAMLs, architecture data) by
     their bytes; the config groups do not count (the resolved config is in every key). The key
-    of the code is remembered in the digest memo (``lata.digests.memo_dir``) by every file's
+    of the code is remembered in the digest memo (``lata.io.digests.memo_dir``) by every file's
     path, size and mtime, so parsing happens once per change of the code."""
-    root = Path(__file__).parent
+    root = Path(__file__).resolve().parents[1]
     sources = [p for p in sorted(root.rglob("*")) if _counts(p.relative_to(root)) and p.is_file()]
     stamps = [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
     memo = memo_dir() / f"code-{content_key(stamps)}.json" if memo_dir() is not None else None

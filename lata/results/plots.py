@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lata.atomic import atomic_file
+from lata.io.atomic import atomic_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -68,7 +68,7 @@ def save_figure(fig: "Figure", path: Path) -> None:
 
 class HeatmapProcess:
     """Layer heatmaps of ``layer_analysis.json`` files, drawn by a child process (``python -m
-    lata.plots``) so that a merge can run meanwhile.
+    lata.results.plots``) so that a merge can run meanwhile.
 
     Decision: the child starts before there is anything to draw and loads matplotlib at once
     (the CLI starts it before it imports torch, so both loads run side by side). It then draws
@@ -83,7 +83,7 @@ class HeatmapProcess:
 
     def __init__(self):
         self._errors = tempfile.TemporaryFile(mode="w+")  # the child's stderr, read if it dies
-        self._proc = subprocess.Popen([sys.executable, "-m", "lata.plots"], stdin=subprocess.PIPE,
+        self._proc = subprocess.Popen([sys.executable, "-m", "lata.results.plots"], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=self._errors, text=True)
         self._pending: Path | None = None
 
@@ -140,11 +140,11 @@ class HeatmapProcess:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m lata.plots ANALYSIS_JSON PNG TITLE`` draws one heatmap; with no arguments,
+    """``python -m lata.results.plots ANALYSIS_JSON PNG TITLE`` draws one heatmap; with no arguments,
     load matplotlib, then draw each request read from stdin (a JSON line) and reply on stdout
     ``{}`` or ``{"error": traceback}``, until stdin ends."""
     # SIGTERM (a job killed with its process group) unwinds like Ctrl-C: a PNG being written is
-    # removed with its temporary file (lata.atomic), never left behind
+    # removed with its temporary file (lata.io.atomic), never left behind
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = argv if argv is not None else sys.argv[1:]
     if args:

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import xxhash
 
-from lata.atomic import atomic_directory, file_lock, write_json_atomic
+from lata.io.atomic import atomic_directory, file_lock, write_json_atomic
 
 log = logging.getLogger("lata")
 

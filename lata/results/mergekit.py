@@ -141,7 +141,7 @@ def mergekit_layer_weights(path: str | os.PathLike, num_layers: int, model: str 
 def _read_recipe(path):
     """The parsed YAML of a recipe file; ConfigError naming it where it is not a regular file,
     is too large, or is not YAML."""
-    from lata.checkpoints import CheckpointError, one_line, read_bounded
+    from lata.io.checkpoints import CheckpointError, one_line, read_bounded
 
     try:
         text = read_bounded(Path(path), "weighting.from_mergekit: the recipe", MAX_RECIPE_BYTES)
@@ -155,7 +155,7 @@ def _read_recipe(path):
 
 
 def _shown(value) -> str:
-    from lata.checkpoints import shown
+    from lata.io.checkpoints import shown
 
     return shown(value)
 

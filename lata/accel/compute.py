@@ -18,7 +18,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from lata.atomic import libc_function
+from lata.io.atomic import libc_function
 from lata.config import ConfigError
 
 T = TypeVar("T")

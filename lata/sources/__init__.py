@@ -6,7 +6,7 @@ up here, so a new source is one decorated function, with no list to edit elsewhe
 
   * ``null``: the directories or hub ids the config names (``model.base``, ``.instruct``, ``.experts``);
   * ``zoo``: the embedded model zoo, built once and cached (``lata.zoo``);
-  * ``smollm2``: SmolLM2-135M-Instruct from its PyPI package, converted once (``lata.pretrained``);
+  * ``smollm2``: SmolLM2-135M-Instruct from its PyPI package, converted once (``lata.sources.pretrained``);
     a lone instruct model, evaluated with ``merge=none`` only.
 
 The builders are imported when their source is used, so naming one costs nothing.
@@ -119,6 +119,6 @@ def embedded_zoo(model: Any, zoo: Any, cache_dir: Path, progress: bool, device: 
 @source("smollm2")
 def smollm2(model: Any, zoo: Any, cache_dir: Path, progress: bool, device: str) -> FamilyPaths:
     """SmolLM2-135M-Instruct alone: no base, no experts."""
-    from lata.pretrained import smollm2_checkpoint
+    from lata.sources.pretrained import smollm2_checkpoint
 
     return FamilyPaths(None, str(smollm2_checkpoint(cache_dir, progress=progress)), {})

@@ -1,0 +1,2 @@
+"""Reading and writing checkpoints and files: the safetensors reader and hub resolution, the page cache,
+read-ahead, LoRA adapters, the shard writer, safe outputs, atomic files and locks, content digests."""

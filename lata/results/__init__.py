@@ -1,0 +1,1 @@
+"""What a run leaves for people: the report (tables), plots, the W&B mirror, mergekit recipes."""
