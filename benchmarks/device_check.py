@@ -119,9 +119,9 @@ def identity(args, report: dict) -> int:
         for device, analysis in (("cpu", on_cpu), (args.device, on_cpu)):
             plan = plan_merge(family, MergeConfig(**merge), WeightingConfig(**weighting), device=device,
                               analysis=analysis, progress=False)
-            plan.chunk_size = args.chunk
+            plan = plan.with_options(chunk_size=args.chunk)
             plans.append(plan)
-        plans[1].staged = True  # (the default on an accelerator; named, so that --device cpu checks it too)
+        plans[1] = plans[1].with_options(staged=True)  # (the default on an accelerator; named, so that --device cpu checks it too)
         own = plan_merge(family, MergeConfig(**merge), WeightingConfig(**weighting), device=args.device,
                          analysis=on_device, progress=False)
         same_weights.append(own.weights == plans[0].weights)
@@ -162,7 +162,7 @@ def timing(args, dirs) -> list[dict]:
         for method, options in (("ta", {}), ("ties", {"density": 0.2})):
             plan = plan_merge(family, MergeConfig(method=method, **options), WeightingConfig(name="linear_rank"),
                               device=args.device, analysis=analysis, progress=False)
-            plan.staged = staged
+            plan = plan.with_options(staged=staged)
             scale.warm(inputs)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()

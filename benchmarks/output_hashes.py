@@ -102,8 +102,8 @@ def run_case(family, case, tmp: Path, name: str) -> str:
         kernels.MIN_BYTES = 0
     try:
         plan = plan_merge(family, merge, weighting, progress=False)
-        for key, value in case.get("plan", {}).items():
-            setattr(plan, key, value)
+        if case.get("plan"):
+            plan = plan.with_options(**case["plan"])
         sink = case.get("sink", "dir")
         if sink == "state_dict":
             return tensor_digest(merge_state_dict(plan))

@@ -323,7 +323,7 @@ staged = {"auto": None, "on": True, "off": False}[staged]
 analysis = layer_similarities(family, device=device, progress=False, threads=threads, staged=staged)
 plan = plan_merge(family, MergeConfig(method=method, **options), WeightingConfig(name=weighting),
                   progress=False, threads=threads, device=device, analysis=analysis)
-plan.staged = staged
+plan = plan.with_options(staged=staged)
 merge_to_dir(plan, out, overwrite=True, progress=False)
 """
 

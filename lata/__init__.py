@@ -23,8 +23,8 @@ _EXPORTS = {
     "LayerAnalysis": "lata.analysis", "layer_similarities": "lata.analysis",
     "Checkpoint": "lata.io.checkpoints", "CheckpointError": "lata.io.checkpoints",
     "ConfigError": "lata.config", "MergeConfig": "lata.config", "WeightingConfig": "lata.config",
-    "MergePlan": "lata.engine", "iter_merged": "lata.engine", "merge_into_model": "lata.engine",
-    "merge_state_dict": "lata.engine", "merge_to_dir": "lata.engine", "plan_merge": "lata.engine",
+    "MergePlan": "lata.plan", "plan_merge": "lata.plan", "iter_merged": "lata.engine",
+    "merge_into_model": "lata.sinks", "merge_state_dict": "lata.sinks", "merge_to_dir": "lata.sinks",
     "Family": "lata.family", "layer_weights": "lata.weightings",
 }
 __all__ = sorted(_EXPORTS)
@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from lata.analysis import LayerAnalysis, layer_similarities
     from lata.io.checkpoints import Checkpoint, CheckpointError
     from lata.config import ConfigError, MergeConfig, WeightingConfig
-    from lata.engine import MergePlan, iter_merged, merge_into_model, merge_state_dict, merge_to_dir, plan_merge
+    from lata.engine import iter_merged
+    from lata.plan import MergePlan, plan_merge
+    from lata.sinks import merge_into_model, merge_state_dict, merge_to_dir
     from lata.family import Family
     from lata.weightings import layer_weights

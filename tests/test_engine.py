@@ -6,7 +6,9 @@ from transformers import AutoModelForCausalLM
 
 import reference
 from conftest import engine_configs, write_family
-from lata import (Family, MergeConfig, WeightingConfig, engine, merge_into_model, merge_state_dict, merge_to_dir, plan_merge)
+import lata.plan as planning
+from lata import (Family, MergeConfig, WeightingConfig, engine, merge_into_model, merge_state_dict, merge_to_dir,
+                  plan_merge)
 from lata.accel import kernels
 from lata.accel.compute import pure_slice
 
@@ -105,7 +107,7 @@ def test_ties_selects_once_per_family_and_tensor_and_matches_selecting_the_weigh
     for i, (weighting, lam) in enumerate(points):
         plan = plan_merge(fam, MergeConfig(method="ties", density=0.3, lam=lam), WeightingConfig(name=weighting),
                           progress=False)
-        plan.kernels = fused
+        plan = plan.with_options(kernels=fused)
         before = len(selections)
         got = merge_state_dict(plan)
         # each expert's tensors are selected at the first point only, whatever the weights
@@ -129,8 +131,8 @@ def test_ties_selects_once_per_family_and_tensor_and_matches_selecting_the_weigh
 def test_global_ties_thresholds_are_shared_by_points_with_the_same_weights(family_dirs, monkeypatch):
     fam = Family.open(family_dirs["base"], family_dirs["instruct"], family_dirs["experts"])
     calls = []
-    real = engine.global_threshold
-    monkeypatch.setattr(engine, "global_threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = planning.global_threshold
+    monkeypatch.setattr(planning, "global_threshold", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     def thresholds(family, weighting, lam):
         merge = MergeConfig(method="ties", topk_scope="global", density=0.2, lam=lam)

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from conftest import write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
 from lata.analysis import layer_similarities
-from lata.engine import MergePlan
+from lata.engine import _Pass
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_nan_or_inf_names_file_and_tensor_and_nothing_is_written(dirs, tmp_path,
 
 def test_a_merge_failing_half_way_leaves_no_directory(dirs, tmp_path, monkeypatch):
     plan = plan_merge(open_family(dirs), MergeConfig(), WeightingConfig(), progress=False)
-    original, calls = MergePlan.merged_tensor, []
+    original, calls = _Pass.merged_tensor, []
 
     def failing(self, name):
         calls.append(name)
@@ -113,7 +113,7 @@ def test_a_merge_failing_half_way_leaves_no_directory(dirs, tmp_path, monkeypatc
             raise RuntimeError("disk on fire")
         return original(self, name)
 
-    monkeypatch.setattr(MergePlan, "merged_tensor", failing)
+    monkeypatch.setattr(_Pass, "merged_tensor", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         merge_to_dir(plan, tmp_path / "out", shard_size="8KB", progress=False)
     assert list(tmp_path.iterdir()) == [tmp_path / "family"]  # no out, no temporary sibling

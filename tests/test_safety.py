@@ -24,7 +24,7 @@ from conftest import family_args, run_lata, write_family
 from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
 from lata.accel import kernels
 from lata.cli import config_dir
-from lata.engine import output_bytes
+from lata.plan import output_bytes
 from lata.config import ConfigError, register_configs, validate
 from lata.io.outputs import MARKER, OutputError, check_target, writer_lock
 
@@ -122,18 +122,18 @@ def test_overwrite_true_replaces_only_what_lata_wrote(family, tmp_path):
 
 
 def test_the_overwrite_check_is_made_again_just_before_the_rename(family, tmp_path, monkeypatch):
-    from lata import engine
+    from lata import sinks
 
     plan = plan_merge(open_family(family), MergeConfig(), WeightingConfig(), progress=False)
     out = tmp_path / "out"
     merge_to_dir(plan, out, progress=False)
-    real = engine.iter_merged
+    real = sinks.iter_merged
 
     def meanwhile(*args, **kwargs):  # another program writes into the target during the merge
         (out / "theirs.txt").write_text("theirs")
         yield from real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "iter_merged", meanwhile)
+    monkeypatch.setattr(sinks, "iter_merged", meanwhile)
     with pytest.raises(OutputError, match=r"holds files LATA did not write \(theirs.txt\)"):
         merge_to_dir(plan, out, overwrite=True, progress=False)
     assert (out / "theirs.txt").read_text() == "theirs" and leftovers(tmp_path) == []

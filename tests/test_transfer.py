@@ -28,7 +28,7 @@ def family_of(d, target=None):
 
 def merged(d, merge, weighting, staged, chunk, analysis=None, target=None):
     plan = plan_merge(family_of(d, target), merge, weighting, progress=False, analysis=analysis)
-    plan.staged, plan.chunk_size = staged, chunk
+    plan = plan.with_options(staged=staged, chunk_size=chunk)
     return merge_state_dict(plan)
 
 
@@ -72,7 +72,7 @@ def test_a_staged_merge_to_disk_writes_the_same_checkpoint(wide_bf16_dirs, tmp_p
     expected = merged(wide_bf16_dirs, merge, weighting, staged=False, chunk=None)
     for i, (write_behind, shard_size) in enumerate([(True, "2GB"), (False, "9KB")]):
         plan = plan_merge(family_of(wide_bf16_dirs), merge, weighting, progress=False)
-        plan.staged, plan.write_behind = True, write_behind
+        plan = plan.with_options(staged=True, write_behind=write_behind)
         out = merge_to_dir(plan, tmp_path / f"out{i}", shard_size=shard_size, progress=False)
         assert_identical(reference.load(out), expected)
 
@@ -203,7 +203,7 @@ def test_merge_into_model_on_the_staged_path(wide_dirs):
     merge, weighting = MergeConfig(method="ties", density=0.3), WeightingConfig(name="linear_rank")
     expected = merged(wide_dirs, merge, weighting, staged=False, chunk=None)
     plan = plan_merge(family_of(wide_dirs), merge, weighting, progress=False)
-    plan.staged = True
+    plan = plan.with_options(staged=True)
     kept = dict(iter_merged(plan, progress=False, keep_on_device=True))
     assert_identical(kept, expected)
     model = merge_into_model(plan, AutoModelForCausalLM.from_pretrained(wide_dirs["instruct"]))

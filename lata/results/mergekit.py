@@ -41,7 +41,7 @@ _MAX_DEPTH = 8
 
 
 def mergekit_recipe(plan) -> dict[str, Any]:
-    """The mergekit recipe of a planned merge (a ``lata.engine.MergePlan``: its layer weights,
+    """The mergekit recipe of a planned merge (a ``lata.plan.MergePlan``: its layer weights,
     lambdas and parameters)."""
     method, family = plan.method, plan.family
     check_exportable(method, has_target=family.target is not None)

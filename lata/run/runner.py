@@ -24,7 +24,8 @@ from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.accel.compute import check_device
 from lata.config import ConfigError, to_plain, validate
 from lata.io.digests import DamagedFile, use_memo_dir
-from lata.engine import MergePlan, merge_into_model, merge_to_dir, output_bytes, plan_merge
+from lata.plan import MergePlan, output_bytes, plan_merge
+from lata.sinks import merge_into_model, merge_to_dir
 from lata.results.mergekit import RECIPE_FILE, recipe_yaml
 from lata.results.plots import HeatmapProcess
 from lata.sources import FamilyPaths, family_paths, named_inputs
