@@ -17,14 +17,14 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from lata.config import ConfigError, config_dir, register_configs
+from lata.config import UNMERGED, ConfigError, config_dir, register_configs
 
 
 def _task(cfg: DictConfig) -> float | None:
     """One job; returns the objective (lata.run.objective) for hyper-parameter sweepers."""
     from lata.results.plots import HeatmapProcess
 
-    if cfg.merge.method != "none" and not cfg.dry_run:
+    if cfg.merge.method != UNMERGED and not cfg.dry_run:
         _preload_kernels(cfg)
         # the layer heatmap's drawer loads matplotlib while this process loads torch
         # (lata.run.runner); the later jobs of a multirun use it too

@@ -243,7 +243,24 @@ def validate_weighting(weighting: Any):
     one_of("weighting.normalize", w.normalize, NORMALIZE)
     if w.rest_weight is not None:
         coerce("weighting.rest_weight", w.rest_weight, float)
-    return WEIGHTINGS.build(w.name, w.params)
+    part = WEIGHTINGS.build(w.name, w.params)
+    files = part.inputs()
+    return part.given({key: read_input(key, path) for key, path in files.items()}) if files else part
+
+
+#: the largest file a part of the config reads (``weighting.from_mergekit``)
+MAX_INPUT_BYTES = 10_000_000
+
+
+def read_input(key: str, path: str) -> bytes:
+    """The bytes of a file a config key names (a regular file of at most ``MAX_INPUT_BYTES``);
+    ConfigError naming the key and the file otherwise."""
+    from lata.io.files import CheckpointError, read_bounded
+
+    try:
+        return read_bounded(os.path.expanduser(str(path)), f"{key}: the file", MAX_INPUT_BYTES)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def check_name(key: str, value: Any) -> None:
@@ -332,11 +349,8 @@ def validate(cfg: Any) -> None:
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads={cfg.threads} must be at least 1 (or null for one per core, at most 8)")
     model = cfg.model
-    if model.embedded == "smollm2" and cfg.merge.method != "none":
-        raise ConfigError(f"model=smollm2 is a single instruct model with no base or experts: it can only be "
-                          f"evaluated (merge=none), not merged with merge={cfg.merge.method}")
     if model.embedded is None:
-        missing = [k for k in ("base", "instruct") if not getattr(model, k)]
+        missing = [k for k in ROLES if not getattr(model, k)]
         if missing:
             raise ConfigError(f"model.{missing[0]} is not set: give a directory or hub id (++model.{missing[0]}=...)")
         if not model.experts:
@@ -345,13 +359,13 @@ def validate(cfg: Any) -> None:
     if model.embedded is None and model.which not in ROLES + tuple(model.experts):
         raise ConfigError(f"model.which={model.which!r} is not allowed; choose one of: "
                           f"{', '.join(ROLES + tuple(model.experts))}")
-    if model.target not in (None, "") and cfg.merge.method == "none":
+    if model.target not in (None, "") and cfg.merge.method == UNMERGED:
         raise ConfigError(f"model.target={model.target!r} names where merged vectors are added; with merge=none "
                           f"nothing is merged (model.which picks the model to evaluate)")
     for name, path in model.experts.items():
         check_name(f"model.experts.{name}", name)
-        if name in ("base", "instruct"):
-            raise ConfigError(f"model.experts.{name}: 'base' and 'instruct' are reserved role names")
+        if name in ROLES:
+            raise ConfigError(f"model.experts.{name}: {' and '.join(map(repr, ROLES))} are reserved role names")
         if model.embedded is None and (path is None or not str(path).strip()):
             raise ConfigError(f"model.experts.{name} is empty: give a directory or hub id")
     if model.experts:

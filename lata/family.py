@@ -12,11 +12,11 @@ from functools import cached_property
 
 import torch
 
-from lata.io.adapters import open_checkpoint
 from lata.architectures import Architecture, architecture_for, config_value, model_type_of
+from lata.config import ROLES, role_map
+from lata.io.adapters import open_checkpoint
 from lata.io.checkpoints import Checkpoint, CheckpointError
 
-RESERVED_ROLES = ("base", "instruct")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Family:
         if not self.experts:
             raise CheckpointError("a family needs at least one expert")
         for name in self.experts:
-            if name in RESERVED_ROLES:
+            if name in ROLES:
                 raise CheckpointError(f"expert name '{name}' is reserved for a family role")
         self.architecture = self._check_compatible()
 
@@ -56,7 +56,7 @@ class Family:
                       experts={name: open_checkpoint(path, f"expert '{name}'", theta_inst)
                                for name, path in experts.items()})
         if target is not None:
-            own = {str(c.source): c for c in [family["base"], family["instruct"], *family["experts"].values()]}
+            own = {str(c.source): c for c in role_map(family["base"], family["instruct"], family["experts"]).values()}
             same = own.get(str(target))
             family["target"] = same if same is not None else open_checkpoint(target, "target", theta_inst)
         return cls(**family)
@@ -83,7 +83,7 @@ class Family:
 
     def anchor(self, which: str) -> Checkpoint:
         """theta_0: the instruct model (default) or the base model."""
-        return {"instruct": self.instruct, "base": self.base}[which]
+        return role_map(self.base, self.instruct, {})[which]
 
     @cached_property
     def tied_aliases(self) -> dict[str, str]:

@@ -130,7 +130,7 @@ class Registry:
         return {f.name: (f.default if f.default is not dataclasses.MISSING
                          else f.default_factory() if f.default_factory is not dataclasses.MISSING
                          else dataclasses.MISSING)
-                for f in dataclasses.fields(self.get(name)) if f.init}
+                for f in dataclasses.fields(self.get(name)) if f.init and not f.metadata.get("given")}
 
     def build(self, name: str, params: Mapping[str, Any]) -> Any:
         """A checked instance of part ``name`` from config values (unknown keys refused)."""

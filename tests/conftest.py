@@ -46,6 +46,15 @@ def engine_configs(options: dict):
     return MergeConfig(method=method, **merge), WeightingConfig(name=name, **weighting)
 
 
+def recipe_weights(recipe, num_layers: int, model: str | None = None) -> list[float]:
+    """One model's per-layer weights in a mergekit recipe, as ``weighting=explicit`` reads them
+    (the file read once, at validation)."""
+    from lata.config import WeightingConfig, validate_weighting
+
+    part = validate_weighting(WeightingConfig(name="explicit", from_mergekit=str(recipe), mergekit_model=model))
+    return part.weights_for([0.0] * num_layers)
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     kwargs = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=4, num_attention_heads=2,
                   num_key_value_heads=1, vocab_size=48, max_position_embeddings=32, tie_word_embeddings=False)

@@ -10,7 +10,7 @@ from omegaconf.errors import ConfigKeyError
 from lata.cli import config_dir
 from lata.config import ConfigError, register_configs, validate
 from lata.config import WeightingConfig
-from lata.methods import METHODS, build_method
+from lata.methods import METHODS
 from lata.weightings import WEIGHTINGS, layer_weights
 
 CONF = Path(config_dir())
@@ -59,7 +59,7 @@ def test_every_merge_config_builds_its_method_with_the_declared_defaults(method)
     validate(cfg)
     params = {k: v for k, v in cfg.merge.items() if k not in ("method", "lam", "lams", "anchor")}
     assert set(params) == set(METHODS.parameters(method))  # the YAML lists every key the method has
-    built = build_method(cfg.merge.method, **params)
+    built = METHODS.build(cfg.merge.method, params)
     assert built == METHODS.get(method)() and built.name == method
 
 

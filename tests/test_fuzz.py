@@ -24,10 +24,9 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import LATA, family_args, write_family
+from conftest import LATA, family_args, recipe_weights, write_family
 from lata import CheckpointError, ConfigError, Family
 from lata.io.checkpoints import Checkpoint
-from lata.results.mergekit import mergekit_layer_weights
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -226,7 +225,7 @@ def test_the_undamaged_inputs_are_accepted(inputs):
     open_family(inputs["sharded"])
     family = open_family(inputs["family"], adapter=inputs["adapter"])
     assert family.experts["math"].loras  # read as an adapter
-    assert mergekit_layer_weights(inputs["recipe"], 3) == pytest.approx([0.0, 0.5, 1.0])
+    assert recipe_weights(inputs["recipe"], 3) == pytest.approx([0.0, 0.5, 1.0])
 
 
 def test_names_keep_safetensors_order(inputs):
@@ -550,7 +549,7 @@ def test_a_damaged_mergekit_recipe(inputs, seed):
         else:
             file.write_bytes(bytes(data))
         model = rng.choice([None, "org/math", "math"])
-        check(lambda: mergekit_layer_weights(file, 4, model), file, f"{kind} of {file}")
+        check(lambda: recipe_weights(file, 4, model), file, f"{kind} of {file}")
 
 
 def test_every_recipe_text_is_refused_by_name(tmp_path):
@@ -558,7 +557,7 @@ def test_every_recipe_text_is_refused_by_name(tmp_path):
     for text in RECIPE_TEXTS:
         file.write_bytes(text)
         with pytest.raises(ConfigError) as caught:
-            mergekit_layer_weights(file, 4)
+            recipe_weights(file, 4)
         message = str(caught.value)
         assert str(file) in message and message.splitlines() == [message], (text, message)
 

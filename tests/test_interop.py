@@ -5,9 +5,9 @@ weights read back give the same layer weights."""
 import pytest
 import yaml
 
-from conftest import family_args, run_lata, write_family
+from conftest import family_args, recipe_weights, run_lata, write_family
 from lata import ConfigError, Family, MergeConfig, WeightingConfig, plan_merge
-from lata.results.mergekit import mergekit_layer_weights, mergekit_recipe, recipe_yaml
+from lata.results.mergekit import mergekit_recipe, recipe_yaml
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +94,10 @@ def test_a_recipes_layer_weights_read_back(dirs, tmp_path):
     recipe = tmp_path / "mergekit.yaml"
     recipe.write_text(recipe_yaml(plan))
     for k in family.expert_names:
-        got = mergekit_layer_weights(recipe, family.num_layers, str(dirs["experts"][k]))
+        got = recipe_weights(recipe, family.num_layers, str(dirs["experts"][k]))
         assert got == pytest.approx([0.5 * w for w in plan.weights[k]], rel=1e-12, abs=1e-15), k
     with pytest.raises(ConfigError, match="3 models have a weight .*weighting.mergekit_model"):
-        mergekit_layer_weights(recipe, family.num_layers)
+        recipe_weights(recipe, family.num_layers)
     # as a weighting: the per-layer list of one model, with lambda 1 the same scales
     read = plan_merge(family, MergeConfig(method="ta"), WeightingConfig(name="explicit", from_mergekit=str(recipe),
                                                                         mergekit_model="chem"), progress=False)
@@ -108,11 +108,11 @@ def test_a_hand_written_gradient_and_a_filter(tmp_path, caplog):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": "b", "models": [
         {"model": "x/y", "parameters": {"weight": [{"filter": "mlp", "value": 0.1}, {"value": [0.0, 1.0]}]}}]}))
-    assert mergekit_layer_weights(recipe, 5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert recipe_weights(recipe, 5) == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
     assert "filtered by 'mlp'" in caplog.text
     recipe.write_text("slices:\n  - sources: []\n")
     with pytest.raises(ConfigError, match="the recipe uses slices"):
-        mergekit_layer_weights(recipe, 5)
+        recipe_weights(recipe, 5)
 
 
 def test_the_cli_writes_the_recipe_beside_the_layer_analysis(dirs, tmp_path):

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
+from lata.config import role_map
 from lata.io.atomic import file_lock
 from lata.io.checkpoints import CheckpointError
 from lata.io.digests import DamagedFile, content_key, read_checked_json, write_checked_json
@@ -55,8 +56,7 @@ def open_family(base: str, instruct: str, experts: dict[str, str], target: str |
 
 
 def _family_key(family: Family) -> str:
-    roles = {"base": family.base.path, "instruct": family.instruct.path,
-             **{f"expert:{k}": c.path for k, c in family.experts.items()}}
+    roles = role_map(family.base.path, family.instruct.path, {f"expert:{k}": c.path for k, c in family.experts.items()})
     return content_key({"v": KEY_VERSION, "code": code_version(), **checkpoint_digests(roles)})
 
 

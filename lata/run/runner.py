@@ -22,13 +22,13 @@ from lata.run import caches, store
 from lata.io import outputs
 from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.accel.compute import check_device
-from lata.config import ConfigError, to_plain, validate
+from lata.config import UNMERGED, to_plain, validate
 from lata.io.digests import DamagedFile, use_memo_dir
 from lata.plan import MergePlan, output_bytes, plan_merge
 from lata.sinks import merge_into_model, merge_to_dir
 from lata.results.mergekit import RECIPE_FILE, recipe_yaml
 from lata.results.plots import HeatmapProcess
-from lata.sources import FamilyPaths, family_paths, named_inputs
+from lata.sources import FamilyPaths, check_merge, family_paths, named_inputs
 
 log = logging.getLogger("lata")
 
@@ -61,17 +61,15 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     check_device(cfg.device)
     use_memo_dir(Path(cfg.paths.cache_dir) / "digests")  # file digests, remembered for every process
     run_dir = Path(run_dir)
-    merging = cfg.merge.method != "none"
+    merging = cfg.merge.method != UNMERGED
     saving = bool(cfg.save_model) and merging
     protected = {"run directory": run_dir, "results directory": cfg.paths.results_dir,
                  "cache directory": cfg.paths.cache_dir}
     if saving:  # refuse before any work, on the inputs named in the config
         outputs.check_target(cfg.save_model, overwrite=cfg.overwrite, inputs=named_inputs(cfg.model),
                              protected=protected, defer_lata=True)
+    check_merge(cfg.model, cfg.merge.method)
     paths = family_paths(cfg.model, cfg.zoo, cfg.paths.cache_dir, progress=cfg.progress, device=str(cfg.device))
-    if merging and (paths.base is None or not paths.experts):
-        raise ConfigError(f"model={cfg.model.name} is a single instruct model with no base or experts: "
-                          "it can only be evaluated (merge=none)")
     outputs.check_outside_inputs(protected, paths.roles())
     write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     with outputs.writer_lock(cfg.save_model) if saving and not cfg.dry_run else contextlib.nullcontext():

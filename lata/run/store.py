@@ -22,8 +22,9 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lata.io.atomic import atomic_directory, atomic_file, write_json_atomic
-from lata.config import UNMERGED, parse_size, to_plain
+from lata.config import UNMERGED, WeightingConfig, parse_size, to_plain
 from lata.io.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
+from lata.weightings import WEIGHTINGS
 from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
 from lata.results.mergekit import RECIPE_FILE
 from lata.io.outputs import holds_model
@@ -43,10 +44,12 @@ def _inputs(checkpoints: dict[str, str]) -> dict[str, Any]:
 
 
 def _weighting(cfg: DictConfig) -> dict:
-    """The weighting node, with the content of a mergekit recipe it reads (weighting=explicit)."""
+    """The weighting node, with the content of each file it reads (``Weighting.inputs``: the
+    mergekit recipe of weighting=explicit)."""
     weighting = to_plain(cfg.weighting)
-    if weighting.get("from_mergekit"):
-        weighting["from_mergekit_content"] = input_digest(weighting["from_mergekit"], "weighting.from_mergekit")
+    w = WeightingConfig.of(cfg.weighting)
+    for key, path in WEIGHTINGS.build(w.name, w.params).inputs().items():
+        weighting[f"{key.rpartition('.')[2]}_content"] = input_digest(path, key)
     return weighting
 
 

@@ -1,7 +1,8 @@
 """Where a family's checkpoints come from: one source per ``model.embedded`` name.
 
 Each source is a function ``(model, zoo, cache_dir, progress, device) -> FamilyPaths``,
-registered under its name with ``@source(name)``; ``family_paths`` looks ``cfg.model.embedded``
+registered under its name with ``@source(name)`` (``merges=False``: its model can only be
+evaluated, ``merge=none``); ``family_paths`` looks ``cfg.model.embedded``
 up here, so a new source is one decorated function, with no list to edit elsewhere:
 
   * ``null``: the directories or hub ids the config names (``model.base``, ``.instruct``, ``.experts``);
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from lata.config import ConfigError
+from lata.config import UNMERGED, ConfigError, role_map
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class FamilyPaths:
 
     def roles(self) -> dict[str, str]:
         """{role: path}: base (where there is one), instruct, the experts, the target (where set)."""
-        return {**({"base": self.base} if self.base else {}), "instruct": self.instruct, **self.experts,
+        return {**role_map(self.base or None, self.instruct, self.experts),
                 **({"target": self.target} if self.target else {})}
 
     def role(self, which: str) -> str:
@@ -43,28 +44,46 @@ class FamilyPaths:
 
 Source = Callable[[Any, Any, Path, bool, str], FamilyPaths]
 SOURCES: dict[str | None, Source] = {}
+#: the sources whose model can only be evaluated (merge=none): a lone model, no base or experts
+EVALUATION_ONLY: set[str | None] = set()
 
 
-def source(name: str | None) -> Callable[[Source], Source]:
-    """Register the decorated function as the source of ``model.embedded=name`` (None: null)."""
+def source(name: str | None, merges: bool = True) -> Callable[[Source], Source]:
+    """Register the decorated function as the source of ``model.embedded=name`` (None: null);
+    ``merges=False``: a lone model, evaluated with ``merge=none`` only."""
     def register(fn: Source) -> Source:
         if name in SOURCES:
             raise ValueError(f"model source {name!r} is registered twice")
         SOURCES[name] = fn
+        if not merges:
+            EVALUATION_ONLY.add(name)
         return fn
 
     return register
 
 
-def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True,
-                 device: str = "cpu") -> FamilyPaths:
-    """The checkpoint locations of ``cfg.model``, from the source ``model.embedded`` names."""
+def _source(model: Any) -> Source:
     fn = SOURCES.get(model.embedded)
     if fn is None:
         names = [name for name in SOURCES if name is not None]
         raise ConfigError(f"model.embedded={model.embedded!r} is not allowed; choose one of: {', '.join(names)}"
                           + (" (or null)" if None in SOURCES else ""))
-    return fn(model, zoo, Path(cache_dir), progress, device)
+    return fn
+
+
+def check_merge(model: Any, method: str) -> None:
+    """Refuse, before any checkpoint is resolved, to merge a model its source offers for
+    evaluation only."""
+    _source(model)
+    if method != UNMERGED and model.embedded in EVALUATION_ONLY:
+        raise ConfigError(f"model={model.name} is a single instruct model with no base or experts: it can only be "
+                          f"evaluated (merge={UNMERGED}), not merged with merge={method}")
+
+
+def family_paths(model: Any, zoo: Any, cache_dir: str, progress: bool = True,
+                 device: str = "cpu") -> FamilyPaths:
+    """The checkpoint locations of ``cfg.model``, from the source ``model.embedded`` names."""
+    return _source(model)(model, zoo, Path(cache_dir), progress, device)
 
 
 def target_path(model: Any, roles: dict[str, str]) -> str | None:
@@ -82,8 +101,8 @@ def named_inputs(model: Any) -> dict[str, str]:
     if model.embedded is not None:
         return {}
     experts = {k: str(v) for k, v in model.experts.items()}
-    named = {"base": str(model.base), "instruct": str(model.instruct), **{f"expert '{k}'": v for k, v in experts.items()}}
-    target = target_path(model, {"base": named["base"], "instruct": named["instruct"], **experts})
+    named = role_map(str(model.base), str(model.instruct), {f"expert '{k}'": v for k, v in experts.items()})
+    target = target_path(model, role_map(named["base"], named["instruct"], experts))
     if target is not None and target not in named.values():
         named["target"] = target
     return named
@@ -95,7 +114,7 @@ def named_inputs(model: Any) -> dict[str, str]:
 def given_paths(model: Any, zoo: Any, cache_dir: Path, progress: bool, device: str) -> FamilyPaths:
     """The directories or hub ids the config names."""
     experts = {k: str(v) for k, v in model.experts.items()}
-    roles = {"base": str(model.base), "instruct": str(model.instruct), **experts}
+    roles = role_map(str(model.base), str(model.instruct), experts)
     return FamilyPaths(roles["base"], roles["instruct"], experts, target=target_path(model, roles))
 
 
@@ -116,7 +135,7 @@ def embedded_zoo(model: Any, zoo: Any, cache_dir: Path, progress: bool, device: 
     return FamilyPaths(str(built.base), str(built.instruct), experts, str(built.heldout), target)
 
 
-@source("smollm2")
+@source("smollm2", merges=False)
 def smollm2(model: Any, zoo: Any, cache_dir: Path, progress: bool, device: str) -> FamilyPaths:
     """SmolLM2-135M-Instruct alone: no base, no experts."""
     from lata.sources.pretrained import smollm2_checkpoint

@@ -1,6 +1,8 @@
-"""Layer weightings: layer similarities -> per-layer weights w_{l,k} (LATA_SPEC "Layer weights").
+"""Layer weightings: layer similarities -> per-layer weights w_{l,k} (docs/method.md, "Layer weights").
 
-Pure functions of numbers: no tensors, no I/O, no config objects.
+Pure functions of numbers: no tensors, no I/O, no config objects. A weighting that takes its
+numbers from a file (``explicit`` with a mergekit recipe) names it in ``inputs``; validation
+(``lata.config.validate_weighting``) reads it once and hands its bytes to ``given``.
 
 The registry: a weighting is one module in this package holding a frozen dataclass subclass of
 ``Weighting``, decorated ``@weighting("<name>")``, whose fields are its parameters (the keys of
@@ -38,6 +40,15 @@ class Weighting:
 
     def weights_for(self, similarities: Sequence[float]) -> list[float]:
         raise NotImplementedError
+
+    def inputs(self) -> dict[str, str]:
+        """{config key: path} of the files this weighting takes its numbers from (none here)."""
+        return {}
+
+    def given(self, contents: dict[str, bytes]) -> "Weighting":
+        """A copy holding what it needs from the bytes of its ``inputs``, parsed and checked
+        (a field marked ``metadata={"given": True}``, not a config key)."""
+        return self
 
     def rest_default(self) -> float:
         """The weight of tensors outside the blocks when ``weighting.rest_weight`` is null."""
