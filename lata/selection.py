@@ -8,11 +8,12 @@ Decisions:
 - k = ceil(density * n) is taken with a 1e-9 relative tolerance, so float artefacts such as
   0.07 * 100 = 7.000000000000001 keep 7 values, not 8; at least one value is kept when n > 0.
 - The per-tensor selection is exact: a selection (introselect) on the tensor's magnitudes. On
-  the CPU it runs in numpy (``ndarray.partition``, in place on the engine's scratch buffer),
-  about 10x faster than ``torch.kthvalue`` there. On other devices it is two histogram passes
-  over the float32 bit patterns (``kth_largest_by_bits``), as for the global threshold:
-  ``torch.kthvalue`` on a GPU selects each row with one thread block, so one large tensor
-  would run on one of its many multiprocessors. All return the same value. For large tensors the fused CPU kernels first place a band around it
+  the CPU it runs in numpy (``ndarray.partition``, in place on the engine's scratch buffer;
+  docs/performance.md compares it with ``torch.kthvalue``). On other devices it is two
+  histogram passes over the float32 bit patterns (``kth_largest_by_bits``), as for the global
+  threshold: ``torch.kthvalue`` on a GPU selects each row with one thread block, so one large
+  tensor would run on one of its many multiprocessors. All return the same value. For large
+  tensors the fused CPU kernels first place a band around it
   from a sample (``band_around``), then one pass counts the values above the band and gathers
   those in it (``kth_largest_in_band``): the same exact value without writing and reordering
   every magnitude.
