@@ -1,10 +1,11 @@
-"""An independent, whole-model (non-streaming) implementation of LATA_SPEC, for tests only.
+"""An independent, whole-model (non-streaming) implementation of docs/method.md, for tests only.
 
 It loads every state dict fully, concatenates layer vectors, ranks with numpy and trims with
 torch.topk / sort, so it shares no code path with the streaming engine (except the seeded DARE
 mask and DELLA's seeded draws, which define m_k and are tested statistically on their own).
 Breadcrumbs keeps positions of a full sort (mergekit's way) where LATA selects two thresholds;
-DELLA ranks with numpy's stable argsort where LATA sorts with torch.
+DELLA ranks with numpy's stable argsort where LATA sorts with torch. A method without a formula
+here is refused (``merge`` raises ``ValueError``): a new method brings its own reference.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from safetensors.torch import load_file
 from lata.methods.dare import keep_mask, mask_seed
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+#: the methods ``merge`` has a formula for
+METHODS = ("ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:
@@ -122,7 +125,10 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
           explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5,
           of="linear_rank") -> dict[str, torch.Tensor]:
     """``target``: a checkpoint directory the delta is added to (default: theta_0);
-    ``rest_weight`` None: 1, or alpha for LiNeS."""
+    ``rest_weight`` None: 1, or alpha for LiNeS. ``ValueError`` for a method not in ``METHODS``."""
+    if method not in METHODS:
+        raise ValueError(f"tests/reference.py has no reference for merge method {method!r}; "
+                         f"it has: {', '.join(METHODS)}")
     base, instruct = load(dirs["base"]), load(dirs["instruct"])
     experts = {k: load(v) for k, v in dirs["experts"].items()}
     L = 1 + max(layer_index(n) for n in base if layer_index(n) is not None)
@@ -158,7 +164,7 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
             us = [lams[k] * pure[k][n] * _della_scale(experts[k][n].float() - theta0[n].float(), density, epsilon,
                                                       seed, k, n) for k in experts]
             delta = _elect(us) if method == "della" else sum(us)
-        else:
+        else:  # dare, dare_ties
             us = [lams[k] * keep_mask(pure[k][n].shape, p, seed, k, n) * pure[k][n] / (1 - p) for k in experts]
             delta = sum(us) if method == "dare" else _elect(us)
         out[n] = (added[n].float() + delta).to(added[n].dtype)

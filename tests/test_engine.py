@@ -262,7 +262,6 @@ def test_a_method_outside_the_package_by_dotted_path(family, family_dirs, tmp_pa
     (tmp_path / "my_lab_methods.py").write_text(
         "from dataclasses import dataclass\n"
         "from lata.methods import MergeMethod\n"
-        "from lata.methods.ta import task_arithmetic_\n"
         "from lata.registry import in_range\n\n"
         "@dataclass(frozen=True)\n"
         "class Scaled(MergeMethod):\n"
@@ -270,7 +269,7 @@ def test_a_method_outside_the_package_by_dotted_path(family, family_dirs, tmp_pa
         "    def check(self):\n"
         "        in_range('merge.factor', self.factor, 0.0, 1.0)\n\n"
         "    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):\n"
-        "        return task_arithmetic_(vectors, lams).mul_(self.factor)\n")
+        "        return super().delta_chunk(vectors, lams, experts, tensor, state, start, stop).mul_(self.factor)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     got = merge_state_dict(plan_merge(family, MergeConfig(method="my_lab_methods.Scaled", factor=0.5, lam=1.0),
                                       WeightingConfig(name="uniform"), progress=False))

@@ -6,15 +6,23 @@ import numpy as np
 import pytest
 import torch
 
-from lata.methods import build_method
+from lata.methods import METHODS, MergeMethod, disjoint_mean, summed
 from lata.methods.dare import keep_mask
-from lata.methods.ta import task_arithmetic
-from lata.methods.ties import disjoint_mean, ties
 from lata.selection import (band_around, global_threshold, keep_count, kth_largest, kth_largest_in_band,
                             sample_positions, scaled_magnitude, tensor_threshold)
 
 V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
 V2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])
+
+
+def build_method(method, **params):
+    """The checked method object, as ``merge.method`` and its keys give it."""
+    return METHODS.build(method, params)
+
+
+def task_arithmetic(vectors, lams):
+    """sum_k lambda_k v_k by the ``ta`` method on whole tensors."""
+    return build_method("ta").delta(vectors, lams, [f"e{i}" for i in range(len(vectors))], "t")
 
 
 def test_task_arithmetic_with_forgetting():
@@ -46,7 +54,7 @@ def test_ties_disjoint_mean_averages_agreeing_values_only():
 def test_ties_keeps_values_tied_with_the_kth():
     v = torch.tensor([1.0, -1.0, 1.0, 0.5])
     assert tensor_threshold(v, 0.25) == 1.0  # k = 1, but all three |1| are kept
-    assert ties([v], [1.0], [1.0]).tolist() == [1.0, -1.0, 1.0, 0.0]
+    assert build_method("ties", density=0.25).delta([v], [1.0], ["a"], "t").tolist() == [1.0, -1.0, 1.0, 0.0]
 
 
 def test_ties_negative_lambda_flips_before_election():
@@ -210,3 +218,45 @@ def test_della_elects_signs_like_ties():
         scales.append(build_method("della_linear", density=0.5, epsilon=0.4, seed=1).delta([v], [1.0], [name], "t"))
     got = build_method("della", density=0.5, epsilon=0.4, seed=1).delta([v1, v2], [1.0, 0.5], ["a", "b"], "t")
     assert torch.equal(got, disjoint_mean([scales[0], scales[1] * 0.5]))
+
+
+def test_contributions_scale_by_lambda_once_and_skip_exactly_one():
+    a, b = V1.clone(), V2.clone()
+    us = MergeMethod().contributions([a, b], [1.0, 0.5], None, 0, 4)
+    assert us[0] is a and us[0].tolist() == V1.tolist()  # lambda 1.0: no multiply
+    assert us[1] is b and us[1].tolist() == [-1.0, 1.0, 0.5, 0.5]  # in place in the kept values
+    assert summed(us).tolist() == [2.0, 0.0, 1.0, -3.5]
+
+
+@pytest.mark.parametrize("base, variant", [("dare", "dare_ties"), ("breadcrumbs", "breadcrumbs_ties"),
+                                           ("della_linear", "della")])
+def test_ties_variants_are_the_base_sparsifier_with_the_ties_consensus(base, variant):
+    B, V = METHODS.get(base), METHODS.get(variant)
+    assert issubclass(V, B) and V.name == variant and V.consensus is disjoint_mean
+    assert V.__name__ == {"dare_ties": "DareTies", "breadcrumbs_ties": "BreadcrumbsTies", "della": "Della"}[variant]
+    assert METHODS.parameters(variant) == METHODS.parameters(base)
+    assert (V.mergekit, V.mergekit_normalize, B.mergekit_normalize, V.fused) == (variant, True, False, False)
+    params = {"dare": {"p": 0.4, "seed": 2}, "breadcrumbs": {"density": 0.6, "gamma": 0.1},
+              "della_linear": {"density": 0.5, "epsilon": 0.3, "seed": 2}}[base]
+    g = torch.Generator().manual_seed(5)
+    vs, lams, names = [torch.randn(500, generator=g) for _ in range(3)], [1.0, 0.6, -0.8], ["a", "b", "c"]
+    # each expert alone through the base method is its contribution u_k = lambda_k * kept(v_k)
+    us = [build_method(base, **params).delta([v], [lam], [k], "t") for v, lam, k in zip(vs, lams, names)]
+    assert all(int((u != 0).sum()) < 450 for u in us)  # values were dropped
+    assert torch.equal(build_method(variant, **params).delta(vs, lams, names, "t"), disjoint_mean(us))
+    assert torch.equal(build_method(base, **params).delta(vs, lams, names, "t"), us[0] + us[1] + us[2])
+
+
+def test_dare_folds_lambda_into_its_rescale_and_sums_from_zero():
+    v = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    mask = torch.arange(1000) % 3 != 0
+    dare = build_method("dare", p=0.3)
+    kept = dare.kept(v.clone(), mask, 0, 1000)
+    assert torch.equal(kept, torch.where(mask, v * (1 / 0.7), torch.zeros(())))
+    u = dare.contributions([v.clone()], [0.3], [mask], 0, 1000)[0]
+    assert torch.equal(u, torch.where(mask, v * (0.3 / 0.7), torch.zeros(())))  # one multiply, one rounding
+    assert not torch.equal(u, kept * 0.3)  # rescale, then lambda: two roundings, other values
+    # the sum starts from +0.0: a -0.0 contribution gives +0.0 where task arithmetic keeps the -0.0
+    zero = torch.tensor([-0.0])
+    assert not torch.signbit(build_method("dare", p=0.0).delta([zero], [1.0], ["a"], "t")).item()
+    assert torch.signbit(build_method("ta").delta([zero], [1.0], ["a"], "t")).item()

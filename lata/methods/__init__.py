@@ -10,6 +10,16 @@ refuses bad values, plus one YAML ``conf/merge/<name>.yaml``. ``METHODS`` finds 
 itself; the config validation, the resume key and the report's columns read it.
 ``merge.method`` may also be a dotted path ``package.module.Class`` to a method outside LATA.
 
+A method is a sparsifier times a consensus (docs/method.md, "Merge methods and weightings"):
+- the sparsifier: ``prepare`` computes, from the whole tensor, what each expert's drop needs
+  (one entry per expert), and ``kept(v, state_k, start, stop)`` is the sparsified slice of one
+  expert's vector;
+- ``contributions``: the kept values scaled by lambda_k, u_k = lambda_k * kept(v_k) (the one
+  place the lambdas are applied; no multiply where lambda_k is exactly 1.0);
+- the consensus combines the u_k: ``summed`` (sum_k u_k) or ``disjoint_mean`` (TIES sign
+  election and mean over the agreeing experts). ``ties_variant(Base, "<name>")`` is the method
+  with Base's sparsifier and the TIES consensus, registered in one line.
+
 Every method is elementwise once it has seen the whole tensor: ``prepare`` takes what needs the
 whole tensor, through the one ``TensorVectors`` interface the engine offers (each expert's k-th
 largest magnitude for TIES and Breadcrumbs; each expert's magnitudes for DELLA's ranks; a
@@ -66,14 +76,54 @@ class _WholeVectors:
         return [fn(i, v.detach().reshape(-1).float().abs()) for i, v in enumerate(self.vectors)]
 
 
+def summed(us: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum_k u_k, in place in the first: u_1, then each further u_k added in order.
+
+    Each sum is one rounded float operation, so the result is the same however the tensor is
+    cut into chunks or threads.
+    """
+    total = None
+    for u in us:
+        total = u if total is None else total.add_(u)
+    return total
+
+
+def disjoint_mean(us: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sign election and disjoint mean of already-scaled contributions u_k.
+
+    gamma = sign(sum_k u_k); the mean over the k with sign(u_k) = gamma and u_k != 0; 0 where
+    no contribution agrees. Written without masks: u_k agrees exactly when relu(u_k * gamma) > 0
+    (gamma is -1, 0 or 1, so the product is exact), and the mean is gamma * sum_k relu(u_k *
+    gamma) / max(count, 1), the same sum as that of the agreeing u_k with the sign taken out.
+    """
+    us = list(us)
+    gamma = us[0] + us[1] if len(us) > 1 else us[0].clone()
+    for u in us[2:]:
+        gamma.add_(u)
+    gamma.sign_()
+    total = count = None
+    for u in us:
+        agreeing = torch.mul(u, gamma).relu_()
+        if total is None:
+            total, count = agreeing, torch.sign(agreeing)
+        else:
+            total.add_(agreeing)
+            count.add_(torch.sign(agreeing))
+    return total.mul_(gamma).div_(count.clamp_(min=1.0))
+
+
 @dataclass(frozen=True)
 class MergeMethod:
-    """Base: ``prepare`` + ``delta_chunk``; ``delta(vectors, lams, experts, tensor, thresholds)`` for one tensor."""
+    """Base: a sparsifier (``prepare``, ``kept``) times a ``consensus``; ``delta(vectors, lams,
+    experts, tensor, thresholds)`` for one tensor. By default nothing is dropped and the
+    consensus is the sum: task arithmetic."""
 
     name: ClassVar[str] = "base"
+    #: how the lambda-scaled contributions u_k combine into the delta: ``summed`` or ``disjoint_mean``
+    consensus: ClassVar[Callable[[Sequence[torch.Tensor]], torch.Tensor]] = staticmethod(summed)
     #: ``fused_chunk`` exists: a fused CPU kernel computes theta_0 + delta (``lata.accel.kernels``)
     fused: ClassVar[bool] = False
-    #: mergekit's ``merge_method`` with the same steps (``lata.export``); None: none has them
+    #: mergekit's ``merge_method`` with the same steps (``lata.results.mergekit``); None: none has them
     mergekit: ClassVar[str | None] = None
     #: mergekit's ``normalize`` for it: true where LATA divides the agreeing experts' sum by
     #: their count after a sign election (mergekit divides by their weights' sum: the same
@@ -90,22 +140,36 @@ class MergeMethod:
         return None
 
     def mergekit_parameters(self) -> dict[str, Any]:
-        """This method's parameters as mergekit names them, for each model (``lata.export``);
-        a ``ConfigError`` where mergekit has no counterpart for a setting."""
+        """This method's parameters as mergekit names them, for each model
+        (``lata.results.mergekit``); a ``ConfigError`` where mergekit has no counterpart for a
+        setting."""
         return {}
 
     def prepare(self, vectors: TensorVectors, lams: Sequence[float], experts: Sequence[str], tensor: str,
-                thresholds: Sequence[float] | None = None) -> Any:
-        """What ``delta_chunk`` needs from the whole tensor (nothing, by default)."""
+                thresholds: Sequence[float] | None = None) -> Sequence[Any] | None:
+        """What ``kept`` needs from the whole tensor: one entry per expert, or None (nothing)."""
         return None
+
+    def kept(self, v: torch.Tensor, state: Any, start: int, stop: int) -> torch.Tensor:
+        """The sparsified slice [start, stop) of one expert's vector v (scratch: may be
+        overwritten and returned), given that expert's entry of ``prepare``. All of v, by default."""
+        return v
+
+    def contributions(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], state: Any, start: int,
+                      stop: int) -> list[torch.Tensor]:
+        """u_k = lambda_k * kept(v_k), in place in the kept values (lambda_k = 1.0: no multiply)."""
+        states = [None] * len(vectors) if state is None else state
+        kept = [self.kept(v, s, start, stop) for v, s in zip(vectors, states)]
+        return [u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)]
 
     def delta_chunk(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
                     tensor: str, state: Any, start: int, stop: int) -> torch.Tensor:
-        """The delta of elements [start, stop) of the flattened tensor, from the vectors' slices.
+        """The delta of elements [start, stop) of the flattened tensor, from the vectors' slices:
+        the consensus of the contributions.
 
         The vectors are scratch: the method may overwrite them (and return one of them).
         """
-        raise NotImplementedError
+        return self.consensus(self.contributions(vectors, lams, state, start, stop))
 
     def fused_chunk(self, slices: Any, lams: Sequence[float], state: Any, start: int, stop: int) -> int:
         """theta_0 + delta of elements [start, stop), written by a fused kernel into the output
@@ -121,7 +185,23 @@ class MergeMethod:
         return self.delta_chunk(flat, lams, experts, tensor, state, 0, flat[0].numel()).view(shape)
 
 
+def ties_variant(base: type, name: str, *, mergekit: str | None = None, register: bool = True) -> type:
+    """The method with ``base``'s sparsifier, parameters and checks and the TIES consensus
+    (``disjoint_mean``), a frozen dataclass named after ``name`` (``dare_ties`` -> ``DareTies``)
+    and registered as ``name`` (``register=False``: not registered, for a method used by its
+    dotted path). ``mergekit``: mergekit's method with the same steps (None: none); its
+    ``normalize`` is true (the mean over the agreeing experts). It has no fused kernel."""
+    class_name = "".join(part.capitalize() for part in name.split("_"))
+    namespace = {"__module__": base.__module__, "__qualname__": class_name,
+                 "__doc__": f"{base.__name__}'s kept values, lambda-scaled, then TIES sign election and disjoint mean.",
+                 "consensus": staticmethod(disjoint_mean), "mergekit": mergekit, "mergekit_normalize": True,
+                 "fused": False, "__annotations__": {}}
+    variant = dataclass(frozen=True)(type(class_name, (base,), namespace))
+    variant.name = name
+    return merge_method(name)(variant) if register else variant
+
+
 def build_method(method: str, **params: Any) -> MergeMethod:
     """The checked method object for ``merge.method`` and its own keys (``ConfigError`` naming
-    the key for an unknown method, an unknown key or a bad value)."""
+    the key for an unknown method, an unknown key or a bad value): ``METHODS.build``."""
     return METHODS.build(method, params)

@@ -23,9 +23,7 @@ from typing import ClassVar
 
 import torch
 
-from lata.methods import MergeMethod, merge_method
-from lata.methods.ta import task_arithmetic_
-from lata.methods.ties import disjoint_mean
+from lata.methods import MergeMethod, merge_method, ties_variant
 from lata.selection import keep_count
 from lata.registry import in_range
 
@@ -60,24 +58,12 @@ class Breadcrumbs(MergeMethod):
         return {"density": self.density, "gamma": self.gamma}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        """Each expert's (lo, hi): the magnitudes of the smallest and the largest kept rank."""
         hi_rank, lo_rank = outlier_bounds(vectors.shape.numel(), self.density, self.gamma)
         return list(zip(vectors.kth_largest_magnitudes(lo_rank), vectors.kth_largest_magnitudes(hi_rank)))
 
-    def _kept(self, vectors, bounds):
-        return [keep_between(v, lo, hi) for v, (lo, hi) in zip(vectors, bounds)]
-
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        return task_arithmetic_(self._kept(vectors, state), lams)
+    def kept(self, v, bounds, start, stop):
+        return keep_between(v, *bounds)
 
 
-@merge_method("breadcrumbs_ties")
-@dataclass(frozen=True)
-class BreadcrumbsTies(Breadcrumbs):
-    """Breadcrumbs' kept values, lambda-scaled, then TIES sign election and disjoint mean."""
-
-    mergekit: ClassVar[str] = "breadcrumbs_ties"
-    mergekit_normalize: ClassVar[bool] = True
-
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        kept = self._kept(vectors, state)
-        return disjoint_mean([u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)])
+BreadcrumbsTies = ties_variant(Breadcrumbs, "breadcrumbs_ties", mergekit="breadcrumbs_ties")

@@ -1,4 +1,4 @@
-"""DARE: drop each value of v_k with probability p, rescale the kept by 1/(1 - p) (LATA_SPEC
+"""DARE: drop each value of v_k with probability p, rescale the kept by 1/(1 - p) (docs/method.md,
 `dare`, `dare_ties`).
 
 Decision: masks are drawn on the CPU from a torch.Generator seeded by sha256(seed, expert,
@@ -13,8 +13,7 @@ from typing import ClassVar, Sequence
 
 import torch
 
-from lata.methods import MergeMethod, merge_method
-from lata.methods.ties import disjoint_mean
+from lata.methods import MergeMethod, merge_method, ties_variant
 from lata.registry import in_range
 
 
@@ -30,19 +29,34 @@ def keep_mask(shape: torch.Size | Sequence[int], p: float, seed: int, expert: st
 
 
 def rescale_kept(v: torch.Tensor, mask: torch.Tensor, lam: float, p: float) -> torch.Tensor:
-    """u = lambda * m * v / (1 - p) for a given mask m (any slice of the tensor with its mask)."""
+    """u = lambda * m * v / (1 - p) for a given mask m (any slice of the tensor with its mask):
+    one multiply of v by lambda / (1 - p)."""
     mask = mask.to(v.device).view(v.shape)
     return torch.where(mask, v * (lam / (1.0 - p)), torch.zeros((), dtype=v.dtype, device=v.device))
+
+
+def summed_from_zero(us: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0 + sum_k u_k: each u_k added in order to a new zero tensor (where every u_k is -0.0 the
+    sum is +0.0, where ``summed`` gives -0.0)."""
+    total = torch.zeros_like(us[0])
+    for u in us:
+        total += u
+    return total
 
 
 @merge_method("dare")
 @dataclass(frozen=True)
 class Dare(MergeMethod):
     """DARE: delta = sum_k lambda_k m_k v_k / (1 - p), m_k ~ Bernoulli(1 - p) seeded by
-    (seed, expert, tensor)."""
+    (seed, expert, tensor).
+
+    ``contributions`` is DARE's own: lambda_k is folded into the rescale, u_k = m_k v_k *
+    (lambda_k / (1 - p)) in one multiply, where ``kept`` followed by the lambda scaling would
+    round twice. The sum starts from a zero tensor (``summed_from_zero``)."""
 
     p: float = 0.9
     seed: int = 0
+    consensus: ClassVar = staticmethod(summed_from_zero)
     mergekit: ClassVar[str] = "dare_linear"
 
     def check(self):
@@ -52,25 +66,14 @@ class Dare(MergeMethod):
         return {"density": round(1.0 - self.p, 12)}  # the kept fraction (mergekit draws its own masks)
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        """Each expert's keep mask over the flattened tensor."""
         return [keep_mask(vectors.shape, self.p, self.seed, e, tensor).reshape(-1) for e in experts]
 
-    def _contributions(self, vectors, lams, masks, start, stop):
-        return [rescale_kept(v, m[start:stop], lam, self.p) for v, lam, m in zip(vectors, lams, masks)]
+    def kept(self, v, mask, start, stop):
+        return rescale_kept(v, mask[start:stop], 1.0, self.p)
 
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        total = torch.zeros_like(vectors[0])
-        for u in self._contributions(vectors, lams, state, start, stop):
-            total += u
-        return total
+    def contributions(self, vectors, lams, state, start, stop):
+        return [rescale_kept(v, m[start:stop], lam, self.p) for v, lam, m in zip(vectors, lams, state)]
 
 
-@merge_method("dare_ties")
-@dataclass(frozen=True)
-class DareTies(Dare):
-    """DARE's rescaled contributions, then TIES sign election and disjoint mean."""
-
-    mergekit: ClassVar[str] = "dare_ties"
-    mergekit_normalize: ClassVar[bool] = True
-
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        return disjoint_mean(self._contributions(vectors, lams, state, start, stop))
+DareTies = ties_variant(Dare, "dare_ties", mergekit="dare_ties")

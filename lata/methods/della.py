@@ -26,10 +26,8 @@ from typing import ClassVar
 
 import torch
 
-from lata.methods import MergeMethod, merge_method
+from lata.methods import MergeMethod, merge_method, ties_variant
 from lata.methods.dare import mask_seed
-from lata.methods.ta import task_arithmetic_
-from lata.methods.ties import disjoint_mean
 from lata.registry import ConfigError, in_range
 
 
@@ -73,24 +71,14 @@ class DellaLinear(MergeMethod):
         return {"density": self.density, "epsilon": self.epsilon}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        """Each expert's s_i (``rescaled_keep``) over the flattened tensor."""
         return vectors.each_magnitude(lambda i, magnitudes: rescaled_keep(
             magnitudes, self.density, self.epsilon, self.seed, experts[i], tensor))
 
-    def _kept(self, vectors, scales, start, stop):
-        return [v.mul_(s[start:stop].to(v.device)) for v, s in zip(vectors, scales)]
-
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        return task_arithmetic_(self._kept(vectors, state, start, stop), lams)
+    def kept(self, v, scales, start, stop):
+        return v.mul_(scales[start:stop].to(v.device))
 
 
-@merge_method("della")
-@dataclass(frozen=True)
-class Della(DellaLinear):
-    """DELLA: MagPrune's rescaled values, lambda-scaled, then TIES sign election and disjoint mean."""
-
-    mergekit: ClassVar[str] = "della"
-    mergekit_normalize: ClassVar[bool] = True
-
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        kept = self._kept(vectors, state, start, stop)
-        return disjoint_mean([u.mul_(lam) if lam != 1.0 else u for u, lam in zip(kept, lams)])
+#: DELLA: MagPrune's rescaled values, lambda-scaled, then TIES sign election and disjoint mean
+#: (mergekit's and the paper's name for it is plain ``della``)
+Della = ties_variant(DellaLinear, "della", mergekit="della")

@@ -1,23 +1,23 @@
-"""TIES: magnitude trim, sign election, disjoint mean (LATA_SPEC `ties`).
+"""TIES: magnitude trim, sign election, disjoint mean (docs/method.md, `ties`).
 
 Decisions the spec leaves open:
 - The thresholds (the k-th largest |v| per tensor or over the whole model, k = ceil(density *
   n)) are exact selections (``lata.selection``).
 - Once the thresholds are known, trim, election and mean are elementwise, written with
-  arithmetic (threshold, copysign, relu, sign) rather than boolean masks: the same values,
-  several times faster on the CPU, and the same in any slicing of the tensor.
+  arithmetic (threshold, copysign, relu, sign) rather than boolean masks: the same values, and
+  the same in any slicing of the tensor.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lata.methods import MergeMethod, merge_method
+from lata.methods import MergeMethod, disjoint_mean, merge_method
 from lata.registry import ConfigError, in_range, one_of
 from lata.selection import keep_count, largest_below
 
@@ -30,41 +30,6 @@ def trim(v: torch.Tensor, threshold: float) -> torch.Tensor:
     return kept.copysign_(v)
 
 
-def disjoint_mean(us: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sign election and disjoint mean of already-scaled contributions u_k.
-
-    gamma = sign(sum_k u_k); the mean over the k with sign(u_k) = gamma and u_k != 0; 0 where
-    no contribution agrees. Written without masks: u_k agrees exactly when relu(u_k * gamma) > 0
-    (gamma is -1, 0 or 1, so the product is exact), and the mean is gamma * sum_k relu(u_k *
-    gamma) / max(count, 1), the same sum as that of the agreeing u_k with the sign taken out.
-    """
-    us = list(us)
-    gamma = us[0] + us[1] if len(us) > 1 else us[0].clone()
-    for u in us[2:]:
-        gamma.add_(u)
-    gamma.sign_()
-    total = count = None
-    for u in us:
-        agreeing = torch.mul(u, gamma).relu_()
-        if total is None:
-            total, count = agreeing, torch.sign(agreeing)
-        else:
-            total.add_(agreeing)
-            count.add_(torch.sign(agreeing))
-    return total.mul_(gamma).div_(count.clamp_(min=1.0))
-
-
-def ties(vectors: Sequence[torch.Tensor], lams: Sequence[float], thresholds: Sequence[float]) -> torch.Tensor:
-    """TIES merge of one tensor given each expert's magnitude threshold (tensor or global scope)."""
-    us = []
-    for v, lam, t in zip(vectors, lams, thresholds):
-        u = trim(v, t)
-        if lam != 1.0:
-            u.mul_(lam)
-        us.append(u)
-    return disjoint_mean(us)
-
-
 @merge_method("ties")
 @dataclass(frozen=True)
 class Ties(MergeMethod):
@@ -73,6 +38,7 @@ class Ties(MergeMethod):
 
     density: float = 0.2
     topk_scope: str = "tensor"
+    consensus: ClassVar = staticmethod(disjoint_mean)
     fused: ClassVar[bool] = True
     mergekit: ClassVar[str] = "ties"
     mergekit_normalize: ClassVar[bool] = True
@@ -91,14 +57,16 @@ class Ties(MergeMethod):
         return self.density if self.topk_scope == "global" else None
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
+        """Each expert's magnitude threshold: its k-th largest |v| in the tensor, or the
+        whole-model one (``topk_scope=global``)."""
         if self.topk_scope == "tensor":
             return vectors.kth_largest_magnitudes(keep_count(vectors.shape.numel(), self.density))
         if thresholds is None:
             raise ValueError("TIES with topk_scope=global needs the whole-model thresholds")
         return list(thresholds)
 
-    def delta_chunk(self, vectors, lams, experts, tensor, state, start, stop):
-        return ties(vectors, lams, state)
+    def kept(self, v, threshold, start, stop):
+        return trim(v, threshold)
 
     def fused_chunk(self, slices, lams, state, start, stop):
         return slices.ties(lams, [largest_below(t) for t in state], start, stop)
