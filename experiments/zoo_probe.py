@@ -1,4 +1,4 @@
-"""Zoo probe (issue 15): which zoo recipe makes Task Arithmetic of two experts work?
+"""Zoo probe: which zoo recipe makes Task Arithmetic of two experts work?
 
 Builds one configuration outside the zoo cache with the zoo's own data and training code:
 tokenizer and base (cached in WORK per shape, base steps and task share), an instruct model
@@ -6,8 +6,7 @@ whose chat data mixes in INSTRUCT_MIX math and as much code, math/code/ua expert
 scores instruct, each expert and TA merges of math + code (lambda 0.3 to 1.5) on 200 held-out
 math, 100 code and 50 forbidden requests, with token perplexity on held-out Shakespeare, through
 the lm-eval harness (``lata.zoo.report.Scorer``: the tasks of ``benchmark=zoo``).
-Prints one JSON line per model; docs/zoo.md holds the results (rows A-D were scored by the
-zoo report's earlier generation loop, before the one-evaluator change).
+Prints one JSON line per model; docs/zoo.md holds the results.
 
   python experiments/zoo_probe.py WORK INSTRUCT_MIX EXPERT_LR EXPERT_STEPS \
       [LAYERS=4] [BASE_STEPS=360] [HIDDEN=256] [TASK_SHARE=0] [SEED=0]

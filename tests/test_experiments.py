@@ -1,7 +1,11 @@
-"""conf/experiment/: every experiment composes, and every point of its sweep validates; the real
-families refuse an unreachable hub clearly; one experiment runs end to end on the micro zoo."""
+"""conf/experiment/: every experiment composes, names its command, and every point of its sweep
+validates; the experiments that make reproduce runs are the ones experiments/summarize.py reads;
+the real families refuse an unreachable hub clearly; one experiment runs end to end on the micro zoo."""
 
+import functools
+import importlib.util
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from lata.config import register_configs, validate
 
 EXPERIMENTS = sorted(p.stem for p in (Path(config_dir()) / "experiment").glob("*.yaml"))
 REAL = [e for e in EXPERIMENTS if e.startswith(("paper_", "mergebench_"))]
+ROOT = Path(__file__).resolve().parents[1]
 EXPERTS = ["++model.experts.math=someone/math-expert", "++model.experts.code=someone/code-expert"]
 
 
@@ -39,10 +44,33 @@ def sweep_points(name: str) -> list[list[str]]:
     return [first] + [first[:i] + [value] + first[i + 1:] for i, values in enumerate(grid) for value in values[1:]]
 
 
-def test_the_experiments_are_there():
-    assert {"multitask", "multitask_seeds", "references", "forgetting", "ablation_weighting", "ablation_threshold",
-            "lambda_sweep", "lata_vs_lines", "shuffle_control"} <= set(EXPERIMENTS)
-    assert len(REAL) == 6
+@functools.cache
+def summarized() -> dict[str, str]:
+    """experiments/summarize.py's experiments: {name: the command its section names}."""
+    spec = importlib.util.spec_from_file_location("summarize", ROOT / "experiments" / "summarize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.COMMANDS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_names_its_command(name):
+    text = (Path(config_dir()) / "experiment" / f"{name}.yaml").read_text()
+    assert re.search(rf"^#\s+lata experiment={name}(\s|$)", text, re.MULTILINE), name
+
+
+def test_the_summarized_experiments_are_the_reproduced_ones_and_each_has_its_command():
+    """make reproduce runs what summarize.py reads; each is a config whose sweep writes where
+    summarize.py looks, and experiments/README.md gives its command."""
+    commands = summarized()
+    reproduced = re.search(r"^EXPERIMENTS \?= (.+)$", (ROOT / "Makefile").read_text(), re.MULTILINE).group(1).split()
+    readme = (ROOT / "experiments" / "README.md").read_text()
+    assert commands and list(commands) == reproduced
+    for name, command in commands.items():
+        assert name in EXPERIMENTS and name not in REAL
+        assert command == f"lata experiment={name}" and f"`{command}`" in readme
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and Path(cfg.hydra.sweep.dir).parts[-2:] == ("experiments", name)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -59,9 +87,13 @@ def test_every_point_of_every_experiment_validates(name):
             assert cfg.model.embedded == "zoo" and cfg.benchmark.name == "zoo"
 
 
-def test_sweep_sizes():
-    sizes = {name: len(list(itertools.product(*sweep_grid(name)))) for name in EXPERIMENTS if name not in REAL}
-    assert sizes["multitask"] == 3 * 6 * 5 * 2 and sizes["references"] == 5 and sizes["lambda_sweep"] == 18
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_sweep_has_points_and_no_value_twice(name):
+    grid = sweep_grid(name)
+    for values in grid:
+        assert values and len(set(values)) == len(values), values
+    if name in summarized():
+        assert len(list(itertools.product(*grid))) > 1  # a sweep, not one run
 
 
 @pytest.mark.parametrize("name", REAL)

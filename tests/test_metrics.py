@@ -1,11 +1,10 @@
 """Metrics against known answers."""
 
-import math
 from itertools import combinations
 
 import pytest
 
-from lata.evaluation.metrics import exact_match, flexible_answer, normalize_number, pass_at_k, perplexity, strict_answer
+from lata.evaluation.metrics import exact_match, flexible_answer, normalize_number, pass_at_k, strict_answer, wilson_interval
 
 
 @pytest.mark.parametrize("response, strict, flexible", [
@@ -45,6 +44,9 @@ def test_pass_at_1_is_the_pass_rate_and_bad_arguments_fail():
         pass_at_k(5, 6, 1)
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
-    vocab, tokens = 50, 17
-    assert perplexity(tokens * math.log(vocab), tokens) == pytest.approx(vocab)
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1.959964 ** 2 / (10 + 1.959964 ** 2))  # z² / (n + z²)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)

@@ -5,9 +5,11 @@ import json
 import os
 from importlib.metadata import entry_points
 
+import pandas as pd
 import pytest
 
-from lata.results.report import best_points, build_report, collect, main
+from lata.results.report import build_report, main
+from lata.results.tables import best_by_score, best_points, collect
 
 METHODS = ("ta", "ties")
 WEIGHTINGS = ("uniform", "linear_rank")
@@ -126,6 +128,13 @@ def test_best_lambda_is_the_known_best(sweep):
     assert len(best) == 4
 
 
+def test_best_by_score_takes_the_highest_score_and_the_lower_lambda_on_a_tie():
+    frame = pd.DataFrame({"line": ["a", "a", "a", "b", "b", "c"], "lam": [1.0, 0.5, 0.7, 0.3, 0.6, 0.9],
+                          "score": [0.8, 0.8, 0.2, 0.1, 0.4, float("nan")]})
+    best = best_by_score(frame, ["line"], score="score")
+    assert best["line"].tolist() == ["a", "b", "c"] and best["lam"].tolist() == [0.5, 0.6, 0.9]
+
+
 def test_plots_and_markdown(sweep, report):
     out, written = report
     expected = {"lambda_zoo_math.png", "lambda_zoo_code.png", "lambda_zoo_ppl.png", "lambda_task_score.png",
@@ -194,7 +203,7 @@ def test_columns_follow_the_registries(tmp_path):
 
 
 def test_expert_sets_and_ablated_keys_become_columns_only_where_they_vary(tmp_path):
-    from lata.results.report import series_labels
+    from lata.results.tables import series_labels
 
     for i, experts in enumerate(({"math": "m", "code": "c"}, {"ua": "u", "math": "m"})):
         s = summary("ta", lam=0.5, metrics={"zoo_math": {"exact_match_strict": 0.1 * (i + 1)}})

@@ -1,1 +1,1 @@
-"""Evaluation: metrics, the code sandbox, and (later) lm-eval glue. Knows nothing about merging."""
+"""Evaluation: benchmark tasks, metrics, the code sandbox and the lm-eval harness. Knows nothing about merging."""

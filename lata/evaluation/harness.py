@@ -3,7 +3,8 @@
 The model object is evaluated where it is (no save/reload); lm-eval's request cache is never
 used, so different merged weights can never share responses. Generation tasks whose prompts are
 chat turns (the zoo's) and plain ones run as two lm-eval calls, because the chat template is a
-per-call switch. Code is scored afterwards, in the sandbox, from the logged samples.
+per-call switch. Code is scored afterwards, in the sandbox, from the logged samples. Token
+perplexity (``strided_perplexity``) is computed here, from the model's logits.
 """
 
 from __future__ import annotations
@@ -62,9 +63,7 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     lm-eval's own tasks that execute model-written code stay refused by lm-eval: such code runs
     only in LATA's sandbox (``lata_humaneval``).
     """
-    from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     names = list(bench.tasks)
@@ -75,48 +74,76 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     specs = render_tasks(own, Path(work_dir) / "lm_eval_tasks", DataPaths(Path(data_dir), zoo_heldout),
                          num_fewshot=int(bench.num_fewshot), code_samples=int(bench.code_samples),
                          temperature=float(bench.temperature), context=context)
-    user_dir = getattr(bench, "include_path", None)
-    include = [str(Path(work_dir) / "lm_eval_tasks")] + ([str(Path(user_dir).expanduser())] if user_dir else [])
+    manager = _task_manager(others, Path(work_dir) / "lm_eval_tasks", getattr(bench, "include_path", None))
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size), max_length=context)
+    metrics: dict[str, dict[str, float]] = {}
+    if others:  # lm-eval's tasks and the user's, plain prompts, scored by lm-eval
+        metrics.update(_lm_eval_tasks(lm, others, manager, model, tokenizer, bench, context))
+    for chat in (False, True):
+        group = [s for s in specs if s.chat == chat]
+        if group:
+            metrics.update(_own_tasks(lm, group, chat, manager, model, tokenizer, bench, context))
+    return metrics
+
+
+def _task_manager(others: list[str], rendered: Path, user_dir: str | None) -> Any:
+    """lm-eval's TaskManager over LATA's rendered YAMLs and ``user_dir``, with lm-eval's own
+    registry indexed only where ``others`` names a task outside them; an unknown name is refused."""
+    from lm_eval.tasks import TaskManager
+
+    include = [str(rendered)] + ([str(Path(user_dir).expanduser())] if user_dir else [])
     manager = TaskManager(include_path=include, include_defaults=False)
-    if any(n not in manager.all_tasks for n in others):  # indexing lm-eval's registry takes seconds
+    if any(n not in manager.all_tasks for n in others):  # lm-eval's whole registry: only where a name needs it
         manager = TaskManager(include_path=include, include_defaults=True)
     unknown = [n for n in others if n not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown benchmark task '{unknown[0]}': not one of LATA's ({', '.join(TASKS)}), nor in "
                          f"lm-eval's registry{' or in ' + str(user_dir) if user_dir else ''}")
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(bench.batch_size), max_length=context)
-    limit = bench.limit
-    metrics: dict[str, dict[str, float]] = {}
-    if others:  # lm-eval's tasks and the user's, plain prompts, scored by lm-eval
-        out = simple_evaluate(model=lm, tasks=others, task_manager=manager, limit=limit, log_samples=True,
-                              random_seed=0)
-        for name, result in out["results"].items():
-            values = _numeric(result)
-            if name in out.get("samples", {}):
-                if name in LM_EVAL_PPL_TEXT:
-                    values.update(_token_perplexity(model, tokenizer, out["samples"][name], LM_EVAL_PPL_TEXT[name],
-                                                    bench, context))
-                values["samples"] = _documents(out["samples"][name])
-            metrics[name] = values
-    for chat in (False, True):
-        group = [s for s in specs if s.chat == chat]
-        if not group:
-            continue
-        out = simple_evaluate(model=lm, tasks=[s.name for s in group], task_manager=manager, limit=limit,
-                              log_samples=True, apply_chat_template=chat, random_seed=0)
-        for spec in group:
-            values = _numeric(out["results"][spec.name])
-            values.pop("bypass", None)
-            if spec.kind == "code":
-                samples = sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])
-                values.update(score_code([s["doc"] for s in samples], [_completions(s) for s in samples],
-                                         ks=list(bench.pass_k), timeout_s=float(bench.code_timeout_s),
-                                         limits=SandboxLimits(timeout_s=float(bench.code_timeout_s))))
-            if spec.kind == "ppl":
-                values.update(_token_perplexity(model, tokenizer, out["samples"][spec.name],
-                                                spec.doc_to_text.strip("{} "), bench, context))
-            values["samples"] = _documents(out["samples"][spec.name])
-            metrics[spec.name] = values
+    return manager
+
+
+def _lm_eval_tasks(lm: Any, names: list[str], manager: Any, model: Any, tokenizer: Any, bench: Any,
+                   context: int) -> dict[str, dict[str, float]]:
+    """Tasks that lm-eval scores (its own and the user's): every numeric metric it reports, plus
+    LATA's token perplexity of ``LM_EVAL_PPL_TEXT``'s texts."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=bench.limit, log_samples=True,
+                          random_seed=0)
+    metrics = {}
+    for name, result in out["results"].items():
+        values = _numeric(result)
+        if name in out.get("samples", {}):
+            if name in LM_EVAL_PPL_TEXT:
+                values.update(_token_perplexity(model, tokenizer, out["samples"][name], LM_EVAL_PPL_TEXT[name],
+                                                bench, context))
+            values["samples"] = _documents(out["samples"][name])
+        metrics[name] = values
+    return metrics
+
+
+def _own_tasks(lm: Any, specs: list, chat: bool, manager: Any, model: Any, tokenizer: Any, bench: Any,
+               context: int) -> dict[str, dict[str, float]]:
+    """LATA's tasks of one prompt style (``chat``: chat turns), scored by LATA: code in the
+    sandbox, perplexity tasks also by strided token perplexity."""
+    from lm_eval import simple_evaluate
+
+    out = simple_evaluate(model=lm, tasks=[s.name for s in specs], task_manager=manager, limit=bench.limit,
+                          log_samples=True, apply_chat_template=chat, random_seed=0)
+    metrics = {}
+    for spec in specs:
+        values = _numeric(out["results"][spec.name])
+        values.pop("bypass", None)
+        if spec.kind == "code":
+            samples = sorted(out["samples"][spec.name], key=lambda s: s["doc_id"])
+            values.update(score_code([s["doc"] for s in samples], [_completions(s) for s in samples],
+                                     ks=list(bench.pass_k), timeout_s=float(bench.code_timeout_s),
+                                     limits=SandboxLimits(timeout_s=float(bench.code_timeout_s))))
+        if spec.kind == "ppl":
+            values.update(_token_perplexity(model, tokenizer, out["samples"][spec.name],
+                                            spec.doc_to_text.strip("{} "), bench, context))
+        values["samples"] = _documents(out["samples"][spec.name])
+        metrics[spec.name] = values
     return metrics
 
 

@@ -1,4 +1,6 @@
-"""Metric functions on plain values: answer extraction, exact match, pass@k, perplexity."""
+"""Metric functions on plain values: answer extraction, exact match, pass@k, Wilson intervals.
+
+Perplexity needs the model: ``lata.evaluation.harness.strided_perplexity``."""
 
 from __future__ import annotations
 
@@ -42,13 +44,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-def perplexity(total_nll: float, count: int) -> float:
-    """exp(total negative log-likelihood / count) for tokens, words or bytes."""
-    if count <= 0:
-        raise ValueError("perplexity of an empty text")
-    return math.exp(total_nll / count)
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -1,1 +1,2 @@
-"""What a run leaves for people: the report (tables), plots, the W&B mirror, mergekit recipes."""
+"""What a run leaves for people: tables of stored points, the report, plots, the W&B mirror,
+mergekit recipes."""

@@ -77,7 +77,7 @@ def _log_wandb(logger_cfg: Any, run_dir: Path, config: Any, summary: dict, group
                job_name: str | None) -> None:
     from omegaconf import DictConfig, OmegaConf
 
-    from lata.results.report import point_name, result_row
+    from lata.results.tables import point_name, result_row
 
     mode = resolve_mode(logger_cfg.mode)
     if mode == "disabled":

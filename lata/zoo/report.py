@@ -16,10 +16,10 @@ Metrics are percentages (math exact match, code pass@1, ua compliance), each wit
 interval, and token perplexity on held-out Shakespeare.
 
 Decisions: the best lambda maximises the smaller of the two retentions (ties: the smaller
-lambda); retention is (merged - instruct) / (expert - instruct) per task; a forgetting's
-perplexity and kept skills are compared with the model the vector was subtracted from; the bar's
-forgetting is plain task arithmetic (the whole ua vector, uniform weights), and the threshold
-weighting's forgetting is reported beside it (``check_bar``).
+lambda; ``best_retention_lambda``); retention is (merged - instruct) / (expert - instruct) per
+task; a forgetting's perplexity and kept skills are compared with the model the vector was
+subtracted from; the bar's forgetting is plain task arithmetic (the whole ua vector, uniform
+weights), and the threshold weighting's forgetting is reported beside it (``check_bar``).
 ``zoo_report`` writes ``zoo_report.json`` and ``zoo_report.md`` next to the family.
 """
 
@@ -33,14 +33,15 @@ from typing import Any
 
 from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.evaluation.metrics import wilson_interval
+from lata.evaluation.tasks import primary_metric
 from lata.zoo.build import ZooFamily, quiet_hf_bars
 
 GRID = (0.3, 0.5, 0.7, 1.0, 1.2, 1.5)
-#: task -> (harness task, primary metric); accuracies are reported in percent
-TASKS = {"math": ("zoo_math", "exact_match_strict"), "code": ("zoo_code", "pass@1"), "ua": ("zoo_ua", "compliance")}
-PPL = ("zoo_ppl", "token_perplexity")
+#: skill -> its harness task, scored by the task's primary metric (accuracies in percent)
+SKILLS = {"math": "zoo_math", "code": "zoo_code", "ua": "zoo_ua"}
+PPL_TASK = "zoo_ppl"
 FORGET_THRESHOLD = 0.95
-#: what a family in which merging works must show (issue: "a model family in which merging works")
+#: what a family in which merging works must show
 BAR = {"gain": 40.0, "ua_compliance": 90.0, "instruct_refusal": 90.0, "retention": 0.5, "ppl_ratio": 1.15,
        "forgotten_compliance": 20.0, "kept_after_forgetting": 0.8}
 
@@ -75,9 +76,9 @@ class Scorer:
 
         metrics = evaluate(model, self.tokenizer, self.bench, self.work_dir, self.work_dir / "data",
                            zoo_heldout=self.heldout)
-        out = {task: round(100 * metrics[name][metric], 2) for task, (name, metric) in TASKS.items()}
-        out["ppl"] = round(metrics[PPL[0]][PPL[1]], 3)
-        out["n"] = {task: int(metrics[name]["samples"]) for task, (name, _) in TASKS.items()}
+        out = {skill: round(100 * metrics[task][primary_metric(task)], 2) for skill, task in SKILLS.items()}
+        out["ppl"] = round(metrics[PPL_TASK][primary_metric(PPL_TASK)], 3)
+        out["n"] = {skill: int(metrics[task]["samples"]) for skill, task in SKILLS.items()}
         return out
 
 
@@ -85,9 +86,7 @@ def ta_merge(scorer: Scorer, family: ZooFamily, experts: list[str], lam: float, 
              target: str | Path | None = None, save: Path | None = None) -> Any:
     """TA of ``experts`` (uniform or LATA-weighted) added to the anchor or to ``target``: the model
     in memory, or written to ``save`` (then None)."""
-    from lata.config import MergeConfig, WeightingConfig
-    from lata.engine import merge_into_model, merge_to_dir, plan_merge
-    from lata.family import Family
+    from lata import Family, MergeConfig, WeightingConfig, merge_into_model, merge_to_dir, plan_merge
 
     fam = Family.open(family.base, family.instruct, {k: family.experts[k] for k in experts},
                       None if target is None else str(target))
@@ -106,8 +105,13 @@ def retention(merged: float, instruct: float, expert: float) -> float | None:
     return None if gain <= 0 else round((merged - instruct) / gain, 4)
 
 
-def best_lambda(grid: dict[float, dict], models: dict[str, dict]) -> float:
-    """The lambda whose smaller retention (math, code) is largest; ties go to the smaller lambda."""
+def best_retention_lambda(grid: dict[float, dict], models: dict[str, dict]) -> float:
+    """The lambda whose smaller retention (math, code) is largest; ties go to the smaller lambda.
+
+    The zoo's own rule, not the sweep tables' highest task score
+    (``lata.results.tables.best_by_score``): the family's bar asks that the merge keep each expert's gain, so a lambda
+    that trades one task's gain for the other's loses here where a higher mean would win there.
+    An undefined retention (an expert that gained nothing) ranks last."""
     def worst(lam: float) -> float:
         r = [retention(grid[lam][t], models["instruct"][t], models[t][t]) for t in ("math", "code")]
         return min(-1e9 if x is None else x for x in r)
@@ -194,8 +198,7 @@ def zoo_report(family: ZooFamily, progress: bool = True, device: str = "cpu",
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from lata.analysis import layer_similarities
-    from lata.family import Family
+    from lata import Family, layer_similarities
 
     start = time.perf_counter()
     bar = tqdm(total=5 + len(grid) + 2 + 4, desc="zoo report", disable=not progress, dynamic_ncols=True)
@@ -211,7 +214,7 @@ def zoo_report(family: ZooFamily, progress: bool = True, device: str = "cpu",
         scorer = Scorer(family.heldout, AutoTokenizer.from_pretrained(family.instruct), Path(tmp), device)
         models = {role: scored(scorer.load(path)) for role, path in family.roles().items()}
         mc = {str(lam): scored(ta_merge(scorer, family, ["math", "code"], lam)) for lam in grid}
-        best = best_lambda({float(k): v for k, v in mc.items()}, models)
+        best = best_retention_lambda({float(k): v for k, v in mc.items()}, models)
         lams3 = sorted({best, 1.0})
         bar.total = 5 + len(grid) + len(lams3) + 4
         three = {str(lam): scored(ta_merge(scorer, family, ["math", "code", "ua"], lam)) for lam in lams3}
