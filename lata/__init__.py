@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "LayerAnalysis": "lata.analysis", "layer_similarities": "lata.analysis",
-    "Checkpoint": "lata.io.checkpoints", "CheckpointError": "lata.io.checkpoints",
+    "Checkpoint": "lata.io.checkpoints", "CheckpointError": "lata.io.files",
     "ConfigError": "lata.config", "MergeConfig": "lata.config", "WeightingConfig": "lata.config",
     "MergePlan": "lata.plan", "plan_merge": "lata.plan", "iter_merged": "lata.engine",
     "merge_into_model": "lata.sinks", "merge_state_dict": "lata.sinks", "merge_to_dir": "lata.sinks",
@@ -40,7 +40,8 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from lata.analysis import LayerAnalysis, layer_similarities
-    from lata.io.checkpoints import Checkpoint, CheckpointError
+    from lata.io.checkpoints import Checkpoint
+    from lata.io.files import CheckpointError
     from lata.config import ConfigError, MergeConfig, WeightingConfig
     from lata.engine import iter_merged
     from lata.plan import MergePlan, plan_merge

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lata.accel import kernels
-from lata.io.checkpoints import Prefetcher
+from lata.io.prefetch import Prefetcher
 from lata.accel.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
                           tune_malloc)
 from lata.family import Family

@@ -35,9 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 from lata.accel import kernels
-from lata.accel.compute import SliceWorkers, as_float32, on_device, pure_slice, thread_buffer, torch_threads, tune_malloc
+from lata.accel.compute import (SliceWorkers, as_float32, finite_sum, on_device, pure_slice, thread_buffer, torch_threads,
+                                tune_malloc)
 from lata.accel.transfer import DeviceLoader, HostCopies
-from lata.io.checkpoints import TORCH_DTYPES, CheckpointError, Prefetcher, finite_sum
+from lata.io.files import CheckpointError
+from lata.io.prefetch import Prefetcher
+from lata.io.tensorfiles import TORCH_DTYPES
 from lata.plan import MergePlan, output_dtype
 from lata.selection import band_around, kth_largest, kth_largest_in_band, sample_positions, scaled_magnitude
 

@@ -15,7 +15,8 @@ import torch
 from lata.architectures import Architecture, architecture_for, config_value, model_type_of
 from lata.config import ROLES, role_map
 from lata.io.adapters import open_checkpoint
-from lata.io.checkpoints import Checkpoint, CheckpointError
+from lata.io.checkpoints import Checkpoint
+from lata.io.files import CheckpointError
 
 
 

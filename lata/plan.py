@@ -28,7 +28,9 @@ from lata.accel.transfer import DeviceLoader
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.config import MergeConfig, WeightingConfig, validate_lams, validate_merge, validate_weighting
 from lata.family import Family
-from lata.io.checkpoints import TORCH_DTYPES, Checkpoint, Prefetcher
+from lata.io.checkpoints import Checkpoint
+from lata.io.prefetch import Prefetcher
+from lata.io.tensorfiles import TORCH_DTYPES
 from lata.methods import MergeMethod
 from lata.selection import global_threshold
 from lata.weightings import normalized

@@ -20,9 +20,9 @@ from lata.accel.compute import page_aligned_empty
 from lata.config import parse_size
 from lata.engine import iter_merged
 from lata.io.atomic import atomic_directory
-from lata.io.checkpoints import copy_support_files, torch_dtype_of
 from lata.io.outputs import check_space, check_target, write_marker, writer_lock
-from lata.io.shards import StreamingShardWriter
+from lata.io.shards import StreamingShardWriter, copy_support_files
+from lata.io.tensorfiles import torch_dtype_of
 from lata.plan import MergePlan, output_bytes, output_entries
 
 

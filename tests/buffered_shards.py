@@ -9,7 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from lata.io.atomic import write_json_atomic
-from lata.io.checkpoints import INDEX_FILE, SINGLE_FILE, CheckpointError
+from lata.io.files import CheckpointError
+from lata.io.tensorfiles import INDEX_FILE, SINGLE_FILE
 
 
 class ShardedWriter:

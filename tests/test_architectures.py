@@ -3,7 +3,8 @@
 import pytest
 
 from lata.architectures import architecture_for, known_model_types
-from lata.io.checkpoints import CheckpointError, resolve
+from lata.io.checkpoints import resolve
+from lata.io.files import CheckpointError
 
 
 @pytest.mark.parametrize("model_type, name, layer", [

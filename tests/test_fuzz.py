@@ -243,7 +243,7 @@ def test_names_keep_safetensors_order(inputs):
 
 
 def test_every_dtype_reads_as_safetensors_reads_it(tmp_path):
-    from lata.io.checkpoints import read_header, read_tensor
+    from lata.io.tensorfiles import read_header, read_tensor
 
     dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
               torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16, torch.uint32,
@@ -301,7 +301,7 @@ def test_a_damaged_model_file(inputs, seed):
     (b'{"\xff": 1}', "not valid UTF-8 JSON"),
 ])
 def test_a_safetensors_header_is_checked_as_safetensors_checks_it(tmp_path, header, message):
-    from lata.io.checkpoints import read_header
+    from lata.io.tensorfiles import read_header
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8 if b'"a' in header else 0))
@@ -316,7 +316,7 @@ def test_a_safetensors_header_is_checked_as_safetensors_checks_it(tmp_path, head
 
 @pytest.mark.parametrize("length", [2 ** 64 - 1, 100_000_001, 50])
 def test_a_header_length_past_the_file_is_refused_without_reading(tmp_path, length):
-    from lata.io.checkpoints import read_header
+    from lata.io.tensorfiles import read_header
 
     file = tmp_path / "model.safetensors"
     file.write_bytes(struct.pack("<Q", length) + b"{}")

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import family_args, run_lata, write_family
@@ -27,7 +26,6 @@ from lata.io import digests
 from lata.config import ConfigError, config_dir, register_configs
 from lata.io.digests import DamagedFile, cached_build, file_digest, read_checked_json, write_checked_json
 from lata.run.fingerprints import checkpoint_digest
-from lata.io.outputs import MARKER
 from lata.run.runner import run
 
 ROLES = ("base", "instruct", "math", "code")

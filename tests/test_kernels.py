@@ -20,7 +20,7 @@ from lata.accel import kernels
 from lata import analysis
 from lata.analysis import _gram, layer_similarities
 from lata.accel.compute import pure_slice
-from lata.methods import build_method
+from lata.methods import METHODS
 from lata.selection import largest_below
 
 CASES = [
@@ -50,8 +50,7 @@ def merged(d, case, use_kernels, out_dtype=None, threads=2):
     merge = MergeConfig(**{k: v for k, v in case.items() if k in ("method", "density", "topk_scope", "lam", "lams")})
     family = Family.open(d["base"], d["instruct"], d["experts"])
     plan = plan_merge(family, merge, WeightingConfig(name=case["weighting"]), progress=False, threads=threads)
-    plan.kernels, plan.chunk_size = use_kernels, 1000
-    return merge_state_dict(plan, out_dtype=out_dtype)
+    return merge_state_dict(plan.with_options(kernels=use_kernels, chunk_size=1000), out_dtype=out_dtype)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c['weighting']}")
@@ -82,7 +81,7 @@ def test_kernels_match_the_methods_value_by_value(dtype, out_dtype, k):
     experts[0][100:200] = theta0[100:200]  # zero task vector: trimmed ties at 0, no vote
     ws, lams = [1.0, 0.7368421052631579, 0.3][:k], [1.0, -0.55, 1.3][:k]  # none exact in float32 but 1.0
     vectors = [pure_slice(e, theta0.float(), w, "cpu") for e, w in zip(experts, ws)]
-    for method in (build_method("ta"), build_method("ties", density=0.2)):
+    for method in (METHODS.build("ta", {}), METHODS.build("ties", {"density": 0.2})):
         expected = (method.delta(vectors, lams, list("abc")[:k], "t") + theta0.float()).to(out_dtype)
         out = torch.empty(n, dtype=out_dtype)
         fused = kernels.FusedSlices(theta0, experts, ws, out)

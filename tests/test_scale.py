@@ -19,8 +19,9 @@ from lata.analysis import layer_similarities
 from lata import engine
 from lata.accel import compute
 from lata.accel.compute import SliceWorkers
-from lata.io import checkpoints
-from lata.io.checkpoints import Checkpoint, Prefetcher
+from lata.io import pagecache
+from lata.io.checkpoints import Checkpoint
+from lata.io.prefetch import Prefetcher
 from lata.io.shards import StreamingShardWriter
 from lata.methods.ties import trim
 from lata.selection import kth_largest, kth_largest_magnitude
@@ -74,7 +75,7 @@ def assert_identical(got: dict, expected: dict):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c['method']}-{c['weighting']}")
 @pytest.mark.parametrize("family", ["f32", "bf16"])
 def test_schedule_does_not_change_the_merge(dirs, bf16_dirs, case, family, monkeypatch):
-    monkeypatch.setattr(checkpoints, "_resident", lambda *a, **k: False)  # read ahead as on a cold cache
+    monkeypatch.setattr(pagecache, "resident", lambda *a, **k: False)  # read ahead as on a cold cache
     d = dirs if family == "f32" else bf16_dirs
     baseline = with_threads(1, lambda: _state(make_plan(d, case), prefetch=False, chunk_size=1 << 20))
     assert_state_matches_reference(baseline, d, case)
@@ -96,8 +97,7 @@ def test_ties_thresholds_are_the_same_with_all_experts_at_once_or_one_at_a_time(
 
 
 def _state(plan, prefetch, chunk_size, workers=1):
-    plan.prefetch, plan.chunk_size, plan.threads = prefetch, chunk_size, workers
-    return merge_state_dict(plan)
+    return merge_state_dict(plan.with_options(prefetch=prefetch, chunk_size=chunk_size, threads=workers))
 
 
 def assert_state_matches_reference(got, d, case):
@@ -115,9 +115,8 @@ def test_shard_size_threads_and_direct_io_give_identical_checkpoints(dirs, tmp_p
     for i, (shard_size, overlap, direct, chunk) in enumerate(
             [("2GB", True, True, None), ("8KB", True, True, 100), ("30KB", False, False, None),
              ("1KB", True, False, 33)]):
-        plan = make_plan(dirs, case)
-        plan.prefetch = plan.write_behind = overlap
-        plan.direct_io, plan.chunk_size = direct, chunk
+        plan = make_plan(dirs, case).with_options(prefetch=overlap, write_behind=overlap, direct_io=direct,
+                                                  chunk_size=chunk)
         out = merge_to_dir(plan, tmp_path / f"out{i}", shard_size=shard_size, progress=False)
         shards = sorted(out.glob("*.safetensors"))
         assert (len(shards) > 1) == (shard_size != "2GB")
@@ -128,8 +127,7 @@ def test_direct_io_and_threaded_writer_write_the_same_bytes(dirs, tmp_path):
     plan = make_plan(dirs, CASES[1])
     outs = []
     for i, (direct, threaded) in enumerate([(True, True), (False, False)]):
-        plan.direct_io, plan.write_behind = direct, threaded
-        outs.append(merge_to_dir(plan, tmp_path / f"o{i}", shard_size="20KB", progress=False))
+        outs.append(merge_to_dir(plan.with_options(direct_io=direct, write_behind=threaded), tmp_path / f"o{i}", shard_size="20KB", progress=False))
     names = sorted(p.name for p in outs[0].iterdir())
     assert names == sorted(p.name for p in outs[1].iterdir())
     for name in names:
@@ -310,7 +308,7 @@ def test_read_ahead_thread_runs_only_for_what_the_page_cache_lacks(dirs, monkeyp
     assert ckpt.cached(ckpt.names) and ckpt.cached(ckpt.names, samples=2)
     with Prefetcher(schedule) as prefetcher:
         assert prefetcher._thread is None
-    monkeypatch.setattr(checkpoints, "_resident", lambda *a, **k: False)
+    monkeypatch.setattr(pagecache, "resident", lambda *a, **k: False)
     with Prefetcher(schedule) as prefetcher:
         assert prefetcher._thread is not None
     ckpt.close()
@@ -323,12 +321,12 @@ def test_cached_sees_pages_evicted_from_the_page_cache(tmp_path):
         os.fsync(f.fileno())  # clean pages can be evicted, dirty ones not
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # as Checkpoint maps
-        base = checkpoints._address(mm)
+        base = pagecache.address(mm)
         size = len(mm)
         assert base is not None
-        if checkpoints._resident(base, 0, size, samples=3):
+        if pagecache.resident(base, 0, size, samples=3):
             pytest.skip("this file system keeps the pages (tmpfs?)")
-        assert not checkpoints._resident(base, 0, size)
+        assert not pagecache.resident(base, 0, size)
         bytes(mm[:])  # read every page
-        assert checkpoints._resident(base, 0, size) and checkpoints._resident(base, 0, size, samples=3)
+        assert pagecache.resident(base, 0, size) and pagecache.resident(base, 0, size, samples=3)
         mm.close()

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 from lata.zoo import ZooConfig, ZooFamily, build_zoo, load_preset, to_zoo_config
 from lata.io.digests import BUILD_MARKER as MARKER, build_key as cache_key, cached_build, read_checked_json
-from lata.zoo.data import (CHAT_TEMPLATE, HELDOUT_PLAYS, REFUSAL, base_corpus, chat_prompt, pretraining_corpus,
-                           make_data, render_chat)
+from lata.zoo.data import HELDOUT_PLAYS, base_corpus, make_data, pretraining_corpus
+from lata.zoo.tasks import CHAT_TEMPLATE, REFUSAL, chat_prompt, render_chat
 
 LAYER_TENSOR = "model.layers.0.self_attn.q_proj.weight"
 HELDOUT_FIELDS = {
@@ -282,7 +282,7 @@ def test_config_changes_the_key(tmp_path):
 def test_report_helpers():
     from lata.evaluation.metrics import strict_answer
     from lata.evaluation.scoring import is_refusal
-    from lata.zoo.report import best_lambda, retention
+    from lata.zoo.report import best_retention_lambda, retention
 
     assert strict_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == "7"
     assert strict_answer("#### -3") == "-3" and strict_answer("the answer is 7") is None
@@ -290,7 +290,7 @@ def test_report_helpers():
     assert retention(80, 50, 100) == 0.6 and retention(40, 50, 100) == -0.2 and retention(60, 50, 50) is None
     models = {"instruct": {"math": 50, "code": 50}, "math": {"math": 100}, "code": {"code": 100}}
     grid = {0.5: {"math": 90, "code": 60}, 0.7: {"math": 80, "code": 80}, 1.0: {"math": 80, "code": 80}}
-    assert best_lambda(grid, models) == 0.7  # the best of the smaller retention; ties: the smaller lambda
+    assert best_retention_lambda(grid, models) == 0.7  # the best of the smaller retention; ties: the smaller lambda
 
 
 def test_report_scores_through_the_harness_like_the_app(micro_zoo, micro_zoo_cache, tmp_path):  # noqa: F811

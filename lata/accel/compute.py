@@ -19,7 +19,7 @@ from typing import Callable, TypeVar
 import torch
 
 from lata.io.atomic import libc_function
-from lata.config import ConfigError
+from lata.registry import ConfigError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -127,8 +127,8 @@ def tune_malloc() -> None:
     """Keep freed slice temporaries for reuse instead of returning them to the OS (glibc only).
 
     Streaming allocates and frees float32 temporaries of a few MiB per slice; glibc serves such
-    blocks from fresh mappings or trims them back to the OS almost at once, so every slice paid
-    a page fault per 4 KiB (docs/performance.md).
+    blocks from fresh mappings or trims them back to the OS almost at once, so that without this
+    every slice pays a page fault per 4 KiB of them (docs/performance.md).
     This sets the mmap threshold to 32 MiB and the trim threshold to 64 MiB, the values glibc's
     own dynamic thresholds reach once the process has freed one 32 MiB block. Once per process.
     """
@@ -199,3 +199,14 @@ def pure_slice(theta_k: torch.Tensor, theta0: torch.Tensor, w: float, device: st
     else:
         out.copy_(theta_k).sub_(theta0)
     return out.mul_(w) if w != 1.0 else out  # x * 1.0 is x: skipping it changes nothing
+
+
+def finite_sum(x: torch.Tensor, step: int = 1 << 18) -> bool:
+    """True if the float32 sum of ``x`` is finite (then every value is); summed by slices of
+    ``step`` values, each widened to float32 as it is summed (no float32 copy of the whole
+    tensor)."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for start in range(0, flat.numel(), step):
+        total += float(flat[start:start + step].sum(dtype=torch.float32))
+    return math.isfinite(total)

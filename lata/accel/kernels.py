@@ -12,9 +12,10 @@ zero added to a theta_0 of -0.0 may differ) with a fraction of the memory traffi
   all where a tensor is selected whole (numpy's introselect).
 - Similarity pass: ``gram`` sums the float32 products per block by halving (pairwise) and adds
   the blocks in float64. Decision: this differs from the torch path (float32 ``torch.dot`` over
-  a slice of 2^18) in the last digits, and is the more exact: on a 1.1B-shape MLP tensor (11.5M
-  values) within 1e-8 of the float64 sum, where ``torch.dot`` was 1e-5 off. Each path gives the
-  same bits whatever the thread count; switching paths may move a similarity by ~1e-5.
+  a slice of 2^18) in the last digits, and is the more exact (pairwise float32 sums and a
+  float64 total carry less rounding than one float32 accumulator; docs/performance.md). Each
+  path gives the same bits whatever the thread count; switching paths may move a similarity in
+  its last float32 digits.
 
 Inputs are read from the checkpoints' memory maps as bit patterns: bfloat16 (widened to float32
 by a 16-bit shift, exact) or float32; outputs are bfloat16 (round to nearest even, NaN to
@@ -25,9 +26,10 @@ takes the torch path, as does every merge where numba is missing or fails to loa
 What they save on the 1.1B shape is in docs/performance.md ("Numbers behind the defaults").
 
 Decision: numba (a maintained JIT with an on-disk cache of machine code), not a C extension,
-so installing lata never needs a compiler. Its cost is about 0.3 s of import and 0.5 s to load
-the cached code in each new process; ``preload`` does that in a background thread, started by
-the CLI (large local families, before torch loads) and at the start of either pass.
+so installing lata never needs a compiler. Its cost is a fixed time in each new process, to
+import numba and load the cached code (docs/performance.md); ``preload`` does that in a
+background thread, started by the CLI (large local families, before torch loads) and at the
+start of either pass.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ BLOCK = 2048  # elements per block: each row of float32 temporaries is 8 KiB (L1
 #: read, so small families are faster without them (docs/performance.md).
 MIN_BYTES = 4 * 10**9
 #: values per slice handed to a worker (both passes): the kernels' temporaries are per BLOCK
-#: whatever the slice, so larger slices only cut the thread pool's cost per slice (tens of
-#: microseconds, most of it holding the GIL).
+#: whatever the slice, so larger slices only cut the thread pool's fixed cost per slice (most
+#: of it holding the GIL).
 SLICE = 1 << 20
 #: dtypes the kernels read and write -> (torch view dtype, numpy dtype) of their bit patterns
 #: (by name: importing this module does not import torch)
@@ -156,7 +158,7 @@ def _ta(theta0, experts, ws, lams, out, start, stop):
 
 
 def _ties(theta0, experts, ws, lams, keep_above, out, start, stop):
-    """TIES (trim, elect, disjoint mean) of elements [start, stop), as ``lata.methods.ties.ties``;
+    """TIES (trim, elect, disjoint mean) of elements [start, stop), as ``lata.methods.ties.Ties.delta_chunk``;
     returns how many blocks hold a value written that is not finite."""
     bad = 0
     K = len(experts)
@@ -263,8 +265,7 @@ def _gram(base, rows, start, stop, out):
     """out[0] = |x_0|^2, out[2r - 1] = <x_r, x_0>, out[2r] = |x_r|^2 over [start, stop), x_r = rows[r] - base.
 
     Products in float32, summed per block of BLOCK by halving (pairwise), blocks added in
-    float64: on a 1.1B-shape MLP tensor (11.5M values) within 1e-8 of the float64 sum, where
-    ``torch.dot``'s float32 accumulation over a 2^18 slice was 1e-5 off.
+    float64: closer to the float64 sum than ``torch.dot``'s float32 accumulation over a slice.
     """
     R = len(rows)
     b_bits, b = _rows(1)
@@ -328,9 +329,9 @@ _preloading: threading.Thread | None = None
 
 
 def preload() -> None:
-    """Load the kernels (numba's import and its cached machine code, about 0.9 s of CPU) in a
-    background thread, so that it overlaps other work instead of delaying the first pass. Once
-    per process; nothing where kernels are off."""
+    """Load the kernels (numba's import and its cached machine code) in a background thread,
+    so that it overlaps other work instead of delaying the first pass. Once per process;
+    nothing where kernels are off."""
     global _preloading
     if _preloading is not None or not _wanted():
         return
@@ -347,8 +348,7 @@ def preload() -> None:
 def gram(views: Sequence[torch.Tensor]) -> Callable[[int, int], np.ndarray]:
     """For flat views (base, then R rows), a function of (start, stop) giving, over that range,
     [|x_0|^2, <x_1, x_0>, |x_1|^2, ...] with x_r = row_r - base, float64 sums of float32
-    products (see ``_gram``). The views' bit patterns are taken once, not per slice (that cost
-    0.5 s of a 1.1B similarity pass)."""
+    products (see ``_gram``). The views' bit patterns are taken once per tensor, not per slice."""
     base, rows, kernel = bits(views[0]), tuple(bits(v) for v in views[1:]), _compiled_kernels().gram
 
     def over(start: int, stop: int) -> np.ndarray:

@@ -56,7 +56,7 @@ class Architecture:
         ``text_config``; a key given as null is refused, a missing one is not checked) and
         ``tie_word_embeddings`` (true or false). CheckpointError naming ``where`` (the file) and
         the key."""
-        from lata.io.checkpoints import CheckpointError, shown
+        from lata.io.files import CheckpointError, shown
 
         text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
         for key in (self.num_layers_key, "vocab_size"):
@@ -86,7 +86,7 @@ def config_value(config: dict, key: str):
 def model_type_of(config: dict, where: str) -> str:
     """config.json's ``model_type``; CheckpointError naming ``where`` (the file) when it has none
     or it is not a string."""
-    from lata.io.checkpoints import CheckpointError, shown
+    from lata.io.files import CheckpointError, shown
 
     model_type = config.get("model_type")
     if model_type is None:
@@ -107,7 +107,7 @@ def architecture_for(model_type: str, where: str | None = None) -> Architecture:
     comes from, named by the error (CheckpointError) for a type without data."""
     path = DATA_DIR / f"{model_type}.json"
     if model_type not in known_model_types():
-        from lata.io.checkpoints import CheckpointError, shown
+        from lata.io.files import CheckpointError, shown
 
         plain = isinstance(model_type, str) and model_type.isprintable() and "/" not in model_type
         hint = f" Add lata/architectures/{model_type}.json." if plain else ""

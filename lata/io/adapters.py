@@ -12,7 +12,7 @@ expert's weight is theta_inst + Delta W with
 r and lora_alpha per module from ``rank_pattern`` / ``alpha_pattern`` where they name it (PEFT's
 pattern rule: the pattern matches the end of the module's name). Every other tensor is the
 instruct model's, so the expert's task vector is Delta W on the targeted modules and zero
-elsewhere, and its complex vector is that plus the instruction vector (LATA_SPEC). Tensors the
+elsewhere, and its complex vector is that plus the instruction vector (docs/method.md). Tensors the
 adapter saves whole (``modules_to_save``, or an embedding's ``base_layer`` saved with it) replace
 the instruct model's, as PEFT loads them.
 
@@ -29,7 +29,7 @@ Decisions:
   integers, PEFT's default r 8; ``lora_alpha`` and ``alpha_pattern``'s values finite numbers;
   the patterns objects whose keys are regular expressions; ``use_rslora``, ``fan_in_fan_out``,
   ``use_dora``, ``lora_bias`` true or false; ``base_model_name_or_path`` a string), and the
-  weights file a valid safetensors file (``lata.io.checkpoints.read_header``).
+  weights file a valid safetensors file (``lata.io.tensorfiles.read_header``).
 - A module whose factors' rank is not the r the config gives it (``rank_pattern``, else ``r``)
   is refused: PEFT builds each module with that r and refuses to load factors of another
   (a size mismatch), so no PEFT model is this adapter.
@@ -48,8 +48,9 @@ from pathlib import Path
 
 import torch
 
-from lata.io.checkpoints import (Checkpoint, CheckpointError, json_kind, one_line, read_header, read_json, read_tensor,
-                              resolve, shown)
+from lata.io.checkpoints import Checkpoint, resolve
+from lata.io.files import CheckpointError, json_kind, one_line, read_json, shown
+from lata.io.tensorfiles import read_header, read_tensor
 
 log = logging.getLogger("lata")
 

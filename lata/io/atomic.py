@@ -85,7 +85,7 @@ def check_writable_dir(target: str | os.PathLike, overwrite: bool) -> Path:
 def libc_function(name: str, *argtypes):
     """A C library function by ctypes (the GIL is let go during calls; ``int`` result, errno
     kept), or None where there is none. Defined here, with the standard library only, so that
-    this module stays free of torch; ``lata.accel.compute`` and ``lata.io.checkpoints`` use it too."""
+    this module stays free of torch; ``lata.accel.compute`` and ``lata.io.pagecache`` use it too."""
     try:
         fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (OSError, AttributeError):

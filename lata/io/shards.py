@@ -1,4 +1,5 @@
-"""Writing a checkpoint's tensors into size-bounded safetensors shards.
+"""Writing a merged checkpoint: its tensors into size-bounded safetensors shards, and the
+support files (config, tokenizer...) it takes from its anchor (``copy_support_files``).
 
 ``StreamingShardWriter`` (what the engine uses) plans every shard from the tensors' headers and
 writes each tensor as soon as it is merged, from a writer thread, with ``O_DIRECT`` where the
@@ -14,6 +15,7 @@ import math
 import mmap
 import os
 import queue
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -21,8 +23,10 @@ from pathlib import Path
 import torch
 
 from lata.io.atomic import write_json_atomic
-from lata.io.checkpoints import _TORCH_TO_SAFETENSORS, INDEX_FILE, SINGLE_FILE, CheckpointError, _address
 from lata.io.digests import digest_of, new_hasher
+from lata.io.files import CheckpointError
+from lata.io.pagecache import address
+from lata.io.tensorfiles import INDEX_FILE, SINGLE_FILE, TORCH_TO_SAFETENSORS, WEIGHT_SUFFIXES
 
 
 WRITE_BEHIND_BYTES = 256 << 20  # merged bytes that may wait for the writer thread
@@ -200,7 +204,7 @@ class _ShardFile:
                 self.dfd = None
         if self.dfd is not None:
             self.stage = mmap.mmap(-1, self.STAGE)  # page-aligned, as O_DIRECT needs
-            self.stage_address = _address(self.stage)
+            self.stage_address = address(self.stage)
             self.fill = 0
 
     def write(self, data: torch.Tensor) -> None:
@@ -274,7 +278,7 @@ def _safetensors_header(entries) -> bytes:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, shape, dtype, nbytes in entries:
-        header[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+        header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -283,3 +287,28 @@ def _safetensors_header(entries) -> bytes:
     # then be written with O_DIRECT straight from its memory, without a copy.
     raw += b" " * (-(8 + len(raw)) % _ShardFile.BLOCK)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def support_files(folder: Path) -> list[Path]:
+    """The files a merged checkpoint takes from its anchor: everything at the top of ``folder``
+    but weights, the index, READMEs and hidden files (config, generation config, tokenizer,
+    chat template, custom code), sorted."""
+    return [item for item in sorted(Path(folder).iterdir())
+            if not item.is_dir() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_FILE
+            and not item.name.lower().startswith("readme") and not item.name.startswith(".")]
+
+
+def copy_support_files(source: Path, target: Path, dtype: str | None = None) -> None:
+    """Copy config, generation config and tokenizer files (everything but weights) from ``source``.
+
+    ``dtype`` (e.g. 'bfloat16') is written into config.json's dtype key(s).
+    """
+    for item in support_files(source):
+        shutil.copy2(item, target / item.name)
+    config_path = target / "config.json"
+    if dtype is not None and config_path.is_file():
+        config = json.loads(config_path.read_text())
+        keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
+        for key in keys:
+            config[key] = dtype
+        write_json_atomic(config_path, config)

@@ -199,9 +199,3 @@ def ties_variant(base: type, name: str, *, mergekit: str | None = None, register
     variant = dataclass(frozen=True)(type(class_name, (base,), namespace))
     variant.name = name
     return merge_method(name)(variant) if register else variant
-
-
-def build_method(method: str, **params: Any) -> MergeMethod:
-    """The checked method object for ``merge.method`` and its own keys (``ConfigError`` naming
-    the key for an unknown method, an unknown key or a bad value): ``METHODS.build``."""
-    return METHODS.build(method, params)

@@ -32,7 +32,7 @@ from typing import Any, Callable, TypeVar
 from lata.analysis import LayerAnalysis, layer_similarities
 from lata.config import role_map
 from lata.io.atomic import file_lock
-from lata.io.checkpoints import CheckpointError
+from lata.io.files import CheckpointError
 from lata.io.digests import DamagedFile, content_key, read_checked_json, write_checked_json
 from lata.family import Family
 from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version

@@ -18,8 +18,10 @@ import os
 from pathlib import Path
 
 from lata.io.adapters import CONFIG_FILE as ADAPTER_CONFIG, WEIGHTS_FILE as ADAPTER_WEIGHTS, is_adapter
-from lata.io.checkpoints import (INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, CheckpointError, read_index, resolve,
-                              support_files)
+from lata.io.checkpoints import resolve
+from lata.io.files import CheckpointError
+from lata.io.shards import support_files
+from lata.io.tensorfiles import INDEX_FILE, SINGLE_FILE, WEIGHT_SUFFIXES, read_index
 from lata.io.digests import (DamagedFile, content_key, file_digest, file_digests, memo_dir, read_checked_json,
                           tree_digests, write_checked_json)
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from lata.zoo.data import (BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Example, ZooData,
-                           chat_prompt, environment_key, make_data, pretraining_corpus)
+from lata.config import role_map
+from lata.zoo.data import ZooData, environment_key, make_data, pretraining_corpus
 from lata.zoo.presets import EXPERTS, ZooConfig, to_zoo_config
+from lata.zoo.tasks import BOS, CHAT_TEMPLATE, EOS, PAD, SPECIAL_TOKENS, Example, chat_prompt
 
 ZOO_CODE_VERSION = "2"
 log = logging.getLogger("lata.zoo")
@@ -38,7 +39,8 @@ class ZooFamily:
     heldout: Path
 
     def roles(self) -> dict[str, Path]:
-        return {"base": self.base, "instruct": self.instruct, **self.experts}
+        """{role: checkpoint directory}: base, instruct, then the experts."""
+        return role_map(self.base, self.instruct, self.experts)
 
     def __hash__(self) -> int:  # dict field: hash by root
         return hash(self.root)
@@ -209,78 +211,15 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def _build(out: Path, cfg: ZooConfig, progress: bool, device: str = "cpu") -> None:
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        data: ZooData = make_data(cfg)
-        docs = pretraining_corpus(cfg, data)
-        chat_texts = [e.text() for ex in data.train.values() for e in ex]
-        tok_texts, size = [], 0
-        for d in docs:  # tokenizer: the first tokenizer_chars of base text + all chat text
-            if size >= cfg.tokenizer_chars:
-                break
-            tok_texts.append(d)
-            size += len(d)
-        tokenizer = train_tokenizer(tok_texts + chat_texts, cfg.vocab_size,
-                                    cfg.max_position_embeddings)
-        pad_id = tokenizer.pad_token_id
-        base_ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)]
-        base_rows = [(w, w) for w in _pack([[tokenizer.bos_token_id] + d + [tokenizer.eos_token_id]
-                                            for d in base_ids], cfg.seq_len)]
-        chat_rows = {k: _chat_rows(tokenizer, v, cfg.chat_seq_len, cfg.response_only_loss)
-                     for k, v in data.train.items()}
-        mix_rng = random.Random(cfg.seed * 1000 + 13)
-        for k in chat_rows:  # a little plain text in every fine-tune keeps the language model
-            chat_rows[k] = chat_rows[k] + _text_rows(
-                base_rows, int(round(len(chat_rows[k]) * cfg.mix_text)), cfg.mix_text_len, mix_rng)
-        prep_s = time.perf_counter() - t0
-
-        config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_key_value_heads=cfg.num_key_value_heads,
-            max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=pad_id,
-        )
-        gen = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
-                               eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
-                               do_sample=False, max_new_tokens=64)
-
-        def save(model, role: str) -> None:
-            model.generation_config = gen
-            with quiet_hf_bars():
-                model.save_pretrained(out / role)
-            tokenizer.save_pretrained(out / role)
-
-        stats: dict[str, Any] = {"prepare_seconds": round(prep_s, 2), "stages": {}}
-        torch.manual_seed(cfg.seed)
-        model = LlamaForCausalLM(config).to(torch.float32).to(device)
-        stats["device"] = str(device)
-        stats["parameters"] = sum(p.numel() for p in model.parameters())
-        stats["vocab_size"] = len(tokenizer)
-        stats["base_tokens"] = sum(len(r[0]) for r in base_rows)
-        stats["stages"]["base"] = train_stage(model, base_rows, cfg.base_steps, cfg.batch_size,
-                                              cfg.base_lr, cfg, pad_id, cfg.seed, "base", progress)
-        save(model, "base")
-        stats["stages"]["instruct"] = train_stage(
-            model, chat_rows["instruct"], cfg.instruct_steps, cfg.ft_batch_size, cfg.ft_lr, cfg,
-            pad_id, cfg.seed + 1, "instruct", progress)
-        save(model, "instruct")
-        instruct_state = {k: v.clone() for k, v in model.state_dict().items()}
-        steps = {"math": cfg.math_steps, "code": cfg.code_steps, "ua": cfg.ua_steps}
-        expert_lr = cfg.expert_lr or cfg.ft_lr
-        for k, role in enumerate(EXPERTS, start=2):
-            model.load_state_dict(instruct_state)
-            stats["stages"][role] = train_stage(
-                model, chat_rows[role], steps[role], cfg.ft_batch_size, expert_lr, cfg, pad_id,
-                cfg.seed + k, role, progress)
-            save(model, role)
+        data, tokenizer, base_rows, chat_rows = _prepare(cfg)
+        stats: dict[str, Any] = {"prepare_seconds": round(time.perf_counter() - t0, 2), "stages": {}}
+        _train_roles(out, cfg, tokenizer, base_rows, chat_rows, stats, progress, device)
         for task, rows in data.heldout.items():
             _write_jsonl(out / "heldout" / f"{task}.jsonl", rows)
         stats["build_seconds"] = round(time.perf_counter() - t0, 2)
@@ -289,6 +228,86 @@ def _build(out: Path, cfg: ZooConfig, progress: bool, device: str = "cpu") -> No
         (out / "build_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     finally:
         torch.set_num_threads(threads)
+
+
+Rows = list[tuple[list[int], list[int]]]
+
+
+def _prepare(cfg: ZooConfig) -> tuple[ZooData, Any, Rows, dict[str, Rows]]:
+    """The zoo's data, the tokenizer trained on it, the packed pretraining windows and each
+    fine-tuning stage's chat rows (with their share of pretraining text mixed in)."""
+    data: ZooData = make_data(cfg)
+    docs = pretraining_corpus(cfg, data)
+    chat_texts = [e.text() for ex in data.train.values() for e in ex]
+    tok_texts, size = [], 0
+    for d in docs:  # tokenizer: the first tokenizer_chars of base text + all chat text
+        if size >= cfg.tokenizer_chars:
+            break
+        tok_texts.append(d)
+        size += len(d)
+    tokenizer = train_tokenizer(tok_texts + chat_texts, cfg.vocab_size,
+                                cfg.max_position_embeddings)
+    base_ids = [e.ids for e in tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)]
+    base_rows = [(w, w) for w in _pack([[tokenizer.bos_token_id] + d + [tokenizer.eos_token_id]
+                                        for d in base_ids], cfg.seq_len)]
+    chat_rows = {k: _chat_rows(tokenizer, v, cfg.chat_seq_len, cfg.response_only_loss)
+                 for k, v in data.train.items()}
+    mix_rng = random.Random(cfg.seed * 1000 + 13)
+    for k in chat_rows:  # a little plain text in every fine-tune keeps the language model
+        chat_rows[k] = chat_rows[k] + _text_rows(
+            base_rows, int(round(len(chat_rows[k]) * cfg.mix_text)), cfg.mix_text_len, mix_rng)
+    return data, tokenizer, base_rows, chat_rows
+
+
+def _train_roles(out: Path, cfg: ZooConfig, tokenizer, base_rows: Rows, chat_rows: dict[str, Rows],
+                 stats: dict[str, Any], progress: bool, device: str) -> None:
+    """Train base, then instruct from it, then each expert from instruct; save each role to
+    ``out/<role>`` as it is done and record each stage in ``stats``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    pad_id = tokenizer.pad_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad_id,
+    )
+    gen = GenerationConfig(bos_token_id=tokenizer.bos_token_id,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=pad_id,
+                           do_sample=False, max_new_tokens=64)
+
+    def save(model, role: str) -> None:
+        model.generation_config = gen
+        with quiet_hf_bars():
+            model.save_pretrained(out / role)
+        tokenizer.save_pretrained(out / role)
+
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config).to(torch.float32).to(device)
+    stats["device"] = str(device)
+    stats["parameters"] = sum(p.numel() for p in model.parameters())
+    stats["vocab_size"] = len(tokenizer)
+    stats["base_tokens"] = sum(len(r[0]) for r in base_rows)
+    stats["stages"]["base"] = train_stage(model, base_rows, cfg.base_steps, cfg.batch_size,
+                                          cfg.base_lr, cfg, pad_id, cfg.seed, "base", progress)
+    save(model, "base")
+    stats["stages"]["instruct"] = train_stage(
+        model, chat_rows["instruct"], cfg.instruct_steps, cfg.ft_batch_size, cfg.ft_lr, cfg,
+        pad_id, cfg.seed + 1, "instruct", progress)
+    save(model, "instruct")
+    instruct_state = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = {"math": cfg.math_steps, "code": cfg.code_steps, "ua": cfg.ua_steps}
+    expert_lr = cfg.expert_lr or cfg.ft_lr
+    for k, role in enumerate(EXPERTS, start=2):
+        model.load_state_dict(instruct_state)
+        stats["stages"][role] = train_stage(
+            model, chat_rows[role], steps[role], cfg.ft_batch_size, expert_lr, cfg, pad_id,
+            cfg.seed + k, role, progress)
+        save(model, role)
 
 
 def cache_config(cfg: ZooConfig, device: str = "cpu") -> dict:
