@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from conftest import write_family
+import lata.plan as planning
 from lata import Family, MergeConfig, WeightingConfig, engine, merge_state_dict, plan_merge
 from lata.run import caches, store
 from lata.config import ObjectiveConfig
@@ -161,9 +162,9 @@ def test_ties_selections_persist_in_the_cache_for_later_processes(tmp_path, monk
     caches.load_selections(later, cache)
     assert later.selections == first.selections  # keys (tuples of weights too) and values round-trip
     calls = []
-    for name in ("kth_largest", "global_threshold"):
-        real = getattr(engine, name)
-        monkeypatch.setattr(engine, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    for module, name in ((engine, "kth_largest"), (planning, "global_threshold")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     got = [merged(later, "log_rank", lam=0.6), merged(later, "linear_rank", topk_scope="global", lam=1.2)]
     assert calls == []  # nothing selected again
     monkeypatch.undo()
