@@ -35,7 +35,7 @@ def test_a_failed_directory_leaves_the_old_one(tmp_path):
     with atomic_directory(target) as d:
         (d / "model.safetensors").write_text("whole")
     with pytest.raises(RuntimeError):
-        with atomic_directory(target, overwrite=True) as d:
+        with atomic_directory(target) as d:
             (d / "model.safetensors").write_text("half")
             raise RuntimeError("interrupted")
     assert (target / "model.safetensors").read_text() == "whole"
@@ -54,7 +54,7 @@ def test_a_replacement_is_whole_with_or_without_the_atomic_swap(tmp_path, monkey
     target = tmp_path / "merged"
     with atomic_directory(target) as d:
         (d / "model.safetensors").write_text("old")
-    with atomic_directory(target, overwrite=True) as d:
+    with atomic_directory(target) as d:
         (d / "model.safetensors").write_text("new")
     assert (target / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the old one removed

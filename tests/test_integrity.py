@@ -197,7 +197,7 @@ def test_a_damaged_stored_model_is_merged_again_not_copied(fam, tmp_path):
         f.seek(100)
         f.write(b"\x00" * 16)
     _, log = lata_run(fam, tmp_path, "out2", "overwrite=true")
-    assert "out2/model.safetensors does not match the record of the merged model" in log
+    assert "out2/model.safetensors does not match its recorded digest (the record of the merged model" in log
     assert f"copied from {tmp_path / 'fresh'}" in log
     assert files(tmp_path / "out2") == files(tmp_path / "fresh")
 

@@ -70,18 +70,6 @@ def clean_leftovers(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def check_writable_dir(target: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a non-empty ``target`` unless ``overwrite``; call it before any work starts."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"output path {target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"output directory {target} is not empty; choose another or set overwrite=true"
-        )
-    return target
-
-
 def libc_function(name: str, *argtypes):
     """A C library function by ctypes (the GIL is let go during calls; ``int`` result, errno
     kept), or None where there is none. Defined here, with the standard library only, so that
@@ -112,18 +100,18 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
-                     check: Callable[[Path], Any] | None = None) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, check: Callable[[Path], Any] | None = None) -> Iterator[Path]:
     """Yield a fresh temporary directory that replaces ``target`` when the block succeeds.
 
-    ``check(target)`` (default: ``check_writable_dir`` with ``overwrite``) runs before the
-    temporary directory is made and again just before the rename, so a target that changed
-    meanwhile is still refused. On an exception (an interrupt included) the temporary
+    ``check(target)``, the caller's output policy (a user's directory: ``lata.io.outputs.check_target``),
+    runs before the temporary directory is made and again just before the rename, so a target
+    that changed meanwhile is still refused; without one, ``target`` is a directory the caller
+    owns (a store entry, a cached build) and only a non-directory there is refused. On an exception (an interrupt included) the temporary
     directory is removed and ``target`` is untouched. An existing ``target`` is swapped with the
     new directory in one atomic step where Linux allows it, then removed.
     """
     target = Path(target)
-    check = check or (lambda t: check_writable_dir(t, overwrite))
+    check = check or _owned_directory
     check(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(target)
@@ -145,6 +133,11 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False,
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _owned_directory(target: Path) -> None:
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"output path {target} exists and is not a directory")
 
 
 @contextlib.contextmanager

@@ -296,7 +296,7 @@ def cached_build(cache_dir: str | os.PathLike, kind: str, config: dict,
             return target
         if problem != "missing":
             log.warning("cached build %s is damaged (%s): building it again", target, problem)
-        with atomic_directory(target, overwrite=True) as tmp:
+        with atomic_directory(target) as tmp:
             build(tmp)
             marker = {"kind": kind, "key": key, "config": config, "code_version": code_version,
                       "files": tree_digests(tmp)}

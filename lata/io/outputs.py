@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from lata.io.atomic import atomic_directory, file_lock, write_json_atomic
-from lata.io.digests import CHUNK, DamagedFile, NotRegularFile, digest_of, file_digest, new_hasher, regular_stat
+from lata.io.digests import (CHUNK, DamagedFile, NotRegularFile, digest_of, file_digest, new_hasher, regular_stat,
+                             verify_files)
 
 log = logging.getLogger("lata")
 
@@ -269,14 +270,18 @@ def holds_model(directory: str | os.PathLike, model_key: str, verify: bool = Tru
     if files is None:
         return False
     for name, entry in files.items():
-        path = directory / name
         try:
-            whole = path.stat().st_size == entry["size"] and (not verify or file_digest(path) == entry["digest"])
+            sized = (directory / name).stat().st_size == entry["size"]
         except (OSError, ValueError):
-            whole = False
-        if not whole:
-            log.warning("%s does not match the record of the merged model in %s (%s)", path, directory, MARKER)
+            sized = False
+        if not sized:
+            log.warning("%s does not match the record of the merged model in %s (%s)", directory / name, directory,
+                        MARKER)
             return False
+    problem = verify_files(directory, {name: entry["digest"] for name, entry in files.items()}) if verify else None
+    if problem is not None:
+        log.warning("%s (the record of the merged model in %s, %s)", problem, directory, MARKER)
+        return False
     return True
 
 

@@ -183,7 +183,7 @@ def restore(stored: StoredPoint, run_dir: Path, saved_model: str | None = None) 
 def store(results_dir: str | os.PathLike, key: str, run_dir: Path) -> None:
     """Copy a finished point's files into the store with the digest of each (``MANIFEST``, last),
     atomically: the point counts as done after."""
-    with atomic_directory(Path(results_dir) / key, overwrite=True) as tmp:
+    with atomic_directory(Path(results_dir) / key) as tmp:
         digests = {}
         for name in RESULT_FILES:
             if (run_dir / name).is_file():
