@@ -333,9 +333,7 @@ def validate(cfg: Any) -> None:
         one_of("export", cfg.export, ("mergekit",))
         if cfg.merge.method == UNMERGED:
             raise ConfigError("export=mergekit writes a merge's recipe; merge=none merges nothing")
-        from lata.results.mergekit import check_exportable
-
-        check_exportable(method, has_target=cfg.model.target not in (None, ""))
+        method.check_exportable(has_target=cfg.model.target not in (None, ""))
     validate_weighting(cfg.weighting)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)

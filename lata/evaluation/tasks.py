@@ -170,7 +170,7 @@ def export_gsm8k_offline(out: Path) -> dict[str, Path]:
 
 def export_shakespeare(out: Path) -> Path:
     """Held-out Shakespeare text (the zoo never trains on these plays)."""
-    from lata.sources.corpora import HELDOUT_PLAYS, shakespeare_texts
+    from lata.evaluation.corpora import HELDOUT_PLAYS, shakespeare_texts
 
     def make() -> str:
         texts = shakespeare_texts()

@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
 
-from lata.registry import Registry
+from lata.registry import ConfigError, Registry
 
 #: every merge method, by name (``merge=<name>``)
 METHODS = Registry("merge", "method", __name__)
@@ -138,6 +138,16 @@ class MergeMethod:
         """The fraction of each expert's whole-model |v_k| whose threshold ``prepare`` needs
         (``thresholds``), or None: the engine then computes no whole-model threshold."""
         return None
+
+    def check_exportable(self, has_target: bool = False) -> None:
+        """Refuse, naming the setting, a merge that no mergekit recipe can express
+        (``export=mergekit``)."""
+        if self.mergekit is None:
+            raise ConfigError(f"export=mergekit: merge={self.name} has no mergekit counterpart")
+        self.mergekit_parameters()  # refuses settings mergekit lacks
+        if has_target:
+            raise ConfigError("export=mergekit: mergekit adds the merged vectors to its base model, so a merge onto "
+                              "model.target has no mergekit recipe")
 
     def mergekit_parameters(self) -> dict[str, Any]:
         """This method's parameters as mergekit names them, for each model

@@ -25,7 +25,6 @@ from typing import Any
 
 import yaml
 
-from lata.registry import ConfigError
 
 
 #: the recipe's file in a run directory (``export=mergekit``)
@@ -36,7 +35,7 @@ def mergekit_recipe(plan) -> dict[str, Any]:
     """The mergekit recipe of a planned merge (a ``lata.plan.MergePlan``: its layer weights,
     lambdas and parameters)."""
     method, family = plan.method, plan.family
-    check_exportable(method, has_target=family.target is not None)
+    method.check_exportable(has_target=family.target is not None)
     per_model = method.mergekit_parameters()
     outside = [n for n in family.tensor_names if family.layer_of(n) is None]
     anchor = family.anchor(plan.anchor)
@@ -52,16 +51,6 @@ def mergekit_recipe(plan) -> dict[str, Any]:
     if dtype is not None:
         recipe["out_dtype"] = str(dtype).removeprefix("torch.")
     return recipe
-
-
-def check_exportable(method, has_target: bool = False) -> None:
-    """Refuse, naming the setting, a merge that no mergekit recipe can express."""
-    if method.mergekit is None:
-        raise ConfigError(f"export=mergekit: merge={method.name} has no mergekit counterpart")
-    method.mergekit_parameters()  # refuses settings mergekit lacks
-    if has_target:
-        raise ConfigError("export=mergekit: mergekit adds the merged vectors to its base model, so a merge onto "
-                          "model.target has no mergekit recipe")
 
 
 def recipe_yaml(plan) -> str:

