@@ -1,4 +1,4 @@
-"""Layer weights against values computed by hand from LATA_SPEC."""
+"""Layer weights against values computed by hand from the specification (docs/method.md)."""
 
 import math
 

@@ -57,9 +57,9 @@ def smollm2_checkpoint(cache_dir: Path, progress: bool = True) -> Path:
     an ordinary one) and saved as safetensors in **float32**: the GGUF mixes Q4_1 (linear
     layers), Q8_0 (the tied embedding) and F32 (norms), transformers dequantizes all of them to
     float32, and float32 is the only common dtype that keeps every value exactly (bf16/fp16 would
-    round them a second time). 538 MB on disk, about 30 s once. The cache key covers the GGUF's
-    content digest and size and the transformers and gguf versions, so another file or converter
-    converts anew; the build is atomic and locked (``lata.io.digests.cached_build``: a ``COMPLETE``
+    round them a second time); it is converted once (its size: docs/evaluation.md). The cache
+    key covers the GGUF's content digest and size and the transformers and gguf versions, so
+    another file or converter converts anew; the build is atomic and locked (``lata.io.digests.cached_build``: a ``COMPLETE``
     marker holding the provenance and every file's digest, then a rename), so a half-written or
     damaged directory is never used.
     """

@@ -12,7 +12,7 @@ from lata.results.mergekit import mergekit_recipe, recipe_yaml
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
-    return write_family(tmp_path_factory.mktemp("interop"), experts=("math", "code", "chem"), num_hidden_layers=6)
+    return write_family(tmp_path_factory.mktemp("mergekit"), experts=("math", "code", "chem"), num_hidden_layers=6)
 
 
 def mergekit_weight(setting, tensor, layer, num_layers):
