@@ -141,11 +141,6 @@ def scaled_magnitude(t: float, w: float) -> float:
     return t if w == 1.0 else float(np.float32(abs(w)) * np.float32(t))
 
 
-def tensor_threshold(v: torch.Tensor, density: float) -> float:
-    """Magnitude threshold that keeps the top ``density`` fraction of one tensor (and ties)."""
-    return kth_largest_magnitude(v, keep_count(v.numel(), density))
-
-
 def global_threshold(tensors: Callable[[], Iterable[torch.Tensor | int]], density: float) -> float:
     """Exact k-th largest |value| over every tensor that ``tensors()`` yields (called twice),
     k = ``keep_count(n, density)`` of all n values.

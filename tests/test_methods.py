@@ -8,8 +8,8 @@ import torch
 
 from lata.methods import METHODS, MergeMethod, disjoint_mean, summed
 from lata.methods.dare import keep_mask
-from lata.selection import (band_around, global_threshold, keep_count, kth_largest, kth_largest_in_band,
-                            sample_positions, scaled_magnitude, tensor_threshold)
+from lata.selection import (band_around, global_threshold, keep_count, kth_largest, kth_largest_in_band, kth_largest_magnitude,
+                            sample_positions, scaled_magnitude)
 
 V1 = torch.tensor([3.0, -1.0, 0.5, -4.0])
 V2 = torch.tensor([-2.0, 2.0, 1.0, 1.0])
@@ -53,7 +53,7 @@ def test_ties_disjoint_mean_averages_agreeing_values_only():
 
 def test_ties_keeps_values_tied_with_the_kth():
     v = torch.tensor([1.0, -1.0, 1.0, 0.5])
-    assert tensor_threshold(v, 0.25) == 1.0  # k = 1, but all three |1| are kept
+    assert kth_largest_magnitude(v, keep_count(v.numel(), 0.25)) == 1.0  # k = 1, but all three |1| are kept
     assert build_method("ties", density=0.25).delta([v], [1.0], ["a"], "t").tolist() == [1.0, -1.0, 1.0, 0.0]
 
 

@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List
 
+from lata.config import ROLES as RESERVED
 from lata.registry import ConfigError
 
 EXPERTS = ("math", "code", "ua")
-ROLES = ("base", "instruct") + EXPERTS
+ROLES = RESERVED + EXPERTS
 
 
 @dataclass
