@@ -121,7 +121,8 @@ def identity(args, report: dict) -> int:
                               analysis=analysis, progress=False)
             plan = plan.with_options(chunk_size=args.chunk)
             plans.append(plan)
-        plans[1] = plans[1].with_options(staged=True)  # (the default on an accelerator; named, so that --device cpu checks it too)
+        # staged: the default on an accelerator; named, so that --device cpu checks it too
+        plans[1] = plans[1].with_options(staged=True)
         own = plan_merge(family, MergeConfig(**merge), WeightingConfig(**weighting), device=args.device,
                          analysis=on_device, progress=False)
         same_weights.append(own.weights == plans[0].weights)
