@@ -2,17 +2,8 @@
 v_k by magnitude (outliers) and the smallest values, so that a ``density`` fraction remains; then
 sum (``breadcrumbs``) or TIES sign election and disjoint mean (``breadcrumbs_ties``).
 
-Against mergekit 0.1.5 (``sparsify.magnitude_outliers``, the methods of the same names):
-- Followed: n_top = floor(gamma * n) values are dropped from the top, reduced where needed so
-  that the kept count is reached; the ranking is by the magnitude of the (layer-weighted) pure
-  vector of each tensor; ``breadcrumbs`` sums the lambda-scaled kept values, ``breadcrumbs_ties``
-  elects signs on them.
-- Differs: the kept count is LATA's TIES count, ceil(density * n) (``selection.keep_count``), where
-  mergekit takes floor; the kept values are those with lo <= |v| <= hi, lo and hi the magnitudes
-  of ranks n_top + kept and n_top + 1 from the top (exact selections), so values tied with a
-  boundary are all kept (as LATA's TIES keeps ties) where mergekit breaks ties by sort order;
-  the sign election and mean are LATA's TIES (the mean over agreeing experts, mergekit's
-  ``normalize`` with weight 1), and lambda_k scales each expert before the election.
+Where it follows and where it differs from mergekit's method of the same name: docs/method.md,
+"Decisions the specification leaves open".
 """
 
 from __future__ import annotations

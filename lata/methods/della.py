@@ -8,15 +8,8 @@ the tensor (ascending; equal magnitudes ranked by position; p_i = density when n
 draws are seeded like DARE's masks: keep_i = u_i < p_i, u ~ U[0, 1) from a generator seeded by
 sha256(seed, expert, tensor), drawn on the CPU, so a merge is the same on every device.
 
-Against mergekit 0.1.5 (``sparsify.della_magprune``, methods ``della`` and ``della_linear``):
-- Followed: the linear probability ramp over magnitude ranks, ``density - epsilon > 0`` and
-  ``density + epsilon`` at most 1 required, sign election for ``della`` and a sum for
-  ``della_linear``.
-- Differs: ranks run over the whole tensor, not over each row of a matrix; the kept values are
-  rescaled by 1/p_i, each by its own keep probability (the DELLA paper's rescaling), where
-  mergekit rescales the kept tensor to the L1 norm of the unpruned one; masks are seeded (the
-  same merge every run) where mergekit draws from torch's global generator; the election and
-  mean are LATA's TIES (the mean over agreeing experts).
+Where it follows and where it differs from mergekit's method of the same name: docs/method.md,
+"Decisions the specification leaves open".
 """
 
 from __future__ import annotations

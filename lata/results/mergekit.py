@@ -11,12 +11,7 @@ lm_head) with lambda_k * rest_weight, named by a filter on its exact name (merge
 otherwise give them a value from the list's end). The method's own parameters follow
 (``MergeMethod.mergekit_parameters``), arithmetic in float32, output in the anchor's dtype.
 
-What mergekit then computes, against LATA (docs/method.md, "mergekit recipes"): task
-arithmetic the same bits where lambda is 1 (else within float32 rounding: mergekit scales once
-by lambda * w, LATA by w then lambda); TIES keeps int(density * n) values where LATA keeps
-ceil, elects + for a zero sign sum, and divides the agreeing experts' sum by the sum of their
-weights where LATA divides by their count (the same where those weights are all 1); DARE and
-DELLA draw their own random masks; DELLA ranks per row and rescales to the L1 norm.
+What mergekit then computes, against LATA: docs/method.md, "mergekit recipes".
 """
 
 from __future__ import annotations
