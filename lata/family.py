@@ -12,7 +12,7 @@ from functools import cached_property
 
 import torch
 
-from lata.architectures import Architecture, architecture_for, config_value, model_type_of
+from lata.architectures import Architecture, architecture_of, config_value, model_type_of
 from lata.config import ROLES, role_map
 from lata.io.adapters import open_checkpoint
 from lata.io.checkpoints import Checkpoint
@@ -124,7 +124,8 @@ class Family:
             usual = max(kinds, key=lambda t: (kinds.count(t), t == self.instruct.config["model_type"]))
             odd = ", ".join(f"{c.role}'s in {c.config_file}" for c, t in zip(inputs, kinds) if t != usual)
             raise CheckpointError(f"checkpoints have different model_type: {listing} ({odd})")
-        arch = architecture_for(types.pop(), where=f"{self.base.config_file} (base)")
+        types.pop()
+        arch = architecture_of(self.base.config, self.base.names, where=f"{self.base.config_file} (base)")
         for ckpt in inputs:
             arch.check_config(ckpt.config, f"{ckpt.config_file} ({ckpt.role})")
         reference = self.base

@@ -123,3 +123,8 @@ def architecture_for(model_type: str, where: str | None = None) -> Architecture:
         tied_weights=tuple(data["tied_weights"].items()),
         tie_word_embeddings_default=bool(data["tie_word_embeddings_default"]),
     )
+
+
+def architecture_of(config: dict, names: list[str], where: str | None = None) -> Architecture:
+    """The architecture of a checkpoint from its config.json and tensor names."""
+    return architecture_for(model_type_of(config, where or "config.json"), where=where)
