@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from lata.accel import kernels
 from lata.io.prefetch import Prefetcher
-from lata.accel.compute import (SliceWorkers, as_float32, check_device, pure_slice, thread_buffer, torch_threads,
-                          tune_malloc)
+from lata.accel.compute import (SliceWorkers, as_float32, check_device, finite_sum, pure_slice, thread_buffer,
+                                torch_threads, tune_malloc)
 from lata.family import Family
 
 BLOCK = 1 << 18  # elements per float32 partial dot product (fixed: results never depend on settings)
@@ -133,7 +133,7 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
             SliceWorkers(threads, device=device) as workers, torch_threads(1, device):
         for i, name in enumerate(tqdm(names, desc="layer similarities", disable=not progress, leave=False)):
             prefetcher.advance(i)
-            views = [c.get(name) for c in ckpts]
+            views = _shared_rows(family, name, ckpts, [c.get(name) for c in ckpts])
             layer = family.layer_of(name)
             try:
                 if not views[0].is_floating_point():
@@ -150,6 +150,18 @@ def layer_similarities(family: Family, device: str = "cpu", progress: bool = Tru
                 for ckpt in ckpts:
                     ckpt.release([name])
     return result
+
+
+def _shared_rows(family: Family, name: str, ckpts: list, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A vocabulary tensor's rows every checkpoint shares (the sums are over those), each
+    checkpoint's other rows checked to be finite here; other tensors as they are."""
+    if name not in family.vocab_tensors:
+        return tensors
+    rows = family.shared_rows
+    for ckpt, tensor in zip(ckpts, tensors):
+        if tensor.shape[0] > rows and not finite_sum(tensor[rows:].reshape(-1)):
+            ckpt.refuse_non_finite(name, tensor)
+    return [t[:rows] for t in tensors]
 
 
 def _new_analysis(family: Family) -> LayerAnalysis:
@@ -182,6 +194,7 @@ def _staged_similarities(family: Family, device: str, progress: bool, threads: i
             tensors = loader.take(i)
             if not tensors or not tensors[0].is_floating_point():
                 continue
+            tensors = _shared_rows(family, name, ckpts, tensors)
             gram = _gram_float64(tensors)
             if not all(math.isfinite(gram[j][j]) for j in range(len(gram))):
                 for ckpt, tensor in zip(ckpts, tensors):

@@ -59,6 +59,9 @@ class ModelConfig:
     #: instruct, an expert) or a directory / hub id: theta = theta_target + sum_k lambda_k v_k
     target: Optional[str] = None
     dtype: str = "auto"  # dtype the model is loaded in for evaluation: auto | float32 | bfloat16 | float16
+    #: whose vocabulary (embedding rows, tokenizer, config) the merged model has where the
+    #: checkpoints' differ: anchor (the model the delta is added to) or an expert's name
+    vocab: str = "anchor"
 
 
 class MergeConfig:
@@ -368,6 +371,13 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.experts.{name} is empty: give a directory or hub id")
     if model.experts:
         validate_lams(cfg.merge.lams, list(model.experts))
+    vocab = model.get("vocab", "anchor")
+    if vocab != "anchor" and model.experts and vocab not in model.experts:
+        raise ConfigError(f"model.vocab={vocab!r} is not allowed; choose anchor or an expert: "
+                          f"{', '.join(model.experts)}")
+    if vocab != "anchor" and model.target not in (None, ""):
+        raise ConfigError(f"model.vocab={vocab} and model.target={model.target}: the output has the target's "
+                          f"vocabulary; set model.vocab=anchor")
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

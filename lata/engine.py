@@ -103,36 +103,54 @@ class _Pass:
 
     def merged(self, name: str, read) -> tuple[torch.Tensor, torch.Tensor]:
         """``merged_tensor`` from the inputs ``read(checkpoint)`` gives: views of the memory maps,
-        or (staged) whole tensors already on the device, where the result is made too."""
-        anchor, output_base = self.plan.family.anchor(self.plan.anchor), self.plan.output_base
+        or (staged) whole tensors already on the device, where the result is made too.
+
+        A vocabulary tensor (``Family.vocab_tensors``) is merged on the rows every checkpoint
+        shares; its other rows are the vocabulary source's own (``MergePlan.vocab_source``)."""
+        family = self.plan.family
+        rows = family.shared_rows if name in family.vocab_tensors else None
+        full = read
+        if rows is not None:
+            read = lambda ckpt: full(ckpt)[:rows]  # noqa: E731
+        anchor, output_base = family.anchor(self.plan.anchor), self.plan.output_base
         stored = read(anchor)
         base = stored if output_base is anchor else read(output_base)
         if not base.is_floating_point():
             return base.clone(), base
         dtype = self.target or torch.float32
+        tail = None if rows is None else full(self.plan.vocab_source)[rows:]
+        shape = base.shape if tail is None else (rows + tail.shape[0], *base.shape[1:])
         if base.device.type != "cpu":
-            out = torch.empty(base.shape, dtype=dtype, device=base.device)
+            whole = torch.empty(shape, dtype=dtype, device=base.device)
         elif self.buffers is not None:
-            out = self.buffers.take(base.shape, dtype)
+            whole = self.buffers.take(shape, dtype)
         else:
-            out = torch.empty(base.shape, dtype=dtype)
+            whole = torch.empty(shape, dtype=dtype)
+        out = whole if tail is None else whole[:rows]
+        bad = self._merge_rows(name, stored, base, out, read)
+        if tail is not None:  # the source's own rows beyond the shared ones
+            whole[rows:].copy_(tail)
+            bad += _non_finite(whole[rows:].reshape(-1)) if _may_overflow(tail.dtype, whole.dtype) else 0
+        if bad:
+            for ckpt, n in self.plan.reads(name):  # a NaN or Inf read from an input is named as such
+                ckpt.refuse_non_finite(n)
+            bad = _non_finite(whole.view(-1))
+            hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if whole.dtype == torch.float16
+                    else "lower the lambdas, or look at the experts' largest values")
+            raise CheckpointError(f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in "
+                                  f"{str(whole.dtype).removeprefix('torch.')}; nothing was written: the merged values "
+                                  f"exceed the dtype's range ({hint})")
+        return whole, base
+
+    def _merge_rows(self, name: str, stored: torch.Tensor, base: torch.Tensor, out: torch.Tensor, read) -> int:
+        """out = theta_base + delta (theta_base itself where no expert is active); the count of
+        non-finite values written (0: all finite)."""
         active = self.plan.active_experts(name)
         if not active:  # every pure vector is 0: theta = theta_base
             out.copy_(base)
             # theta_base is finite (theta_0 checked by pass 1); a narrower dtype may overflow it
-            bad = _non_finite(out.view(-1)) if _may_overflow(base.dtype, out.dtype) or base is not stored else 0
-        else:
-            bad = self._merge_into(name, stored, active, out, base, read)
-        if bad:
-            for ckpt, n in self.plan.reads(name):  # a NaN or Inf read from an input is named as such
-                ckpt.refuse_non_finite(n)
-            bad = _non_finite(out.view(-1))
-            hint = ("float16 ends at 65504: try out_dtype=bfloat16 or float32" if out.dtype == torch.float16
-                    else "lower the lambdas, or look at the experts' largest values")
-            raise CheckpointError(f"merged tensor '{name}' has {bad} non-finite value(s) (NaN or Inf) in "
-                                  f"{str(out.dtype).removeprefix('torch.')}; nothing was written: the merged values "
-                                  f"exceed the dtype's range ({hint})")
-        return out, base
+            return _non_finite(out.view(-1)) if _may_overflow(base.dtype, out.dtype) or base is not stored else 0
+        return self._merge_into(name, stored, active, out, base, read)
 
     def _merge_into(self, name: str, stored: torch.Tensor, active: list[str], out: torch.Tensor,
                     base: torch.Tensor, read) -> int:

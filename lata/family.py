@@ -2,6 +2,15 @@
 
 Everything that can be known from headers alone is checked here, before any tensor is read or
 any output written: same model_type, same tensor names, same shapes, same layer count.
+
+The vocabulary policy lives here too. Checkpoints may differ in their number of embedding rows
+(an expert trained with added tokens, or a truncated one): a tensor outside the blocks whose
+first dimension is each checkpoint's embedding row count is a vocabulary tensor; every method
+merges the rows all the family's checkpoints share (``shared_rows``: token ids are rows, the
+shared ids must be the same tokens wherever tokenizer.json says), and the output has the
+vocabulary ``vocab`` names: ``anchor`` (the checkpoint the delta is added to: its rows beyond
+the shared ones are its own) or an expert (its tokenizer and config, its rows beyond the shared
+ones). Rows only other checkpoints have are not merged (``vocab_notes`` says which and how many).
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ from lata.architectures import Architecture, architecture_of, config_value, mode
 from lata.config import ROLES, role_map
 from lata.io.adapters import open_checkpoint
 from lata.io.checkpoints import Checkpoint
-from lata.io.files import CheckpointError
+from lata.io.files import CheckpointError, read_json
 
+#: ``model.vocab``: the output has the vocabulary of the checkpoint the delta is added to
+ANCHOR_VOCAB = "anchor"
 
 
 @dataclass
@@ -27,7 +38,13 @@ class Family:
     experts: dict[str, Checkpoint]
     #: the checkpoint the merged vectors are added to (``model.target``); None: the anchor
     target: Checkpoint | None = None
+    #: whose vocabulary the output has: ``anchor`` or an expert's name (``model.vocab``)
+    vocab: str = ANCHOR_VOCAB
     architecture: Architecture = field(init=False)
+    #: tensors with one row per token whose row counts differ between checkpoints
+    vocab_tensors: frozenset = field(default=frozenset(), init=False, repr=False)
+    #: the rows every checkpoint has, where ``vocab_tensors`` is not empty
+    shared_rows: int | None = field(default=None, init=False, repr=False)
     #: exact selections over this family's vectors, kept while it is open so that the points of
     #: a sweep share them (TIES thresholds: lata.engine); keys name what was selected
     selections: dict[tuple, float] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -38,18 +55,21 @@ class Family:
         for name in self.experts:
             if name in ROLES:
                 raise CheckpointError(f"expert name '{name}' is reserved for a family role")
+        self._check_vocab_choice()
         self.architecture = self._check_compatible()
 
     @classmethod
     def open(cls, base: str | os.PathLike, instruct: str | os.PathLike,
-             experts: dict[str, str | os.PathLike], target: str | os.PathLike | None = None) -> "Family":
+             experts: dict[str, str | os.PathLike], target: str | os.PathLike | None = None,
+             vocab: str = ANCHOR_VOCAB) -> "Family":
         """Open every checkpoint (headers only) and check they can be merged.
 
         An expert (or the target) may be a LoRA adapter over the instruct model
         (``lata.io.adapters``).
 
         ``target``: where the merged vectors are added (None: the anchor); a path that is one of
-        the family's own is that role's checkpoint.
+        the family's own is that role's checkpoint. ``vocab``: whose vocabulary the output has
+        (``anchor``, or an expert's name), where the checkpoints' vocabularies differ.
         """
         theta_base = Checkpoint(base, role="base")  # opened (and fetched) in this order
         theta_inst = Checkpoint(instruct, role="instruct")
@@ -60,7 +80,7 @@ class Family:
             own = {str(c.source): c for c in role_map(family["base"], family["instruct"], family["experts"]).values()}
             same = own.get(str(target))
             family["target"] = same if same is not None else open_checkpoint(target, "target", theta_inst)
-        return cls(**family)
+        return cls(**family, vocab=vocab)
 
     @property
     def checkpoints(self) -> list[Checkpoint]:
@@ -144,10 +164,7 @@ class Family:
                 )
             for name in sorted(ref_names & names):
                 if reference.shape(name) != other.shape(name):
-                    raise CheckpointError(
-                        f"tensor '{name}' has shape {list(other.shape(name))} in {other.role} "
-                        f"({other.path}) but {list(reference.shape(name))} in base ({reference.path})"
-                    )
+                    self._resized(arch, name, reference, other)
         if ref_layers == 0:
             raise CheckpointError(
                 f"no tensor of {reference.path} matches the block prefixes of {arch.model_type} "
@@ -156,7 +173,55 @@ class Family:
         for ckpt in inputs:
             _check_config(arch, ckpt)
         self._check_dtypes()
+        if self.vocab_tensors:
+            self.shared_rows = min(_vocab_rows(arch, c) for c in inputs)
+            _check_shared_tokens(inputs, self.shared_rows)
         return arch
+
+    def _check_vocab_choice(self) -> None:
+        if self.vocab == ANCHOR_VOCAB:
+            return
+        if self.vocab not in self.experts:
+            raise CheckpointError(f"model.vocab={self.vocab!r} is not allowed; choose {ANCHOR_VOCAB} or an expert: "
+                                  f"{', '.join(self.experts)}")
+        if self.target is not None:
+            raise CheckpointError(f"model.vocab={self.vocab} and model.target: the output has the target's vocabulary; "
+                                  f"set model.vocab={ANCHOR_VOCAB}")
+        if getattr(self.experts[self.vocab], "instruct", None) is not None:
+            raise CheckpointError(f"model.vocab={self.vocab}: expert '{self.vocab}' is a LoRA adapter; the output's "
+                                  f"vocabulary comes from a whole checkpoint (its config and tokenizer)")
+
+    def _resized(self, arch: Architecture, name: str, reference: Checkpoint, other: Checkpoint) -> None:
+        """Accept a shape difference in the rows of a vocabulary tensor (one row per token, outside
+        the blocks), else refuse naming the tensor and both shapes."""
+        a, b = list(reference.shape(name)), list(other.shape(name))
+        rows = {c.role: _vocab_rows(arch, c) for c in (reference, other)}
+        if (arch.layer_of(name) is None and len(a) == len(b) and a[1:] == b[1:] and None not in rows.values()
+                and a[0] == rows[reference.role] and b[0] == rows[other.role]):
+            self.vocab_tensors = self.vocab_tensors | {name}
+            return
+        why = (" (only the rows of a tensor with one row per token, outside the blocks, may differ)"
+               if a[1:] == b[1:] else "")
+        raise CheckpointError(f"tensor '{name}' has shape {b} in {other.role} ({other.path}) but {a} in "
+                              f"{reference.role} ({reference.path}){why}")
+
+    def vocab_checkpoint(self, anchor: str) -> Checkpoint:
+        """The checkpoint whose vocabulary, tokenizer and config the output has."""
+        return self.output_base(anchor) if self.vocab == ANCHOR_VOCAB else self.experts[self.vocab]
+
+    def vocab_notes(self, anchor: str) -> list[str]:
+        """What the vocabulary policy does with rows not all checkpoints share, one line each."""
+        if not self.vocab_tensors:
+            return []
+        arch, shared, source = self.architecture, self.shared_rows, self.vocab_checkpoint(anchor)
+        notes = [f"{c.role} has {_vocab_rows(arch, c) - shared} embedding rows beyond the {shared} every model "
+                 f"shares: they are not merged (model.vocab={self.vocab})"
+                 for c in self.inputs if c is not source and _vocab_rows(arch, c) > shared]
+        extra = _vocab_rows(arch, source) - shared
+        if extra:
+            notes.append(f"the output has {source.role}'s vocabulary: its {extra} rows beyond the {shared} shared ones "
+                         f"are {source.role}'s own, unmerged")
+        return notes
 
     def _check_dtypes(self) -> None:
         """A tensor that is not floating point (integer, boolean) in any role is merged by no
@@ -203,6 +268,46 @@ def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
         if not tied and embedding in ckpt.files and alias not in ckpt.files:
             raise CheckpointError(f"{where} says tie_word_embeddings=false, but there is no tensor '{alias}' "
                                   f"(a model loaded by this config would get a random '{alias}')")
+
+
+def _vocab_rows(arch: Architecture, ckpt: Checkpoint) -> int | None:
+    """The checkpoint's number of token rows: its input embedding's first dimension."""
+    for _, embedding in arch.tied_weights:
+        if embedding in ckpt.files:
+            return ckpt.shape(embedding)[0]
+    return None
+
+
+def _token_ids(ckpt: Checkpoint) -> dict[int, str] | None:
+    """id -> token of the checkpoint's tokenizer.json (its model's vocabulary and added tokens),
+    or None where it has none."""
+    file = getattr(ckpt, "path", None)
+    file = None if file is None else file / "tokenizer.json"
+    if file is None or not file.is_file():
+        return None
+    data = read_json(file, "tokenizer file")
+    vocab = (data.get("model") or {}).get("vocab") if isinstance(data, dict) else None
+    ids = {i: t for t, i in vocab.items()} if isinstance(vocab, dict) else {}
+    for added in data.get("added_tokens") or [] if isinstance(data, dict) else []:
+        if isinstance(added, dict) and isinstance(added.get("id"), int):
+            ids[added["id"]] = added.get("content")
+    return ids
+
+
+def _check_shared_tokens(inputs: list[Checkpoint], shared: int) -> None:
+    """Rows are merged by token id: where two checkpoints' tokenizer.json give a shared id two
+    different tokens, their vocabularies differ in a way no row policy covers."""
+    known = [(c, ids) for c in inputs if (ids := _token_ids(c)) is not None]
+    if len(known) < 2:
+        return
+    first, ids0 = known[0]
+    for other, ids in known[1:]:
+        for i in range(shared):
+            if ids0.get(i) != ids.get(i):
+                raise CheckpointError(
+                    f"token id {i} is {ids0.get(i)!r} in {first.role} ({first.path}) but {ids.get(i)!r} in "
+                    f"{other.role} ({other.path}): LATA merges embedding rows by token id, so the ids every "
+                    f"model shares must be the same tokens (a reordered vocabulary cannot be merged)")
 
 
 def _count_layers(arch: Architecture, names: list[str]) -> int:

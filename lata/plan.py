@@ -112,13 +112,23 @@ class MergePlan:
         """The checkpoint the delta is added to: ``family.target``, else the anchor."""
         return self.family.output_base(self.anchor)
 
+    @property
+    def vocab_source(self) -> Checkpoint:
+        """The checkpoint whose vocabulary, tokenizer and config the output has
+        (``Family.vocab``): its rows beyond the shared ones are the output's."""
+        return self.family.vocab_checkpoint(self.anchor)
+
     def reads(self, name: str) -> list[tuple]:
         """(checkpoint, tensor) pairs that merging ``name`` reads."""
         anchor, base = self.family.anchor(self.anchor), self.output_base
         if not base.is_float(name):
             return [(base, name)]
         own = [(base, name)] if base is not anchor else []
-        return [(anchor, name)] + own + [(self.family.experts[k], name) for k in self.active_experts(name)]
+        experts = [self.family.experts[k] for k in self.active_experts(name)]
+        source = self.vocab_source
+        rows = ([source] if name in self.family.vocab_tensors and all(source is not c for c in [anchor, base, *experts])
+                else [])
+        return [(anchor, name)] + own + [(c, name) for c in experts + rows]
 
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
@@ -138,7 +148,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         kernels.preload()
     if analysis is None:
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
-    for warning in analysis.degeneracies():
+    for warning in analysis.degeneracies() + family.vocab_notes(merge.anchor):
         log.warning("%s", warning)
     weights = {k: normalized(scheme.weights_for(analysis.similarities[k]), weighting.normalize) for k in family.experts}
     rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
@@ -187,11 +197,13 @@ def _expert_vectors(plan: MergePlan, expert: str):
                 else:
                     ahead.advance(i)
                 w = plan.weight(expert, name)
+                rows = plan.family.shared_rows if name in plan.family.vocab_tensors else None
                 if w == 0:
-                    yield math.prod(anchor.shape(name))
+                    shape = anchor.shape(name)
+                    yield math.prod(shape if rows is None else (rows, *shape[1:]))
                     continue
                 theta0, theta_k = (loaded if staged else (anchor.get(name), ckpt.get(name)))
-                theta0, theta_k = theta0.reshape(-1), theta_k.reshape(-1)
+                theta0, theta_k = theta0[:rows].reshape(-1), theta_k[:rows].reshape(-1)
                 n, step = theta0.numel(), plan.chunk()
                 for start in range(0, n, step):
                     t0 = theta0[start:start + step].to(plan.device, torch.float32)
@@ -215,9 +227,10 @@ def output_dtype(ckpt: Checkpoint, name: str, target: torch.dtype | None) -> tor
 def output_entries(family: Family, anchor: str = "instruct", out_dtype: str | None = None
                    ) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(name, shape, dtype) of every tensor of the merged checkpoint, from the headers."""
-    ckpt = family.output_base(anchor)
+    ckpt, source = family.output_base(anchor), family.vocab_checkpoint(anchor)
     target = TORCH_DTYPES[out_dtype] if out_dtype else None
-    return [(n, ckpt.shape(n), output_dtype(ckpt, n, target)) for n in family.tensor_names]
+    return [(n, (source if n in family.vocab_tensors else ckpt).shape(n), output_dtype(ckpt, n, target))
+            for n in family.tensor_names]
 
 
 def output_bytes(family: Family, anchor: str = "instruct", out_dtype: str | None = None,

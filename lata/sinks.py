@@ -68,8 +68,9 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
                  record: dict | None = None, protected: dict[str, str | os.PathLike] | None = None) -> Path:
     """Write the merged model as a sharded safetensors HF checkpoint, atomically.
 
-    Config, generation config and tokenizer come from the anchor model (the target, where the
-    family has one). Before any tensor is
+    Config, generation config, tokenizer and chat template come from the checkpoint whose
+    vocabulary the output has (``MergePlan.vocab_source``: the anchor, or the target where the
+    family has one, unless ``model.vocab`` names an expert). Before any tensor is
     read, ``out_dir`` is checked (``lata.io.outputs``: never an input, ``overwrite`` false / true /
     "force", writable, room for the output) and locked against other writers. The checkpoint is
     built in a temporary sibling directory and renamed to ``out_dir`` only when whole; shards
@@ -78,7 +79,6 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
     file's size) is written last.
     """
     max_bytes = parse_size(shard_size, key="shard_size")
-    anchor = plan.output_base
     entries = output_entries(plan.family, plan.anchor, out_dtype)
     inputs = {c.role: c.path for c in plan.family.inputs}
 
@@ -100,10 +100,10 @@ def merge_to_dir(plan: MergePlan, out_dir: str | os.PathLike, *, out_dtype: str 
             writer.abort()
             raise
         dtype_name = out_dtype or _anchor_dtype_name(plan)
-        copy_support_files(anchor.path, tmp, dtype=dtype_name)
+        copy_support_files(plan.vocab_source.path, tmp, dtype=dtype_name)
         write_marker(tmp, {"written_by": "lata", "method": plan.method.name, "anchor": plan.anchor,
                            "target": None if plan.family.target is None else plan.family.target.source,
-                           "inputs": {c.role: c.source for c in plan.family.inputs}, "lams": plan.lams,
+                           "inputs": {c.role: c.source for c in plan.family.inputs}, "vocab": plan.family.vocab, "lams": plan.lams,
                            "weights": plan.weights, "rest_weight": plan.rest_weight, "dtype": dtype_name,
                            "shard_size": max_bytes, **(record or {})}, digests)
     return out

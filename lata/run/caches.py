@@ -47,11 +47,12 @@ _model: dict[str, Any] = {}  # {"key": (dir, dtype, device), "model": nn.Module}
 
 # --------------------------------------------------------------------------- families and pass 1
 
-def open_family(base: str, instruct: str, experts: dict[str, str], target: str | None = None) -> Family:
-    """The family (with its target, if any), opened once per process."""
-    key = (base, instruct, tuple(experts.items()), target)
+def open_family(base: str, instruct: str, experts: dict[str, str], target: str | None = None,
+                vocab: str = "anchor") -> Family:
+    """The family (with its target, if any, and the output's vocabulary), opened once per process."""
+    key = (base, instruct, tuple(experts.items()), target, vocab)
     if key not in _families:
-        _families[key] = Family.open(base, instruct, experts, target)
+        _families[key] = Family.open(base, instruct, experts, target, vocab)
     return _families[key]
 
 

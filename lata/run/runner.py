@@ -136,7 +136,7 @@ def _open_family(cfg: DictConfig, paths: FamilyPaths, summary: dict, saving: boo
     """The family opened and checked (architecture, names, shapes, vocabulary, config) as every
     merge checks it, before any stored point is restored; the output place checked against the
     resolved inputs."""
-    family = caches.open_family(paths.base, paths.instruct, paths.experts, paths.target)
+    family = caches.open_family(paths.base, paths.instruct, paths.experts, paths.target, cfg.model.vocab)
     summary["family"].update(model_type=family.architecture.model_type, num_layers=family.num_layers,
                              tensors=len(family.tensor_names))
     inputs = {c.role: c.path for c in family.inputs}
@@ -174,7 +174,7 @@ def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, 
                                                   progress=cfg.progress, protected=protected,
                                                   record={"model_key": model_key, "point": key}))
         log.info("merged model written to %s", summary["saved_model"])
-    model_dir = str(plan.output_base.path)
+    model_dir = str(plan.vocab_source.path)  # the output's vocabulary, tokenizer and config
     model = None
     if cfg.benchmark.tasks:
         model = caches.evaluation_model(model_dir, cfg.model.dtype, cfg.device, reusable=True)

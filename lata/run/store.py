@@ -66,6 +66,7 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None 
         "benchmark": benchmark,
         "benchmark_data": _benchmark_data(cfg, heldout) if benchmark.get("tasks") else None,
         "dtype": cfg.model.dtype,
+        "vocab": cfg.model.get("vocab", "anchor"),
         "device": str(cfg.get("device", "cpu")).split(":")[0] if benchmark.get("tasks") else None,
     })
 
@@ -92,6 +93,7 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
         "merge": to_plain(cfg.merge),
         "weighting": _weighting(cfg),
         "out_dtype": cfg.out_dtype,
+        "vocab": cfg.model.get("vocab", "anchor"),
         "shard_size": parse_size(cfg.shard_size, key="shard_size"),
     })
 
