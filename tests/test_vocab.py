@@ -43,6 +43,7 @@ def family_dirs(tmp_path_factory):
     d = write_family(root / "family")
     d["experts"] = {"math": resized(d["experts"]["math"], root / "math+64", V + 64, 1),
                     "code": resized(d["experts"]["code"], root / "code-8", V - 8, 2)}
+    (d["experts"]["math"] / "chat_template.jinja").write_text("{{ messages }} (math's own template)")
     return d
 
 
@@ -88,6 +89,8 @@ def test_the_shared_rows_are_merged_and_the_output_has_the_chosen_vocabulary(fam
     name = "model.layers.3.mlp.up_proj.weight"
     assert torch.equal(got[name], expected(family, plan, name, got[name].shape[0]).view(got[name].shape))
     assert json.loads((out / "config.json").read_text())["vocab_size"] == rows
+    # the tokenizer side (here the chat template) comes with the vocabulary
+    assert (out / "chat_template.jinja").is_file() == (vocab == "math")
     model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert model.get_input_embeddings().weight.shape[0] == rows
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
