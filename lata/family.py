@@ -259,7 +259,7 @@ def _check_config(arch: Architecture, ckpt: Checkpoint) -> None:
     layers, counted = arch.num_layers(ckpt.config), _count_layers(arch, ckpt.names)
     if layers is not None and layers != counted:
         raise CheckpointError(f"{where} says {arch.num_layers_key}={layers}, but its tensors hold {counted} layers")
-    tied = ckpt.config.get("tie_word_embeddings", arch.tie_word_embeddings_default)
+    tied = arch.ties(ckpt.config)
     for alias, embedding in arch.tied_weights:
         vocab = config_value(ckpt.config, "vocab_size")
         if embedding in ckpt.files and vocab is not None and ckpt.shape(embedding)[0] != vocab:

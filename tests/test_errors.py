@@ -55,12 +55,16 @@ def test_different_model_types_are_refused(dirs):
         open_family(dirs)
 
 
-def test_unknown_architecture_lists_known_ones(dirs):
+def test_an_architecture_whose_blocks_cannot_be_found_is_refused(dirs):
     for path in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
         config = json.loads((path / "config.json").read_text())
         config["model_type"] = "mamba"
+        del config["num_hidden_layers"]
         (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="no architecture data for model_type 'mamba'; known: .*llama"):
+    with pytest.raises(CheckpointError, match=r"base/config.json \(base\): cannot find the blocks of model_type "
+                                              r"'mamba': its config gives no block count \(looked for num_hidden_layers, "
+                                              r"n_layer, num_layers, n_layers, also under text_config\); "
+                                              r"add lata/architectures/mamba.json$"):
         open_family(dirs)
 
 

@@ -1,86 +1,34 @@
-"""Architecture data: which tensors belong to which transformer block, and which are tied.
+"""Architectures: which tensors belong to which transformer block, and which are tied.
 
-Each ``<model_type>.json`` beside this file is pure data::
+A checkpoint's architecture is found from the checkpoint itself (``lata.architectures.inference``):
+any decoder whose blocks are numbered in its tensor names (``model.layers.{l}.``,
+``transformer.h.{l}.``, ...) and whose config.json gives their count. A ``<model_type>.json``
+beside this file is pure data, for the exceptions and overrides::
 
     layer_prefixes               name prefixes of block l, with "{l}" for the index
     num_layers_key               the config.json key holding the number of blocks
     tied_weights                 {alias: canonical} pairs that share storage when tied
     tie_word_embeddings_default  used when config.json does not say
 
+A file setting all four is the architecture of its model_type (nothing is inferred); a file
+setting some of them overrides those, and the rest is inferred.
+
 Merge code never matches tensor names itself: it asks an :class:`Architecture`.
-Adding a model family means adding a JSON file, nothing else.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
+from lata.architectures.data import Architecture, config_value
+from lata.architectures.inference import infer_architecture
+
+__all__ = ["Architecture", "architecture_for", "architecture_of", "config_value", "infer_architecture",
+           "known_model_types", "model_type_of"]
+
 DATA_DIR = Path(__file__).parent
-
-
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str
-    layer_prefixes: tuple[str, ...]
-    num_layers_key: str
-    tied_weights: tuple[tuple[str, str], ...]
-    tie_word_embeddings_default: bool
-
-    @cached_property
-    def _layer_regex(self) -> re.Pattern:
-        alternatives = [re.escape(p).replace(r"\{l\}", r"(\d+)") for p in self.layer_prefixes]
-        return re.compile("^(?:" + "|".join(alternatives) + ")")
-
-    def layer_of(self, tensor_name: str) -> int | None:
-        """Block index of a tensor, or None for the ``rest`` group."""
-        match = self._layer_regex.match(tensor_name)
-        if match is None:
-            return None
-        return int(next(g for g in match.groups() if g is not None))
-
-    def tied_aliases(self, config: dict) -> dict[str, str]:
-        """{alias: canonical} for the weights tied in this checkpoint's config."""
-        tied = config.get("tie_word_embeddings", self.tie_word_embeddings_default)
-        return dict(self.tied_weights) if tied else {}
-
-    def num_layers(self, config: dict) -> int | None:
-        return config_value(config, self.num_layers_key)
-
-    def check_config(self, config: dict, where: str) -> None:
-        """Refuse a config.json value of the wrong type among those LATA reads: the layer count
-        (``num_layers_key``) and ``vocab_size`` (non-negative integers; in config.json, else in its
-        ``text_config``; a key given as null is refused, a missing one is not checked) and
-        ``tie_word_embeddings`` (true or false). CheckpointError naming ``where`` (the file) and
-        the key."""
-        from lata.io.files import CheckpointError, shown
-
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
-        for key in (self.num_layers_key, "vocab_size"):
-            if config.get(key) is not None:
-                value, named = config[key], key
-            elif text.get(key) is not None:
-                value, named = text[key], f"text_config.{key}"
-            elif key in config or key in text:
-                value, named = None, key if key in config else f"text_config.{key}"
-            else:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise CheckpointError(f"{where}: {named} is {shown(value)}, not a non-negative integer")
-        tied = config.get("tie_word_embeddings", self.tie_word_embeddings_default)
-        if not isinstance(tied, bool):
-            raise CheckpointError(f"{where}: tie_word_embeddings is {shown(tied)}, not true or false")
-
-
-def config_value(config: dict, key: str):
-    """``config[key]``, or the same key of its ``text_config`` (multimodal configs), or None."""
-    value = config.get(key)
-    if value is None and isinstance(config.get("text_config"), dict):
-        value = config["text_config"].get(key)
-    return value
+FIELDS = ("layer_prefixes", "num_layers_key", "tied_weights", "tie_word_embeddings_default")
 
 
 def model_type_of(config: dict, where: str) -> str:
@@ -102,29 +50,58 @@ def known_model_types() -> list[str]:
 
 
 def architecture_for(model_type: str, where: str | None = None) -> Architecture:
-    """Load the architecture data for a config.json ``model_type`` (one of ``known_model_types``:
-    a name is never made into a path outside this directory). ``where``: the config.json it
-    comes from, named by the error (CheckpointError) for a type without data."""
-    path = DATA_DIR / f"{model_type}.json"
-    if model_type not in known_model_types():
-        from lata.io.files import CheckpointError, shown
+    """The architecture a ``<model_type>.json`` sets whole (``model_type`` one of
+    ``known_model_types``: a name is never made into a path outside this directory). ``where``:
+    the config.json it comes from, named by the error (CheckpointError) for a type without a
+    file, or whose file sets only some fields (those are found from a checkpoint:
+    ``architecture_of``)."""
+    from lata.io.files import CheckpointError, shown
 
+    data = _data(model_type)
+    if data is None:
         plain = isinstance(model_type, str) and model_type.isprintable() and "/" not in model_type
         hint = f" Add lata/architectures/{model_type}.json." if plain else ""
         raise CheckpointError(
             f"{where + ': ' if where else ''}no architecture data for model_type "
             f"{repr(model_type) if plain else shown(model_type)}; known: {', '.join(known_model_types())}.{hint}"
         )
-    data = json.loads(path.read_text())
+    missing = [f for f in FIELDS if f not in data]
+    if missing:
+        raise CheckpointError(f"{where + ': ' if where else ''}lata/architectures/{model_type}.json sets only "
+                              f"some fields (not {', '.join(missing)}): the rest is found from a checkpoint")
+    return _from_data(model_type, data)
+
+
+def architecture_of(config: dict, names: list[str], where: str | None = None) -> Architecture:
+    """The architecture of a checkpoint from its config.json and tensor names: its
+    ``<model_type>.json`` where that sets every field, else inferred (``infer_architecture``)
+    with the fields such a file sets. CheckpointError naming ``where`` (the config file) where
+    the blocks cannot be found."""
+    where = where or "config.json"
+    model_type = model_type_of(config, where)
+    data = _data(model_type) or {}
+    if all(f in data for f in FIELDS):
+        return _from_data(model_type, data)
+    return infer_architecture(config, names, model_type, where, given=data)
+
+
+def _data(model_type: str) -> dict | None:
+    """The fields ``<model_type>.json`` sets, or None where there is no such file."""
+    if model_type not in known_model_types():
+        return None
+    data = json.loads((DATA_DIR / f"{model_type}.json").read_text())
+    unknown = sorted(set(data) - {"model_type", *FIELDS})
+    if unknown:
+        raise ValueError(f"lata/architectures/{model_type}.json: unknown fields {', '.join(unknown)} "
+                         f"(known: {', '.join(FIELDS)})")
+    return {k: v for k, v in data.items() if k in FIELDS}
+
+
+def _from_data(model_type: str, data: dict) -> Architecture:
     return Architecture(
-        model_type=data["model_type"],
+        model_type=model_type,
         layer_prefixes=tuple(data["layer_prefixes"]),
         num_layers_key=data["num_layers_key"],
         tied_weights=tuple(data["tied_weights"].items()),
         tie_word_embeddings_default=bool(data["tie_word_embeddings_default"]),
     )
-
-
-def architecture_of(config: dict, names: list[str], where: str | None = None) -> Architecture:
-    """The architecture of a checkpoint from its config.json and tensor names."""
-    return architecture_for(model_type_of(config, where or "config.json"), where=where)
