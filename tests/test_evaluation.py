@@ -209,7 +209,7 @@ def test_the_paper_suite_runs_lm_evals_gsm8k_and_wikitext_and_humaneval_in_the_s
     assert [primary_metric(t) for t in cfg.benchmark.tasks] == ["token_perplexity", "exact_match_strict_match",
                                                                   "pass@1"]
     assert [task_kind(t) for t in cfg.benchmark.tasks] == ["ppl", "math", "code"]
-    assert LM_EVAL_PPL_TEXT == {"wikitext": "page"} and set(LM_EVAL_TASKS) == {"gsm8k", "wikitext"}
+    assert LM_EVAL_PPL_TEXT == {"wikitext": "page"} and set(LM_EVAL_TASKS) == {"gsm8k", "gsm8k_cot", "ifeval", "wikitext"}
     metrics = {"wikitext": {"token_perplexity": 9.0, "word_perplexity": 20.0},
                "gsm8k": {"exact_match_strict_match": 0.3, "exact_match_flexible_extract": 0.4},
                "lata_humaneval": {"pass@1": 0.5}}

@@ -81,7 +81,8 @@ def test_every_point_of_every_experiment_validates(name):
         cfg = compose(config_name="config", overrides=[f"experiment={name}", *point, *(EXPERTS if name in REAL else [])])
         validate(cfg)
         if name in REAL:
-            assert cfg.device == "cuda" and cfg.model.dtype == "bfloat16" and cfg.benchmark.name == "paper"
+            suite = "mergebench" if name.startswith("mergebench_") else "paper"
+            assert cfg.device == "cuda" and cfg.model.dtype == "bfloat16" and cfg.benchmark.name == suite
             assert "/" in cfg.model.base and "/" in cfg.model.instruct  # hub ids
         else:
             assert cfg.model.embedded == "zoo" and cfg.benchmark.name == "zoo"

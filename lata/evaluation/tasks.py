@@ -46,7 +46,8 @@ LOWER_IS_BETTER = {"token_perplexity", "word_perplexity", "byte_perplexity", "bi
 
 # lm-eval registry tasks LATA reports like its own kinds: {name: (kind, primary metric)}. lm-eval
 # names a metric under several filters ``<metric>_<filter>`` (see harness._numeric).
-LM_EVAL_TASKS = {"gsm8k": ("math", "exact_match_strict_match"), "wikitext": ("ppl", "token_perplexity")}
+LM_EVAL_TASKS = {"gsm8k": ("math", "exact_match_strict_match"), "gsm8k_cot": ("math", "exact_match_strict_match"),
+                 "ifeval": ("instruction", "prompt_level_strict_acc"), "wikitext": ("ppl", "token_perplexity")}
 # ... and the document field of those whose texts also get LATA's strided token perplexity: the raw
 # text, as the literature's WikiText-2 perplexity (lm-eval scores its detokenized form)
 LM_EVAL_PPL_TEXT = {"wikitext": "page"}
@@ -268,7 +269,8 @@ def render_tasks(names: list[str], directory: Path, paths: DataPaths, num_fewsho
 
 
 def task_kind(task: str) -> str | None:
-    """ppl | math | code | refusal for LATA's tasks and the lm-eval tasks of ``LM_EVAL_TASKS``; else None."""
+    """ppl | math | code | refusal | instruction for LATA's tasks and the lm-eval tasks of
+    ``LM_EVAL_TASKS``; else None."""
     if task in TASKS:
         return TASKS[task].kind
     return LM_EVAL_TASKS[task][0] if task in LM_EVAL_TASKS else None
