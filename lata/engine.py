@@ -42,7 +42,8 @@ from lata.io.files import CheckpointError
 from lata.io.prefetch import Prefetcher
 from lata.io.tensorfiles import TORCH_DTYPES
 from lata.plan import MergePlan, output_dtype
-from lata.selection import band_around, kth_largest, kth_largest_in_band, sample_positions, scaled_magnitude
+from lata.selection import (band_around, block_gram, kth_largest, kth_largest_in_band, sample_positions,
+                            scaled_magnitude)
 
 #: Decision: the magnitudes |v_k| of every expert of one tensor are held together (one pass, the
 #: anchor read once, each expert's selection on its own worker) while they fit in 1 GiB; a
@@ -261,6 +262,16 @@ class _TensorVectors:
                                        n, self.run.plan.chunk(fused=True))
         return (sum(above for _, above, _ in counts),
                 np.concatenate([out[start:start + inside] for start, _, inside in counts]))
+
+    def gram(self, row: int | None = None) -> torch.Tensor:
+        """sum v_i * v_j of the pure vectors, whole or per row (``lata.methods.TensorVectors``)."""
+        device = self.run.plan.device
+
+        def part(start: int, stop: int) -> list[torch.Tensor]:
+            t0 = self.theta0[start:stop].to(device, torch.float32)
+            return [pure_slice(view[start:stop], t0, w, device) for view, w in zip(self.views, self.ws)]
+
+        return block_gram(part, self.theta0.numel(), row)
 
     def each_magnitude(self, fn) -> list:
         """``[fn(i, |d_i|) for each expert i]`` (``lata.methods.TensorVectors``)."""

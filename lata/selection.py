@@ -228,3 +228,34 @@ def _bin_holding(counts: torch.Tensor, k: int) -> tuple[int, int]:
 def largest_below(threshold: float) -> float:
     """The largest float32 strictly below ``threshold`` (|v| > it exactly when |v| >= threshold)."""
     return float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
+
+
+#: values per block of a streamed Gram matrix: fixed, so that its sums never depend on how the
+#: engine slices a tensor or on which path (sliced, staged) reads it
+GRAM_BLOCK = 1 << 18
+
+
+def block_gram(part: Callable[[int, int], list[torch.Tensor]], n: int, row: int | None = None) -> torch.Tensor:
+    """sum v_i * v_j of K streamed vectors of n values, as a float64 [rows, K, K]: over the whole
+    vectors (``row`` None: rows = 1), or over each row of ``row`` values (n // row rows).
+
+    ``part(start, stop)`` gives the K vectors' values [start, stop). Products and sums are in
+    float64, over fixed blocks (``GRAM_BLOCK`` values, or whole rows), added in order: the same
+    bits whatever the caller's slicing."""
+    if row is None or row >= n:
+        total = None
+        for start in range(0, n, GRAM_BLOCK):
+            vs = torch.stack([v.double() for v in part(start, min(n, start + GRAM_BLOCK))])
+            block = vs @ vs.T
+            total = block if total is None else total.add_(block)
+        return total.unsqueeze(0)
+    rows, step = n // row, max(1, GRAM_BLOCK // row) * row
+    out = None
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        vs = torch.stack([v.double() for v in part(start, stop)]).view(-1, (stop - start) // row, row)
+        block = torch.einsum("irc,jrc->rij", vs, vs)
+        if out is None:
+            out = torch.empty((rows, *block.shape[1:]), dtype=torch.float64, device=block.device)
+        out[start // row:stop // row] = block
+    return out

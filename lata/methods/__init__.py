@@ -59,6 +59,10 @@ class TensorVectors(Protocol):
         scratch buffer ``fn`` may reorder. Its order is that of |v_i| (w_i scales every value
         of the tensor alike), ties apart."""
 
+    def gram(self, row: int | None = None) -> torch.Tensor:
+        """sum v_i * v_j over the whole tensor (``row`` None) or over each row of ``row``
+        values of the flattened tensor: float64 [rows, K, K] (``lata.selection.block_gram``)."""
+
 
 class _WholeVectors:
     """``TensorVectors`` over already-computed whole tensors (``MergeMethod.delta``, w = 1)."""
@@ -74,6 +78,12 @@ class _WholeVectors:
 
     def each_magnitude(self, fn):
         return [fn(i, v.detach().reshape(-1).float().abs()) for i, v in enumerate(self.vectors)]
+
+    def gram(self, row=None):
+        from lata.selection import block_gram
+
+        flat = [v.detach().reshape(-1).float() for v in self.vectors]
+        return block_gram(lambda start, stop: [v[start:stop] for v in flat], flat[0].numel(), row)
 
 
 def summed(us: Sequence[torch.Tensor]) -> torch.Tensor:
