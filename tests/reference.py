@@ -4,8 +4,11 @@ It loads every state dict fully, concatenates layer vectors, ranks with numpy an
 torch.topk / sort, so it shares no code path with the streaming engine (except the seeded DARE
 mask and DELLA's seeded draws, which define m_k and are tested statistically on their own).
 Breadcrumbs keeps positions of a full sort (mergekit's way) where LATA selects two thresholds;
-DELLA ranks with numpy's stable argsort where LATA sorts with torch. A method without a formula
-here is refused (``merge`` raises ``ValueError``): a new method brings its own reference.
+DELLA ranks with numpy's stable argsort where LATA sorts with torch. Model Soup, Consensus TA and
+Localize-and-Stitch are written from their formulas over stacked whole tensors (Localize-and-Stitch
+finds its threshold with torch.topk). A method without a formula here is refused (``merge`` raises
+``ValueError``): a new method brings its own reference. ``bend`` names a deliberate error in one
+formula, for the mutation checks (tests/test_baselines.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from lata.methods.dare import keep_mask, mask_seed
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 #: the methods ``merge`` has a formula for
-METHODS = ("ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+METHODS = ("ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "soup",
+           "consensus", "localize_stitch", "model_stock")
+#: the deliberate errors ``merge(bend=...)`` can make, per method
+BENDS = {"soup": ("all_lambdas", "expert_count", "no_division"),
+         "consensus": ("strict_mask", "k_minus_one", "unscaled_masks"),
+         "localize_stitch": ("no_overlap_division", "floor_count")}
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:
@@ -120,15 +128,90 @@ def _della_scale(d: torch.Tensor, density: float, epsilon: float, seed: int, exp
     return torch.where(draws < p, 1.0 / p, torch.zeros(())).view(d.shape)
 
 
+def _soup(vs: list, ls: list, bend=None) -> torch.Tensor:
+    """sum_k l_k v_k / sum_k l_k over the given experts (``bend``: another denominator, or none)."""
+    total = sum(l * v for l, v in zip(ls, vs))
+    if bend == "no_division":
+        return total
+    return total / (len(ls) if bend == "expert_count" else sum(ls))
+
+
+def _consensus(us: list, vs: list, tall_lambda: float, k: int, bend=None) -> torch.Tensor:
+    """tau_MTL = sum u; masks |u_k| >= tall_lambda |tau_MTL - u_k| (on the unscaled v_k for
+    ``unscaled_masks``); tau_MTL where at least k masks hold."""
+    mtl = torch.stack(us).sum(0)
+    on = torch.stack(vs).sum(0) if bend == "unscaled_masks" else mtl
+    masks = []
+    for x in (vs if bend == "unscaled_masks" else us):
+        lhs, rhs = x.abs(), tall_lambda * (on - x).abs()
+        masks.append((lhs > rhs) if bend == "strict_mask" else (lhs >= rhs))
+    agree = torch.stack(masks).to(torch.int64).sum(0)
+    return torch.where(agree >= (k - 1 if bend == "k_minus_one" else k), mtl, torch.zeros(()))
+
+
+def _localized(v: torch.Tensor, density: float, bend=None) -> torch.Tensor:
+    """1.0 where v is among the top ceil(density * n) by |v| (ties with the last kept too) and
+    non-zero, else 0.0 (``floor_count``: floor(density * n) kept)."""
+    flat = v.abs().flatten()
+    k = int(density * flat.numel()) if bend == "floor_count" else math.ceil(round(density * flat.numel(), 9))
+    cut = torch.topk(flat, max(k, 1)).values.min()
+    return ((v.abs() >= cut) & (v != 0)).float()
+
+
+def _stitch(vs: list, ls: list, density: float, bend=None) -> torch.Tensor:
+    """sum_k l_k v_k m_k / max(sum_k m_k, 1), m_k each expert's localized mask."""
+    masks = [_localized(v, density, bend) for v in vs]
+    total = sum(l * v * m for l, v, m in zip(ls, vs, masks))
+    return total if bend == "no_overlap_division" else total / torch.stack(masks).sum(0).clamp(min=1)
+
+
+def _model_stock(vs: list, ls: list, filter_wise: bool) -> torch.Tensor:
+    """t * mean_k(l_k v_k), t = N c / (1 + (N - 1) c) from the mean pairwise cosine c of the v_k
+    (numpy float64; per row of a matrix with ``filter_wise``); t = 1 for one vector."""
+    shape = vs[0].shape
+    rows = [v.double().numpy().reshape(shape[0] if filter_wise and len(shape) > 1 else 1, -1) for v in vs]
+    n = len(rows)
+    if n == 1:
+        t = np.ones((rows[0].shape[0], 1))
+    else:
+        cos = []
+        for i in range(n):
+            for j in range(i + 1, n):
+                norms = np.maximum(np.linalg.norm(rows[i], axis=1) * np.linalg.norm(rows[j], axis=1), 1e-6)
+                cos.append(np.clip((rows[i] * rows[j]).sum(axis=1) / norms, -1.0, 1.0))
+        c = np.mean(cos, axis=0)[:, None]
+        t = n * c / (1 + (n - 1) * c)
+    mean = sum(l * r for l, r in zip(ls, rows)) / n
+    return torch.from_numpy(t * mean).reshape(shape).float()
+
+
+def _baseline(method, n, lams, wts, pure, density, tall_lambda, agreeing, bend):
+    """The delta of tensor n for soup, consensus and localize_stitch."""
+    # the experts whose pure vector of n is not zero (all of them for soup's ``all_lambdas``)
+    live = [e for e in lams if lams[e] * wts[e][n] != 0 or bend == "all_lambdas"]
+    if not live:
+        return torch.zeros(())
+    if method == "soup":
+        return _soup([pure[e][n] for e in live], [lams[e] for e in live], bend)
+    if method == "consensus":  # every expert: a zero vector's mask must not change the merge
+        return _consensus([lams[e] * pure[e][n] for e in lams], [pure[e][n] for e in lams], tall_lambda, agreeing,
+                          bend)
+    return _stitch([pure[e][n] for e in live], [lams[e] for e in live], density, bend)
+
+
 def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, density=0.2, topk_scope="tensor",
           p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=None,
           explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5,
-          of="linear_rank") -> dict[str, torch.Tensor]:
+          of="linear_rank", k=2, tall_lambda=0.2, filter_wise=False, bend=None) -> dict[str, torch.Tensor]:
     """``target``: a checkpoint directory the delta is added to (default: theta_0);
-    ``rest_weight`` None: 1, or alpha for LiNeS. ``ValueError`` for a method not in ``METHODS``."""
+    ``rest_weight`` None: 1, or alpha for LiNeS. ``ValueError`` for a method not in ``METHODS``
+    or a ``bend`` not in ``BENDS[method]``."""
     if method not in METHODS:
         raise ValueError(f"tests/reference.py has no reference for merge method {method!r}; "
                          f"it has: {', '.join(METHODS)}")
+    if bend is not None and bend not in BENDS.get(method, ()):
+        raise ValueError(f"no bend {bend!r} for merge method {method!r}")
+    agreeing = k  # consensus's count (the loops below name experts k)
     base, instruct = load(dirs["base"]), load(dirs["instruct"])
     experts = {k: load(v) for k, v in dirs["experts"].items()}
     L = 1 + max(layer_index(n) for n in base if layer_index(n) is not None)
@@ -137,12 +220,12 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
     # pure vectors, float32
     if rest_weight is None:
         rest_weight = alpha if weighting == "lines" else 1.0
-    pure = {}
-    for k, ex in experts.items():
+    pure, wts = {}, {}
+    for e, ex in experts.items():
         w = weights(similarities(base, instruct, ex, L), weighting, drop, threshold, normalize, explicit, alpha, beta,
                     of, seed)
-        pure[k] = {n: (rest_weight if layer_index(n) is None else w[layer_index(n)])
-                   * (ex[n].float() - theta0[n].float()) for n in theta0}
+        wts[e] = {n: (rest_weight if layer_index(n) is None else w[layer_index(n)]) for n in theta0}
+        pure[e] = {n: wts[e][n] * (ex[n].float() - theta0[n].float()) for n in theta0}
     if method == "ties" and topk_scope == "global":
         trimmed = {}
         for k, vec in pure.items():
@@ -153,7 +236,12 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
     out = {}
     added = theta0 if target is None else load(target)
     for n in theta0:
-        if method == "ta":
+        if method in BENDS:
+            delta = _baseline(method, n, lams, wts, pure, density, tall_lambda, agreeing, bend)
+        elif method == "model_stock":  # over the experts whose vector is not zero by weight and lambda
+            live = [e for e in experts if lams[e] * wts[e][n] != 0]
+            delta = _model_stock([pure[e][n] for e in live], [lams[e] for e in live], filter_wise) if live else 0.0
+        elif method == "ta":
             delta = sum(lams[k] * pure[k][n] for k in experts)
         elif method == "ties":
             delta = _elect([lams[k] * trimmed[k][n] for k in experts])

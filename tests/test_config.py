@@ -135,8 +135,7 @@ def test_unknown_group_option_lists_the_allowed_ones():
     ("merge=ties merge.density=1.5", "merge.density=1.5 is out of range"),
     ("weighting.drop=1.0", r"weighting.drop=1.0 is out of range; it must lie in \[0.0, 1.0\)"),
     ("merge=dare merge.p=1.0", "merge.p=1.0 is out of range"),
-    ("merge.method=foo", "merge.method='foo' is not allowed; choose one of: breadcrumbs, breadcrumbs_ties, dare, "
-                         "dare_ties, della, della_linear, ta, ties, none"),
+    ("merge.method=foo", "merge.method='foo' is not allowed; choose one of: " + ", ".join(METHODS.names() + ["none"])),
     ("merge=ties merge.topk_scope=layer", "merge.topk_scope='layer' is not allowed; choose one of: tensor, global"),
     ("merge=breadcrumbs merge.gamma=1", r"merge.gamma=1.0 is out of range; it must lie in \[0.0, 1.0\)"),
     ("merge=della merge.epsilon=0.5", "merge.density=0.5 and merge.epsilon=0.5: the keep probabilities"),
