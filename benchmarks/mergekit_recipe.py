@@ -1,15 +1,19 @@
-"""LATA's mergekit recipes run by mergekit: the same merge from both tools, compared tensor by tensor.
+"""The same merge from LATA and from mergekit, compared tensor by tensor.
 
     python benchmarks/mergekit_recipe.py --mergekit /path/to/mergekit-yaml [--size tiny] [--work-dir DIR]
 
 On a synthetic family of benchmarks/scale.py (``--size``), each case runs ``lata ...
-export=mergekit save_model=...`` (LATA's merge and its recipe, ``mergekit.yaml`` in the run
-directory), then ``mergekit-yaml`` on that recipe (mergekit installed in its own environment),
-and prints, per case, how many tensors are bit-identical and the largest |difference|.
-Expected (lata.results.mergekit): task arithmetic identical where lambda is 1 and within float32
-rounding otherwise; TIES differing where mergekit's int(density * n) and LATA's ceil keep
-different values, and where the agreeing experts' weights are not all 1 (mergekit divides by
-their sum, LATA by their count).
+save_model=...`` and ``mergekit-yaml`` (mergekit installed in its own environment) on a recipe,
+and prints how many tensors are bit-identical and the largest |difference|. The recipe is LATA's
+own (``export=mergekit``: ``mergekit.yaml`` in the run directory) for the methods it exports,
+and one written here for the baselines it does not export (uniform weights and lambda 1, where
+the two tools define the same merge).
+
+Expected (lata.results.mergekit, docs/method.md): task arithmetic identical where lambda is 1
+and within float32 rounding otherwise; TIES differing where mergekit's int(density * n) and
+LATA's ceil keep different values, and where the agreeing experts' weights are not all 1
+(mergekit divides by their sum, LATA by their count); ``soup`` against mergekit's ``linear`` and
+``model_stock`` against its ``model_stock`` within float32 rounding.
 """
 
 from __future__ import annotations
@@ -20,17 +24,32 @@ import sys
 import tempfile
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scale  # noqa: E402
 
+#: (label, LATA's options, LATA's own recipe (None) or a recipe written here from the family's paths)
 CASES = [
-    ("ta, linear_rank, lam 1", ["merge=ta", "weighting=linear_rank"]),
-    ("ta, linear_rank, lam 0.7", ["merge=ta", "weighting=linear_rank", "merge.lam=0.7"]),
-    ("ta, uniform, rest_weight 0.5", ["merge=ta", "weighting=uniform", "weighting.rest_weight=0.5"]),
-    ("ties, uniform", ["merge=ties", "weighting=uniform"]),
-    ("ties, linear_rank", ["merge=ties", "weighting=linear_rank"]),
+    ("ta, linear_rank, lam 1", ["merge=ta", "weighting=linear_rank"], None),
+    ("ta, linear_rank, lam 0.7", ["merge=ta", "weighting=linear_rank", "merge.lam=0.7"], None),
+    ("ta, uniform, rest_weight 0.5", ["merge=ta", "weighting=uniform", "weighting.rest_weight=0.5"], None),
+    ("ties, uniform", ["merge=ties", "weighting=uniform"], None),
+    ("ties, linear_rank", ["merge=ties", "weighting=linear_rank"], None),
+    ("soup vs linear", ["merge=soup", "weighting=uniform", "out_dtype=float32"],
+     lambda dirs: {"merge_method": "linear", "parameters": {"normalize": True}, "dtype": "float32",
+                   "models": [{"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in scale.EXPERTS]}),
+    ("model_stock", ["merge=model_stock", "weighting=uniform", "out_dtype=float32"],
+     lambda dirs: _stock(dirs, False)),
+    ("model_stock filter_wise", ["merge=model_stock", "merge.filter_wise=true", "weighting=uniform",
+                                 "out_dtype=float32"], lambda dirs: _stock(dirs, True)),
 ]
+
+
+def _stock(dirs: dict[str, Path], filter_wise: bool) -> dict:
+    return {"merge_method": "model_stock", "base_model": str(dirs["instruct"]), "dtype": "float32",
+            "models": [{"model": str(dirs[k])} for k in scale.EXPERTS], "parameters": {"filter_wise": filter_wise}}
 
 
 def main() -> int:
@@ -45,11 +64,15 @@ def main() -> int:
               *(f"++model.experts.{k}={dirs[k]}" for k in scale.EXPERTS), "benchmark=none", "progress=false",
               "overwrite=true", "resume=false"]
     print(f"{'case':<32} {'tensors':>8} {'identical':>10} {'max |lata - mergekit|':>22} {'values differing':>17}")
-    for i, (label, options) in enumerate(CASES):
+    for i, (label, options, recipe) in enumerate(CASES):
         run, lata_out, mk_out = out / f"run{i}", out / f"lata{i}", out / f"mergekit{i}"
-        subprocess.run([sys.executable, "-m", "lata", *family, *options, "export=mergekit", f"save_model={lata_out}",
+        export = ["export=mergekit"] if recipe is None else []
+        subprocess.run([sys.executable, "-m", "lata", *family, *options, *export, f"save_model={lata_out}",
                         f"hydra.run.dir={run}"], check=True, capture_output=True)
-        subprocess.run([args.mergekit, str(run / "mergekit.yaml"), str(mk_out), "--no-copy-tokenizer",
+        recipe_file = run / "mergekit.yaml"
+        if recipe is not None:
+            recipe_file.write_text(yaml.safe_dump(recipe(dirs), sort_keys=False))
+        subprocess.run([args.mergekit, str(recipe_file), str(mk_out), "--no-copy-tokenizer",
                         "--no-write-model-card", "--quiet", "--allow-crimes"], check=True, capture_output=True)
         c = scale.compare_outputs(lata_out, mk_out)
         print(f"{label:<32} {c.tensors:8d} {c.identical:10d} {c.max_abs:22.3g} {c.differing:17.2%}", flush=True)
