@@ -33,6 +33,8 @@ def config_dir() -> str:
 #: names that reach file names, plots and logs (experts, benchmark tasks): checked before any work
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (model.which)
+#: ``model.vocab``: the output has the vocabulary of the checkpoint the delta is added to
+ANCHOR_VOCAB = "anchor"
 #: the family's reserved roles; every other role is an expert's name
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
@@ -61,7 +63,7 @@ class ModelConfig:
     dtype: str = "auto"  # dtype the model is loaded in for evaluation: auto | float32 | bfloat16 | float16
     #: whose vocabulary (embedding rows, tokenizer, config) the merged model has where the
     #: checkpoints' differ: anchor (the model the delta is added to) or an expert's name
-    vocab: str = "anchor"
+    vocab: str = ANCHOR_VOCAB
 
 
 class MergeConfig:
@@ -196,6 +198,19 @@ class LataConfig:
     resume: bool = True
     #: mergekit: also write the merge as a mergekit recipe, mergekit.yaml in the run directory
     export: Optional[str] = None
+
+
+def check_vocab(vocab: str, experts: List[str], has_target: bool) -> None:
+    """``model.vocab`` must be ``anchor`` or an expert's name, and an expert's only without a
+    target (whose vocabulary the output then has); ConfigError naming the key otherwise."""
+    if vocab == ANCHOR_VOCAB:
+        return
+    if vocab not in experts:
+        raise ConfigError(f"model.vocab={vocab!r} is not allowed; choose {ANCHOR_VOCAB} or an expert: "
+                          f"{', '.join(experts)}")
+    if has_target:
+        raise ConfigError(f"model.vocab={vocab} and model.target: the output has the target's vocabulary; "
+                          f"set model.vocab={ANCHOR_VOCAB}")
 
 
 def role_map(base: Any, instruct: Any, experts: Dict[str, Any]) -> Dict[str, Any]:
@@ -371,13 +386,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.experts.{name} is empty: give a directory or hub id")
     if model.experts:
         validate_lams(cfg.merge.lams, list(model.experts))
-    vocab = model.get("vocab", "anchor")
-    if vocab != "anchor" and model.experts and vocab not in model.experts:
-        raise ConfigError(f"model.vocab={vocab!r} is not allowed; choose anchor or an expert: "
-                          f"{', '.join(model.experts)}")
-    if vocab != "anchor" and model.target not in (None, ""):
-        raise ConfigError(f"model.vocab={vocab} and model.target={model.target}: the output has the target's "
-                          f"vocabulary; set model.vocab=anchor")
+    if model.experts:  # an embedded family's experts are known once it is built (Family checks them)
+        check_vocab(model.get("vocab", ANCHOR_VOCAB), list(model.experts), model.target not in (None, ""))
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

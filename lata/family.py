@@ -22,13 +22,10 @@ from functools import cached_property
 import torch
 
 from lata.architectures import Architecture, architecture_of, config_value, model_type_of
-from lata.config import ROLES, role_map
+from lata.config import ANCHOR_VOCAB, ROLES, check_vocab, role_map
 from lata.io.adapters import open_checkpoint
 from lata.io.checkpoints import Checkpoint
 from lata.io.files import CheckpointError, read_json
-
-#: ``model.vocab``: the output has the vocabulary of the checkpoint the delta is added to
-ANCHOR_VOCAB = "anchor"
 
 
 @dataclass
@@ -179,15 +176,8 @@ class Family:
         return arch
 
     def _check_vocab_choice(self) -> None:
-        if self.vocab == ANCHOR_VOCAB:
-            return
-        if self.vocab not in self.experts:
-            raise CheckpointError(f"model.vocab={self.vocab!r} is not allowed; choose {ANCHOR_VOCAB} or an expert: "
-                                  f"{', '.join(self.experts)}")
-        if self.target is not None:
-            raise CheckpointError(f"model.vocab={self.vocab} and model.target: the output has the target's vocabulary; "
-                                  f"set model.vocab={ANCHOR_VOCAB}")
-        if getattr(self.experts[self.vocab], "instruct", None) is not None:
+        check_vocab(self.vocab, list(self.experts), self.target is not None)
+        if self.vocab != ANCHOR_VOCAB and getattr(self.experts[self.vocab], "instruct", None) is not None:
             raise CheckpointError(f"model.vocab={self.vocab}: expert '{self.vocab}' is a LoRA adapter; the output's "
                                   f"vocabulary comes from a whole checkpoint (its config and tokenizer)")
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import write_family
-from lata import CheckpointError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
+from lata import CheckpointError, ConfigError, Family, MergeConfig, WeightingConfig, merge_to_dir, plan_merge
 from lata.accel.compute import pure_slice
 
 V = 48  # tests/conftest.py's tiny Llama vocabulary
@@ -124,7 +124,7 @@ def test_a_lora_expert_over_a_resized_instruct(tmp_path):
 
 
 def test_what_no_policy_covers_is_refused_before_any_output(family_dirs, tmp_path):
-    with pytest.raises(CheckpointError, match=r"model.vocab='chem' is not allowed; choose anchor or an expert: "
+    with pytest.raises(ConfigError, match=r"model.vocab='chem' is not allowed; choose anchor or an expert: "
                                               r"math, code"):
         open_family(family_dirs, vocab="chem")
     # a tensor inside the blocks may not change its shape

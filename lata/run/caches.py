@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.config import role_map
+from lata.config import ANCHOR_VOCAB, role_map
 from lata.io.atomic import file_lock
 from lata.io.files import CheckpointError
 from lata.io.digests import DamagedFile, content_key, read_checked_json, write_checked_json
@@ -48,7 +48,7 @@ _model: dict[str, Any] = {}  # {"key": (dir, dtype, device), "model": nn.Module}
 # --------------------------------------------------------------------------- families and pass 1
 
 def open_family(base: str, instruct: str, experts: dict[str, str], target: str | None = None,
-                vocab: str = "anchor") -> Family:
+                vocab: str = ANCHOR_VOCAB) -> Family:
     """The family (with its target, if any, and the output's vocabulary), opened once per process."""
     key = (base, instruct, tuple(experts.items()), target, vocab)
     if key not in _families:

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lata.io.atomic import atomic_directory, atomic_file, write_json_atomic
-from lata.config import UNMERGED, WeightingConfig, parse_size, to_plain
+from lata.config import ANCHOR_VOCAB, UNMERGED, WeightingConfig, parse_size, to_plain
 from lata.io.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
 from lata.weightings import WEIGHTINGS
 from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
@@ -66,7 +66,7 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None 
         "benchmark": benchmark,
         "benchmark_data": _benchmark_data(cfg, heldout) if benchmark.get("tasks") else None,
         "dtype": cfg.model.dtype,
-        "vocab": cfg.model.get("vocab", "anchor"),
+        "vocab": cfg.model.get("vocab", ANCHOR_VOCAB),
         "device": str(cfg.get("device", "cpu")).split(":")[0] if benchmark.get("tasks") else None,
     })
 
@@ -93,7 +93,7 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
         "merge": to_plain(cfg.merge),
         "weighting": _weighting(cfg),
         "out_dtype": cfg.out_dtype,
-        "vocab": cfg.model.get("vocab", "anchor"),
+        "vocab": cfg.model.get("vocab", ANCHOR_VOCAB),
         "shard_size": parse_size(cfg.shard_size, key="shard_size"),
     })
 
