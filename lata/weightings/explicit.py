@@ -2,8 +2,8 @@
 model's per-layer weights in a mergekit recipe (``weighting.from_mergekit=PATH``,
 ``weighting.mergekit_model=...`` where several models have one).
 
-The recipe is read once, at validation (``lata.config.validate_weighting`` hands its bytes to
-``given``); the weighting holds the chosen model's ``weight`` setting and evaluates it as
+The recipe is read where the weighting is validated (``lata.config.validate_weighting`` hands
+its bytes to ``given``), never in ``weights_for``; the weighting holds the chosen model's ``weight`` setting and evaluates it as
 mergekit does, one value per block (block l of L at t = l / (L - 1), a list being a gradient
 over t). Entries with a filter apply, in mergekit, to the tensors they name: LATA has one weight
 per block and takes the entry without a filter (a warning names the others).
