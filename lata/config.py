@@ -386,6 +386,8 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.experts.{name} is empty: give a directory or hub id")
     if model.experts:
         validate_lams(cfg.merge.lams, list(model.experts))
+        if cfg.merge.method != UNMERGED:
+            method.check_experts(list(model.experts))
     if model.experts:  # an embedded family's experts are known once it is built (Family checks them)
         check_vocab(model.get("vocab", ANCHOR_VOCAB), list(model.experts), model.target not in (None, ""))
 

@@ -42,7 +42,7 @@ from lata.io.files import CheckpointError
 from lata.io.prefetch import Prefetcher
 from lata.io.tensorfiles import TORCH_DTYPES
 from lata.plan import MergePlan, output_dtype
-from lata.selection import (band_around, block_gram, kth_largest, kth_largest_in_band, sample_positions,
+from lata.selection import (band_around, block_gram, each_block, kth_largest, kth_largest_in_band, sample_positions,
                             scaled_magnitude)
 
 #: Decision: the magnitudes |v_k| of every expert of one tensor are held together (one pass, the
@@ -161,24 +161,27 @@ class _Pass:
         only if every value is)."""
         device = self.plan.device
         views = [read(self.plan.family.experts[k]).reshape(-1) for k in active]
-        ws = [self.plan.weight(k, name) for k in active]
+        weights = [self.plan.weight(k, name) for k in active]
+        method = self.plan.method
+        ws = weights if method.scales_vectors else [1.0] * len(weights)  # what multiplies each d_k
         lams = [self.plan.lams[k] for k in active]
         thresholds = None if self.plan.thresholds is None else [self.plan.thresholds[k] for k in active]
         theta0 = stored.reshape(-1)
         other = None if base is stored else base.reshape(-1)  # a target: added instead of theta_0
         fused = self._fused(theta0, views, ws, out) if other is None else None
-        vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused)
-        state = self.plan.method.prepare(vectors, lams, active, name, thresholds)
+        vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused, weights)
+        state = method.prepare(vectors, lams, active, name, thresholds)
         flat_out = out.view(-1)
         direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
 
         def work(start: int, stop: int) -> int:
             if fused is not None:
-                return self.plan.method.fused_chunk(fused, lams, state, start, stop)
+                return method.fused_chunk(fused, lams, state, start, stop)
             buffer = thread_buffer("merge", len(views) + 2, stop - start, device)
             t0 = as_float32(theta0[start:stop], buffer[0], device)
             vs = [pure_slice(v[start:stop], t0, w, device, buffer[2 + i]) for i, (v, w) in enumerate(zip(views, ws))]
-            delta = self.plan.method.delta_chunk(vs, lams, active, name, state, start, stop)
+            extra = {"anchor": t0} if method.uses_anchor else {}
+            delta = method.delta_chunk(vs, lams, active, name, state, start, stop, **extra)
             if other is not None:
                 t0 = as_float32(other[start:stop], buffer[1], device)
             if direct:
@@ -209,12 +212,14 @@ class _Pass:
 
 class _TensorVectors:
     """The pure vectors v_k = w_k * d_k (d_k = theta_k - theta_0) of one tensor for
-    ``MergeMethod.prepare``, read slice by slice."""
+    ``MergeMethod.prepare``, read slice by slice (``ws``: the w_k in them, all 1 for a method
+    that does not ``scales_vectors``; ``weights``: the layer weights)."""
 
     def __init__(self, run: _Pass, name: str, experts: list[str], shape: torch.Size, theta0: torch.Tensor,
-                 views, ws, fused: kernels.FusedSlices | None = None):
+                 views, ws, fused: kernels.FusedSlices | None = None, weights: list[float] | None = None):
         self.run, self.name, self.experts, self.shape = run, name, experts, shape
         self.theta0, self.views, self.ws, self.fused = theta0, views, ws, fused
+        self.weights = list(ws) if weights is None else weights
 
     def kth_largest_magnitudes(self, k: int) -> list[float]:
         """The k-th largest |v_k| of each expert, exactly.
@@ -263,15 +268,25 @@ class _TensorVectors:
         return (sum(above for _, above, _ in counts),
                 np.concatenate([out[start:start + inside] for start, _, inside in counts]))
 
-    def gram(self, row: int | None = None) -> torch.Tensor:
-        """sum v_i * v_j of the pure vectors, whole or per row (``lata.methods.TensorVectors``)."""
+    def _part(self, anchored: bool = False):
+        """(start, stop) -> the float32 slices of the v_k (``anchored``: of theta_0 + v_k)."""
         device = self.run.plan.device
 
         def part(start: int, stop: int) -> list[torch.Tensor]:
             t0 = self.theta0[start:stop].to(device, torch.float32)
-            return [pure_slice(view[start:stop], t0, w, device) for view, w in zip(self.views, self.ws)]
+            vs = [pure_slice(view[start:stop], t0, w, device) for view, w in zip(self.views, self.ws)]
+            return [v.add_(t0) for v in vs] if anchored else vs
 
-        return block_gram(part, self.theta0.numel(), row)
+        return part
+
+    def gram(self, row: int | None = None, *, columns: bool = False, anchored: bool = False) -> torch.Tensor:
+        """sum v_i * v_j of the pure vectors, whole, per row or per column
+        (``lata.methods.TensorVectors``)."""
+        return block_gram(self._part(anchored), self.theta0.numel(), row, columns=columns)
+
+    def blocks(self, fn) -> list:
+        """``[fn(slices) for each fixed block]`` (``lata.methods.TensorVectors``)."""
+        return each_block(self._part(), self.theta0.numel(), fn)
 
     def each_magnitude(self, fn) -> list:
         """``[fn(i, |d_i|) for each expert i]`` (``lata.methods.TensorVectors``)."""

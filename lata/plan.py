@@ -144,6 +144,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     scheme = validate_weighting(weighting)
     check_device(device)
     validate_lams(merge.lams, family.expert_names)
+    method.check_experts(family.expert_names)
     if method.fused and kernels.worthwhile(family.nbytes, device):
         kernels.preload()
     if analysis is None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -235,14 +235,16 @@ def largest_below(threshold: float) -> float:
 GRAM_BLOCK = 1 << 18
 
 
-def block_gram(part: Callable[[int, int], list[torch.Tensor]], n: int, row: int | None = None) -> torch.Tensor:
+def block_gram(part: Callable[[int, int], list[torch.Tensor]], n: int, row: int | None = None, *,
+               columns: bool = False) -> torch.Tensor:
     """sum v_i * v_j of K streamed vectors of n values, as a float64 [rows, K, K]: over the whole
-    vectors (``row`` None: rows = 1), or over each row of ``row`` values (n // row rows).
+    vectors (``row`` None: rows = 1), over each row of ``row`` values (n // row rows), or with
+    ``columns`` over each of the ``row`` columns of the vectors seen as [n // row, row].
 
     ``part(start, stop)`` gives the K vectors' values [start, stop). Products and sums are in
     float64, over fixed blocks (``GRAM_BLOCK`` values, or whole rows), added in order: the same
     bits whatever the caller's slicing."""
-    if row is None or row >= n:
+    if row is None or (row >= n and not columns):
         total = None
         for start in range(0, n, GRAM_BLOCK):
             vs = torch.stack([v.double() for v in part(start, min(n, start + GRAM_BLOCK))])
@@ -254,8 +256,17 @@ def block_gram(part: Callable[[int, int], list[torch.Tensor]], n: int, row: int 
     for start in range(0, n, step):
         stop = min(n, start + step)
         vs = torch.stack([v.double() for v in part(start, stop)]).view(-1, (stop - start) // row, row)
+        if columns:
+            block = torch.einsum("irc,jrc->cij", vs, vs)
+            out = block if out is None else out.add_(block)
+            continue
         block = torch.einsum("irc,jrc->rij", vs, vs)
         if out is None:
             out = torch.empty((rows, *block.shape[1:]), dtype=torch.float64, device=block.device)
         out[start // row:stop // row] = block
     return out
+
+
+def each_block(part: Callable[[int, int], list[torch.Tensor]], n: int, fn: Callable[[list[torch.Tensor]], Any]) -> list:
+    """``[fn(part(start, stop)) for each block of GRAM_BLOCK values, in order]``."""
+    return [fn(part(start, min(n, start + GRAM_BLOCK))) for start in range(0, n, GRAM_BLOCK)]

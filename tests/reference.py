@@ -26,11 +26,13 @@ from lata.methods.dare import keep_mask, mask_seed
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 #: the methods ``merge`` has a formula for
 METHODS = ("ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "soup",
-           "consensus", "localize_stitch", "model_stock")
+           "consensus", "localize_stitch", "model_stock", "sce", "slerp", "nuslerp")
 #: the deliberate errors ``merge(bend=...)`` can make, per method
 BENDS = {"soup": ("all_lambdas", "expert_count", "no_division"),
          "consensus": ("strict_mask", "k_minus_one", "unscaled_masks"),
-         "localize_stitch": ("no_overlap_division", "floor_count")}
+         "localize_stitch": ("no_overlap_division", "floor_count"),
+         "sce": ("no_erase", "unmasked_weights"), "slerp": ("lerp", "swapped_t"),
+         "nuslerp": ("lerp", "swapped_t")}
 
 
 def load(path: Path) -> dict[str, torch.Tensor]:
@@ -185,6 +187,71 @@ def _model_stock(vs: list, ls: list, filter_wise: bool) -> torch.Tensor:
     return torch.from_numpy(t * mean).reshape(shape).float()
 
 
+def _sce(us: list, select_topk: float, bend=None) -> torch.Tensor:
+    """numpy float64: the top-variance positions (ties kept), a_k = mean(kept u_k^2) normalized
+    (uniform below 1e-6), minority signs erased (``no_erase``: none; ``unmasked_weights``: a_k from
+    the unselected u_k)."""
+    shape = us[0].shape
+    u = np.stack([x.double().numpy().ravel() for x in us])
+    var = u.var(axis=0)
+    kept = u
+    if select_topk < 1:
+        k = int(np.count_nonzero(var) * select_topk)
+        keep = var >= np.sort(var)[::-1][k - 1] if k > 0 else np.zeros_like(var, dtype=bool)
+        kept = u * keep
+    means = ((u if bend == "unmasked_weights" else kept) ** 2).mean(axis=1)
+    a = means / means.sum() if abs(means.sum()) >= 1e-6 else np.full(len(us), 1.0 / len(us))
+    gamma = np.where(kept.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = np.ones_like(kept) if bend == "no_erase" else (np.sign(kept) == gamma).astype(float)
+    num = (a[:, None] * agree * kept).sum(axis=0)
+    den = np.maximum((a[:, None] * agree).sum(axis=0), 1e-6)
+    return torch.from_numpy(num / den).reshape(shape).float()
+
+
+def _share(t, a1, a2, bend=None):
+    """The second expert's share of (1 - t) a1 and t a2 (``swapped_t``: the first's)."""
+    total = (1 - t) * a1 + t * a2
+    share = t if abs(total) < 1e-6 else t * a2 / total
+    return 1 - share if bend == "swapped_t" else share
+
+
+def _interpolate(ds: list, t0, a: list, method: str, t: float, flatten: bool, row_wise: bool, bend=None):
+    """slerp of theta_0 + d_k (minus theta_0), or nuslerp of the d_k, in numpy float64."""
+    if len(ds) == 1:
+        return ds[0]
+    shape = ds[0].shape
+    if method == "slerp":
+        x, y = ((t0.double() + d.double()).numpy().reshape(1, -1) for d in ds)
+        share = _share(t, a[0], a[1], bend)
+        nx, ny = (np.linalg.norm(v, axis=1, keepdims=True) for v in (x, y))
+        nx, ny = np.where(nx > 1e-8, nx, 1.0), np.where(ny > 1e-8, ny, 1.0)
+        cos = np.clip((x * y).sum(axis=1, keepdims=True) / (nx * ny), -1, 1)
+        linear = (np.abs(cos) > 0.9995) | (bend == "lerp")
+    else:
+        total = a[0] + a[1]
+        share = 0.5 if abs(total) < 1e-6 else a[1] / total
+        share = 1 - share if bend == "swapped_t" else share
+        x, y = (d.double().numpy() for d in ds)
+        if flatten or x.ndim < 2:
+            x, y = x.reshape(1, -1), y.reshape(1, -1)
+        elif row_wise:
+            x, y = x.reshape(x.shape[0], -1).T, y.reshape(y.shape[0], -1).T
+        else:
+            x, y = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        nx, ny = (np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-7) for v in (x, y))
+        cos = np.clip((x / nx * (y / ny)).sum(axis=1, keepdims=True), -1, 1)
+        linear = ((1 - cos ** 2) <= 1e-16) | (bend == "lerp")
+    angle = np.arccos(np.where(linear, 0.0, cos))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        spherical = (np.sin((1 - share) * angle) * x + np.sin(share * angle) * y) / np.sin(angle)
+    out = np.where(linear, (1 - share) * x + share * y, spherical)
+    if method == "slerp":
+        out = out - t0.double().numpy().reshape(1, -1)
+    elif not (flatten or len(shape) < 2) and row_wise:
+        out = out.T
+    return torch.from_numpy(np.ascontiguousarray(out)).reshape(shape).float()
+
+
 def _baseline(method, n, lams, wts, pure, density, tall_lambda, agreeing, bend):
     """The delta of tensor n for soup, consensus and localize_stitch."""
     # the experts whose pure vector of n is not zero (all of them for soup's ``all_lambdas``)
@@ -202,7 +269,8 @@ def _baseline(method, n, lams, wts, pure, density, tall_lambda, agreeing, bend):
 def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, density=0.2, topk_scope="tensor",
           p=0.9, seed=0, anchor="instruct", drop=0.5, threshold=0.95, normalize="none", rest_weight=None,
           explicit=None, target=None, gamma=0.01, epsilon=0.15, alpha=0.5, beta=0.5,
-          of="linear_rank", k=2, tall_lambda=0.2, filter_wise=False, bend=None) -> dict[str, torch.Tensor]:
+          of="linear_rank", k=2, tall_lambda=0.2, filter_wise=False, select_topk=1.0, t=0.5, nuslerp_flatten=True,
+          nuslerp_row_wise=False, bend=None) -> dict[str, torch.Tensor]:
     """``target``: a checkpoint directory the delta is added to (default: theta_0);
     ``rest_weight`` None: 1, or alpha for LiNeS. ``ValueError`` for a method not in ``METHODS``
     or a ``bend`` not in ``BENDS[method]``."""
@@ -236,7 +304,16 @@ def merge(dirs: dict, method="ta", weighting="uniform", lam=1.0, lams=None, dens
     out = {}
     added = theta0 if target is None else load(target)
     for n in theta0:
-        if method in BENDS:
+        live = [e for e in experts if lams[e] * wts[e][n] != 0]
+        if method in ("sce", "slerp", "nuslerp") and not live:
+            delta = 0.0
+        elif method == "sce":
+            delta = _sce([lams[e] * pure[e][n] for e in live], select_topk, bend)
+        elif method in ("slerp", "nuslerp"):  # the layer weights set t; the d_k go in unscaled
+            delta = _interpolate([experts[e][n].float() - theta0[n].float() for e in live], theta0[n].float(),
+                                 [lams[e] * wts[e][n] for e in live], method, t, nuslerp_flatten, nuslerp_row_wise,
+                                 bend)
+        elif method in BENDS:
             delta = _baseline(method, n, lams, wts, pure, density, tall_lambda, agreeing, bend)
         elif method == "model_stock":  # over the experts whose vector is not zero by weight and lambda
             live = [e for e in experts if lams[e] * wts[e][n] != 0]

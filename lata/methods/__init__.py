@@ -59,17 +59,31 @@ class TensorVectors(Protocol):
         scratch buffer ``fn`` may reorder. Its order is that of |v_i| (w_i scales every value
         of the tensor alike), ties apart."""
 
-    def gram(self, row: int | None = None) -> torch.Tensor:
-        """sum v_i * v_j over the whole tensor (``row`` None) or over each row of ``row``
-        values of the flattened tensor: float64 [rows, K, K] (``lata.selection.block_gram``)."""
+    #: the layer weight w_k of each expert for this tensor (already in the vectors where the
+    #: method ``scales_vectors``)
+    weights: list[float]
+
+    def gram(self, row: int | None = None, *, columns: bool = False, anchored: bool = False) -> torch.Tensor:
+        """sum v_i * v_j over the whole tensor (``row`` None), over each row of ``row`` values of
+        the flattened tensor, or (``columns``) over each of the ``row`` columns of the tensor
+        seen as [n / row, row]: float64 [rows, K, K] (``lata.selection.block_gram``).
+        ``anchored``: of theta_0 + v_k (float32 sums) instead of v_k."""
+
+    def blocks(self, fn: Callable[[list[torch.Tensor]], Any]) -> list:
+        """``[fn(slices) for each fixed block of the flattened tensor, in order]``: the float32
+        slices of the v_k over ``lata.selection.GRAM_BLOCK`` values (the same blocks whatever the
+        engine's slicing)."""
 
 
 class _WholeVectors:
-    """``TensorVectors`` over already-computed whole tensors (``MergeMethod.delta``, w = 1)."""
+    """``TensorVectors`` over already-computed whole tensors (``MergeMethod.delta``)."""
 
-    def __init__(self, vectors: Sequence[torch.Tensor]):
+    def __init__(self, vectors: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
+                 anchor: torch.Tensor | None = None):
         self.vectors = list(vectors)
         self.shape = self.vectors[0].shape
+        self.weights = [1.0] * len(self.vectors) if weights is None else list(weights)
+        self.anchor = anchor
 
     def kth_largest_magnitudes(self, k):
         from lata.selection import kth_largest_magnitude
@@ -79,11 +93,22 @@ class _WholeVectors:
     def each_magnitude(self, fn):
         return [fn(i, v.detach().reshape(-1).float().abs()) for i, v in enumerate(self.vectors)]
 
-    def gram(self, row=None):
+    def _part(self, anchored: bool = False):
+        flat = [v.detach().reshape(-1).float() for v in self.vectors]
+        if not anchored:
+            return lambda start, stop: [v[start:stop] for v in flat]
+        t0 = self.anchor.detach().reshape(-1).float()
+        return lambda start, stop: [t0[start:stop] + v[start:stop] for v in flat]
+
+    def gram(self, row=None, *, columns=False, anchored=False):
         from lata.selection import block_gram
 
-        flat = [v.detach().reshape(-1).float() for v in self.vectors]
-        return block_gram(lambda start, stop: [v[start:stop] for v in flat], flat[0].numel(), row)
+        return block_gram(self._part(anchored), self.vectors[0].numel(), row, columns=columns)
+
+    def blocks(self, fn):
+        from lata.selection import each_block
+
+        return each_block(self._part(), self.vectors[0].numel(), fn)
 
 
 def summed(us: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -139,9 +164,23 @@ class MergeMethod:
     #: their count after a sign election (mergekit divides by their weights' sum: the same
     #: where those weights are all 1)
     mergekit_normalize: ClassVar[bool] = False
+    #: False: the engine hands over d_k = theta_k - theta_0 unscaled and the layer weights w_k
+    #: in ``TensorVectors.weights`` (a method whose weights set an interpolation, not a scale)
+    scales_vectors: ClassVar[bool] = True
+    #: ``delta_chunk`` is also given theta_0's float32 slice (``anchor=``)
+    uses_anchor: ClassVar[bool] = False
+    #: how many experts the method merges (None: any number)
+    experts: ClassVar[int | None] = None
 
     def check(self) -> None:
         """Refuse bad parameter values (``lata.registry.ConfigError`` naming ``merge.<key>``)."""
+
+    def check_experts(self, names: Sequence[str]) -> None:
+        """Refuse a family whose number of experts the method cannot merge (``experts``)."""
+        if self.experts is not None and len(names) != self.experts:
+            raise ConfigError(f"merge={self.name} merges exactly {self.experts} experts; this family has "
+                              f"{len(names)} ({', '.join(names) or 'none'}): choose {self.experts} in model.experts "
+                              f"or another merge method")
 
     @property
     def global_density(self) -> float | None:
@@ -198,11 +237,16 @@ class MergeMethod:
         raise NotImplementedError
 
     def delta(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
-              tensor: str, thresholds: Sequence[float] | None = None) -> torch.Tensor:
+              tensor: str, thresholds: Sequence[float] | None = None, *, weights: Sequence[float] | None = None,
+              anchor: torch.Tensor | None = None) -> torch.Tensor:
+        """The delta of one whole tensor. ``vectors``: the v_k (the d_k where the method does not
+        ``scales_vectors``, with the layer weights in ``weights``); ``anchor``: theta_0, for a
+        method that ``uses_anchor``."""
         shape = vectors[0].shape
-        state = self.prepare(_WholeVectors(vectors), lams, experts, tensor, thresholds)
+        state = self.prepare(_WholeVectors(vectors, weights, anchor), lams, experts, tensor, thresholds)
         flat = [v.reshape(-1).clone() for v in vectors]  # delta_chunk may overwrite them
-        return self.delta_chunk(flat, lams, experts, tensor, state, 0, flat[0].numel()).view(shape)
+        extra = {"anchor": anchor.reshape(-1).float()} if self.uses_anchor else {}
+        return self.delta_chunk(flat, lams, experts, tensor, state, 0, flat[0].numel(), **extra).view(shape)
 
 
 def ties_variant(base: type, name: str, *, mergekit: str | None = None, register: bool = True) -> type:
