@@ -12,8 +12,9 @@ the two tools define the same merge).
 Expected (lata.results.mergekit, docs/method.md): task arithmetic identical where lambda is 1
 and within float32 rounding otherwise; TIES differing where mergekit's int(density * n) and
 LATA's ceil keep different values, and where the agreeing experts' weights are not all 1
-(mergekit divides by their sum, LATA by their count); ``soup`` against mergekit's ``linear`` and
-``model_stock`` against its ``model_stock`` within float32 rounding.
+(mergekit divides by their sum, LATA by their count); ``soup`` against mergekit's ``linear``,
+``model_stock``, ``sce``, ``slerp`` and ``nuslerp`` against mergekit's own within float32
+rounding (docs/method.md names each cause).
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ CASES = [
      lambda dirs: _stock(dirs, False)),
     ("model_stock filter_wise", ["merge=model_stock", "merge.filter_wise=true", "weighting=uniform",
                                  "out_dtype=float32"], lambda dirs: _stock(dirs, True)),
+    ("sce", ["merge=sce", "weighting=uniform"], None),
+    ("sce, select_topk 0.3", ["merge=sce", "merge.select_topk=0.3", "weighting=uniform"], None),
+    ("slerp", ["merge=slerp", "weighting=uniform"], None),
+    ("slerp, t 0.3, lines", ["merge=slerp", "merge.t=0.3", "weighting=lines"], None),
+    ("nuslerp", ["merge=nuslerp", "weighting=uniform"], None),
+    ("nuslerp, lines, lams", ["merge=nuslerp", "weighting=lines", "++merge.lams.code=0.5"], None),
+    ("nuslerp per row", ["merge=nuslerp", "merge.nuslerp_flatten=false", "weighting=uniform"], None),
+    ("nuslerp per column", ["merge=nuslerp", "merge.nuslerp_flatten=false", "merge.nuslerp_row_wise=true",
+                            "weighting=uniform"], None),
 ]
 
 
@@ -57,6 +67,7 @@ def main() -> int:
     ap.add_argument("--mergekit", required=True, help="path to mergekit-yaml (in its own virtual environment)")
     ap.add_argument("--size", default="tiny", choices=sorted(scale.SHAPES))
     ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "lata-scale")
+    ap.add_argument("--only", help="run the cases whose label contains this text")
     args = ap.parse_args()
     dirs = scale.write_family(args.work_dir / args.size, args.size)
     out = args.work_dir / "mergekit-recipe"
@@ -65,6 +76,8 @@ def main() -> int:
               "overwrite=true", "resume=false"]
     print(f"{'case':<32} {'tensors':>8} {'identical':>10} {'max |lata - mergekit|':>22} {'values differing':>17}")
     for i, (label, options, recipe) in enumerate(CASES):
+        if args.only and args.only not in label:
+            continue
         run, lata_out, mk_out = out / f"run{i}", out / f"lata{i}", out / f"mergekit{i}"
         export = ["export=mergekit"] if recipe is None else []
         subprocess.run([sys.executable, "-m", "lata", *family, *options, *export, f"save_model={lata_out}",

@@ -164,6 +164,11 @@ class MergeMethod:
     #: their count after a sign election (mergekit divides by their weights' sum: the same
     #: where those weights are all 1)
     mergekit_normalize: ClassVar[bool] = False
+    #: where the recipe puts lambda_k * w_{l,k}: ``weight`` (each model's per-block weight),
+    #: ``t`` (two experts: the recipe's per-block t, ``mergekit_t``, with the first expert as
+    #: mergekit's base model) or ``none`` (mergekit's method takes no weights: exported only where
+    #: every lambda_k * w_{l,k} is 1)
+    mergekit_weights: ClassVar[str] = "weight"
     #: False: the engine hands over d_k = theta_k - theta_0 unscaled and the layer weights w_k
     #: in ``TensorVectors.weights`` (a method whose weights set an interpolation, not a scale)
     scales_vectors: ClassVar[bool] = True
@@ -203,6 +208,15 @@ class MergeMethod:
         (``lata.results.mergekit``); a ``ConfigError`` where mergekit has no counterpart for a
         setting."""
         return {}
+
+    def mergekit_shared(self) -> dict[str, Any]:
+        """The recipe's top-level ``parameters`` (those mergekit shares between the models)."""
+        return {"normalize": self.mergekit_normalize}
+
+    def mergekit_t(self, a1: float, a2: float) -> float:
+        """mergekit's t for a block whose weights lambda_k * w_{l,k} are a1, a2 (``mergekit_weights``
+        ``t`` only)."""
+        raise NotImplementedError
 
     def prepare(self, vectors: TensorVectors, lams: Sequence[float], experts: Sequence[str], tensor: str,
                 thresholds: Sequence[float] | None = None) -> Sequence[Any] | None:

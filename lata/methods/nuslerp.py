@@ -53,7 +53,7 @@ class Nuslerp(MergeMethod):
     experts = 2
     mergekit = "nuslerp"
 
-    def mergekit_parameters(self):
+    def mergekit_shared(self):
         return {"nuslerp_flatten": self.nuslerp_flatten, "nuslerp_row_wise": self.nuslerp_row_wise}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):

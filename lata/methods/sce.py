@@ -89,7 +89,9 @@ class Sce(MergeMethod):
     def check(self):
         in_range("merge.select_topk", self.select_topk, 0.0, 1.0, low_open=True)
 
-    def mergekit_parameters(self):
+    mergekit_weights = "none"
+
+    def mergekit_shared(self):
         return {"select_topk": self.select_topk}
 
     def _scaled(self, vectors, lams):

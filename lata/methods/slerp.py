@@ -68,11 +68,12 @@ class Slerp(MergeMethod):
     def check(self):
         in_range("merge.t", self.t, 0.0, 1.0)
 
-    def mergekit_parameters(self):
+    mergekit_weights = "t"
+
+    def mergekit_shared(self):
         return {}
 
-    def mergekit_t(self, a1: float, a2: float) -> float:
-        """mergekit's t for a block whose weights lambda_k w_{l,k} are a1, a2."""
+    def mergekit_t(self, a1, a2):
         return block_t(self.t, a1, a2)
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):

@@ -8,8 +8,12 @@ as mergekit's ``instruct+adapter``) whose ``weight`` is lambda_k * w_{l,k}, give
 per-layer list (one value per block, which mergekit spreads over the blocks as a gradient:
 block l gets entry l) after one entry per tensor outside the blocks (embeddings, final norm,
 lm_head) with lambda_k * rest_weight, named by a filter on its exact name (mergekit would
-otherwise give them a value from the list's end). The method's own parameters follow
-(``MergeMethod.mergekit_parameters``), arithmetic in float32, output in the anchor's dtype.
+otherwise give them a value from the list's end). The method's own parameters follow, per model
+(``MergeMethod.mergekit_parameters``) and shared (``mergekit_shared``); arithmetic in float32,
+output in the anchor's dtype. Where the weights are not a per-model weight in mergekit
+(``MergeMethod.mergekit_weights``): SLERP's per-block t takes the same per-layer form, with the
+first expert as mergekit's base model; a method that takes no weights (SCE) is exported only
+where every lambda_k * w_{l,k} is 1.
 
 What mergekit then computes, against LATA: docs/method.md, "mergekit recipes".
 """
@@ -20,7 +24,7 @@ from typing import Any
 
 import yaml
 
-
+from lata.registry import ConfigError
 
 #: the recipe's file in a run directory (``export=mergekit``)
 RECIPE_FILE = "mergekit.yaml"
@@ -34,18 +38,46 @@ def mergekit_recipe(plan) -> dict[str, Any]:
     per_model = method.mergekit_parameters()
     outside = [n for n in family.tensor_names if family.layer_of(n) is None]
     anchor = family.anchor(plan.anchor)
-    models = []
+    scales = {k: ([plan.lams[k] * plan.rest_weight] * len(outside), [plan.lams[k] * w for w in plan.weights[k]])
+              for k in family.expert_names}
+    if not method.scales_vectors:  # the weights only set t: mergekit cannot keep the anchor's block
+        dropped = [i for i, each in enumerate(zip(*(rest + blocks for rest, blocks in scales.values())))
+                   if not any(each)]
+        if dropped:
+            where = outside[dropped[0]] if dropped[0] < len(outside) else f"block {dropped[0] - len(outside)}"
+            raise ConfigError(f"export=mergekit: where every expert's lambda_k * w_(l,k) is 0 ({where}) LATA keeps the "
+                              f"anchor's weights, which mergekit's {method.mergekit} cannot express (it interpolates at "
+                              f"t = 0.5 there); choose a weighting that gives every block some weight")
+    models, shared, base = [], method.mergekit_shared(), anchor.source
+    if method.mergekit_weights == "t":  # two experts: their per-block t, the first as mergekit's base model
+        first, second = (scales[k] for k in family.expert_names)
+        rest = [method.mergekit_t(a1, a2) for a1, a2 in zip(first[0], second[0])]
+        blocks = [method.mergekit_t(a1, a2) for a1, a2 in zip(first[1], second[1])]
+        shared["t"] = _per_block(outside, rest, blocks)
+        base = _reference(family.experts[family.expert_names[0]])
+    elif method.mergekit_weights == "none":
+        uneven = [k for k, (rest, blocks) in scales.items() if any(a != 1.0 for a in rest + blocks)]
+        if uneven:
+            raise ConfigError(f"export=mergekit: mergekit's {method.mergekit} takes no per-model weights, so only a merge "
+                              f"whose every lambda_k * w_(l,k) is 1 has a recipe; expert '{uneven[0]}' has others "
+                              f"(use weighting=uniform and lambda 1)")
     for k in family.expert_names:
-        lam = plan.lams[k]
-        weight = [{"filter": n, "value": float(lam * plan.rest_weight)} for n in outside]
-        weight.append({"value": [float(lam * w) for w in plan.weights[k]]})
-        models.append({"model": _reference(family.experts[k]), "parameters": {"weight": weight, **per_model}})
+        parameters = dict(per_model)
+        if method.mergekit_weights == "weight":
+            parameters = {"weight": _per_block(outside, *scales[k]), **per_model}
+        models.append({"model": _reference(family.experts[k]), **({"parameters": parameters} if parameters else {})})
     dtype = next((anchor.torch_dtype(n) for n in family.tensor_names if anchor.is_float(n)), None)
-    recipe = {"merge_method": method.mergekit, "base_model": anchor.source, "models": models,
-              "parameters": {"normalize": method.mergekit_normalize}, "dtype": "float32"}
+    recipe = {"merge_method": method.mergekit, "base_model": base, "models": models, "parameters": shared,
+              "dtype": "float32"}
     if dtype is not None:
         recipe["out_dtype"] = str(dtype).removeprefix("torch.")
     return recipe
+
+
+def _per_block(outside: list[str], rest: list[float], blocks: list[float]) -> list[dict[str, Any]]:
+    """A mergekit setting: one filter per tensor outside the blocks, then the per-block list."""
+    setting = [{"filter": n, "value": float(v)} for n, v in zip(outside, rest)]
+    return setting + [{"value": [float(v) for v in blocks]}]
 
 
 def recipe_yaml(plan) -> str:
