@@ -12,6 +12,10 @@ a line's best lambda is ``lata.results.tables.best_by_score`` (the report's rule
   under two standard errors is reported as "cannot tell".
 - Utility is the held-out Shakespeare token perplexity (lower is better).
 - LATA's weightings are threshold, linear_rank and log_rank; uniform is the method without LATA.
+- LATA against the baselines (rule fixed before the runs): per expert set of multitask, LATA-TA
+  and LATA-TIES (each with its best LATA weighting, at its best lambda) against Model Stock and
+  Consensus TA with uniform weights (at their best lambda); the difference of task scores against
+  two standard errors of the baseline's score: "LATA ahead", "LATA behind" or "cannot tell".
 """
 
 from __future__ import annotations
@@ -121,12 +125,16 @@ def merged_rows(table: pd.DataFrame) -> pd.DataFrame:
 def _multitask(mt: pd.DataFrame, figures: Path, claims: list) -> list[str]:
     """Per expert set, the best lambda of every method x weighting; for math + code, the figures
     and the claims of LATA against uniform weights."""
-    parts = ["## multitask", "", f"`{COMMANDS['multitask']}`: {len(mt)} points (3 expert sets x 6 methods x "
-             "5 weightings x lambda 0.7, 1.0), DARE's and DELLA's with mask seed 0 (their spread over "
-             "seeds: multitask_seeds); each row is the best lambda of its line.", ""]
+    lams = ", ".join(f"{x:g}" for x in sorted(mt.lam.unique()))
+    parts = ["## multitask", "", f"`{COMMANDS['multitask']}`: {len(mt)} points ({mt.experts.nunique()} expert sets "
+             f"x {mt.method.nunique()} methods x {mt.weighting.nunique()} weightings x lambda {lams}), DARE's and "
+             "DELLA's with mask seed 0 (their spread over seeds: multitask_seeds); each row is the best lambda of "
+             "its line.", ""]
+    against = []
     for experts, group in mt.groupby("experts"):
         best = best_by_score(group, ["method", "weighting"])
         parts += [f"### {experts}", "", md_table(metrics_view(best, ["method", "weighting", "lam"])), ""]
+        against += _against_baselines(experts, best)
         if experts == "code+math":
             best_score_bars(best, "math + code: task score at the best lambda", figures / "multitask_best.png")
             parts += ["![best lambda per method x weighting](figures/multitask_best.png)", ""]
@@ -134,7 +142,32 @@ def _multitask(mt: pd.DataFrame, figures: Path, claims: list) -> list[str]:
             parts += ["![task score against perplexity, every math+code point](figures/multitask_tradeoff.png)",
                       ""]
             claims += _lata_vs_uniform(best)
+    if against:
+        claims.append(("LATA against Model Stock and Consensus TA (not a claim of the paper; the closest "
+                       "data-free baselines)", against))
     return parts
+
+
+def _against_baselines(experts: str, best: pd.DataFrame) -> list[str]:
+    """LATA-TA and LATA-TIES (best LATA weighting) against Model Stock and Consensus TA (uniform),
+    each at its best lambda (the rule in the module's docstring)."""
+    lines = []
+    for method in ("ta", "ties"):
+        lata = best[(best.method == method) & best.weighting.isin(LATA)]
+        if lata.empty:
+            continue
+        lata = lata.sort_values("task_score", ascending=False).iloc[0]
+        for baseline in ("model_stock", "consensus"):
+            other = best[(best.method == baseline) & (best.weighting == "uniform")]
+            if other.empty:
+                continue
+            other = other.iloc[0]
+            d, se = lata.task_score - other.task_score, score_se(other)
+            word = "cannot tell" if abs(d) < 2 * se else "LATA ahead" if d > 0 else "LATA behind"
+            lines.append(f"{experts}: LATA-{method} ({lata.weighting}, lambda {lata.lam:g}) {pct(lata.task_score)}% vs "
+                         f"{baseline} (uniform, lambda {other.lam:g}) {pct(other.task_score)}% (diff {100 * d:+.1f}, "
+                         f"2 SE = {200 * se:.1f}): {word}")
+    return lines
 
 
 def _lata_vs_uniform(best: pd.DataFrame) -> list[tuple[str, list[str]]]:
