@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lata.results.plots import HeatmapProcess, layer_heatmap
+from lata.results.plots import HeatmapProcess, layer_heatmap, similarity_scale
 
 SIMS = {"math": [0.9, 0.5, 0.1], "code": [0.8, 0.4, -0.2]}
 WEIGHTS = {"math": [0.0, 0.5, 1.0], "code": [0.0, 0.5, 1.0]}
@@ -76,3 +76,10 @@ def test_a_drawer_that_dies_is_reported_with_its_exit(tmp_path):
     drawer._proc.wait()
     with pytest.raises(RuntimeError, match="drawing .*x.png failed"):
         drawer.draw(tmp_path / "layer_analysis.json", tmp_path / "x.png", "t").wait()
+
+
+def test_the_similarity_colours_span_the_datas_range():
+    """0.96 and 0.98 get the two ends of the colour map, not nearly the same colour of a -1..1 scale."""
+    assert similarity_scale({"a": [0.96, 0.97], "b": [0.98, 0.965]}) == (0.96, 0.98)
+    assert similarity_scale(SIMS) == (-0.2, 0.9)
+    assert similarity_scale({"a": [0.5, 0.5]}) == (0.49, 0.51)

@@ -28,16 +28,21 @@ if TYPE_CHECKING:
 
 def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[float]], path: str | Path,
                   title: str = "LATA layer analysis") -> Path:
-    """Two aligned heatmaps (experts x layers): similarity s_{l,k} above, weight w_{l,k} below."""
+    """Two aligned heatmaps (experts x layers): similarity s_{l,k} above, weight w_{l,k} below.
+
+    The similarity colours span the data's own range (named in the panel's title), so a ranking
+    among close values (0.96 against 0.98) shows; the values are printed to three decimals."""
     experts = list(similarities)
     num_layers = len(next(iter(similarities.values())))
     width = max(6.0, 0.45 * num_layers + 2.5)
     height = 1.2 + 0.9 * len(experts) * 2
     fig = new_figure(figsize=(width, height))
     axes = fig.subplots(2, 1, sharex=True)
-    panels = [("cosine(tau_comp, tau_instr)", similarities, "RdBu_r", (-1, 1)),
-              ("layer weight w", weights, "viridis", (0, max(1.0, max(max(w) for w in weights.values()))))]
-    for ax, (label, data, cmap, (vmin, vmax)) in zip(axes, panels):
+    lo, hi = similarity_scale(similarities)
+    panels = [(f"cosine(tau_comp, tau_instr): colours span {lo:.3f} to {hi:.3f}", similarities, "cividis", (lo, hi),
+               "{:.3f}"),
+              ("layer weight w", weights, "viridis", (0, max(1.0, max(max(w) for w in weights.values()))), "{:.2f}")]
+    for ax, (label, data, cmap, (vmin, vmax), shown) in zip(axes, panels):
         matrix = [data[k] for k in experts]
         image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
         ax.set_yticks(range(len(experts)), experts)
@@ -46,15 +51,22 @@ def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[
         if num_layers <= 40:
             for i, row in enumerate(matrix):
                 for l, value in enumerate(row):
-                    ax.text(l, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                            color="white" if (value < 0.5 * vmax if cmap == "viridis" else abs(value) > 0.6)
-                            else "black")
+                    dark = value < vmin + 0.5 * (vmax - vmin)  # both maps run dark to light
+                    ax.text(l, i, shown.format(value), ha="center", va="center", fontsize=6,
+                            color="white" if dark else "black")
     axes[-1].set_xlabel("layer")
     axes[-1].set_xticks(range(num_layers))
     fig.suptitle(title, fontsize=11)
     path = Path(path)
     save_figure(fig, path)
     return path
+
+
+def similarity_scale(similarities: dict[str, list[float]]) -> tuple[float, float]:
+    """The colour range of the similarity panel: the data's own (widened by 0.01 where flat)."""
+    values = [v for row in similarities.values() for v in row]
+    lo, hi = min(values), max(values)
+    return (lo, hi) if hi > lo else (lo - 0.01, hi + 0.01)
 
 
 def new_figure(**kwargs) -> "Figure":
