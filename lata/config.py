@@ -35,6 +35,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (model.which)
 #: ``model.vocab``: the output has the vocabulary of the checkpoint the delta is added to
 ANCHOR_VOCAB = "anchor"
+#: where ``calibration`` examples come from (``lata.calibration``)
+CALIBRATION_SOURCES = ("auto", "zoo", "jsonl", "none")
 #: the family's reserved roles; every other role is an expert's name
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
@@ -145,6 +147,17 @@ class BenchmarkConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """Examples of each expert's task for the data-aware merge methods (``lata.calibration``)."""
+
+    name: str = "auto"  # auto (the zoo's task sets on model=zoo, else none) | zoo | jsonl | none
+    examples: int = 32  # drawn per expert
+    seed: int = 0  # of the draw
+    max_length: int = 256  # tokens per example
+    files: Dict[str, str] = field(default_factory=dict)  # jsonl: expert -> file
+
+
+@dataclass
 class LoggerConfig:
     """Where a job's results go besides its run directory (lata.results.logger): none | wandb."""
 
@@ -182,6 +195,7 @@ class LataConfig:
     weighting: Dict[str, Any] = field(default_factory=lambda: WeightingConfig().as_dict())
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     #: the embedded zoo's recipe (conf/zoo/<preset>.yaml); its keys and types are those of
     #: lata.zoo.presets.ZooConfig, checked when the zoo is built (config imports no zoo)
@@ -198,6 +212,18 @@ class LataConfig:
     resume: bool = True
     #: mergekit: also write the merge as a mergekit recipe, mergekit.yaml in the run directory
     export: Optional[str] = None
+
+
+def check_calibration(cfg: Any) -> None:
+    """Refuse a bad ``calibration`` node (naming the key)."""
+    if cfg.name not in CALIBRATION_SOURCES:
+        raise ConfigError(f"calibration={cfg.name!r} is not allowed; choose one of: {', '.join(CALIBRATION_SOURCES)}")
+    for key in ("examples", "max_length"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"calibration.{key}={value!r} must be a whole number, at least 1")
+    if cfg.name == "jsonl" and not cfg.get("files"):
+        raise ConfigError("calibration=jsonl needs calibration.files.<expert>=FILE.jsonl for every expert")
 
 
 def check_vocab(vocab: str, experts: List[str], has_target: bool) -> None:
@@ -353,6 +379,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError("export=mergekit writes a merge's recipe; merge=none merges nothing")
         method.check_exportable(has_target=cfg.model.target not in (None, ""))
     validate_weighting(cfg.weighting)
+    check_calibration(cfg.calibration)
     validate_benchmark(cfg.benchmark)
     validate_logger(cfg.logger)
     if cfg.out_dtype is not None:

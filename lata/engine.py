@@ -169,7 +169,8 @@ class _Pass:
         theta0 = stored.reshape(-1)
         other = None if base is stored else base.reshape(-1)  # a target: added instead of theta_0
         fused = self._fused(theta0, views, ws, out) if other is None else None
-        vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused, weights)
+        statistics = None if method.statistic is None else [self.plan.statistics[k].get(name) for k in active]
+        vectors = _TensorVectors(self, name, active, stored.shape, theta0, views, ws, fused, weights, statistics)
         state = method.prepare(vectors, lams, active, name, thresholds)
         flat_out = out.view(-1)
         direct = out.dtype == torch.float32 and torch.device(device).type == "cpu"
@@ -216,10 +217,12 @@ class _TensorVectors:
     that does not ``scales_vectors``; ``weights``: the layer weights)."""
 
     def __init__(self, run: _Pass, name: str, experts: list[str], shape: torch.Size, theta0: torch.Tensor,
-                 views, ws, fused: kernels.FusedSlices | None = None, weights: list[float] | None = None):
+                 views, ws, fused: kernels.FusedSlices | None = None, weights: list[float] | None = None,
+                 statistics: list | None = None):
         self.run, self.name, self.experts, self.shape = run, name, experts, shape
         self.theta0, self.views, self.ws, self.fused = theta0, views, ws, fused
         self.weights = list(ws) if weights is None else weights
+        self.statistics = statistics
 
     def kth_largest_magnitudes(self, k: int) -> list[float]:
         """The k-th largest |v_k| of each expert, exactly.

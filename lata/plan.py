@@ -34,6 +34,7 @@ from lata.io.tensorfiles import TORCH_DTYPES
 from lata.methods import MergeMethod
 from lata.selection import global_threshold
 from lata.weightings import normalized
+from lata.registry import ConfigError
 
 log = logging.getLogger("lata")
 
@@ -57,6 +58,9 @@ class MergePlan:
     device: str = "cpu"
     #: expert -> whole-model |v| threshold, where the method asks for one (``global_density``)
     thresholds: dict[str, float] | None = None
+    #: expert -> its calibration statistics (``lata.calibration.statistics.Statistics``), where
+    #: the method needs one (``MergeMethod.statistic``)
+    statistics: dict[str, Any] | None = None
     #: a read-ahead thread asks the kernel for the next tensors' bytes
     prefetch: bool = True
     #: merge_to_dir writes from a writer thread, overlapping the next tensor's merge
@@ -133,10 +137,12 @@ class MergePlan:
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
                *, device: str = "cpu", analysis: LayerAnalysis | None = None, progress: bool = True,
-               threads: int | None = None) -> MergePlan:
+               threads: int | None = None, statistics: dict[str, Any] | None = None) -> MergePlan:
     """Run pass 1 (unless ``analysis`` is given), derive the layer weights and build the plan.
 
     ``threads``: CPU slice workers for both passes (None: ``lata.accel.compute.auto_threads()``).
+    ``statistics``: expert -> its calibration statistics, for a method that needs them
+    (``MergeMethod.statistic``; ``lata.run.caches.calibration_statistics`` computes them).
     """
     merge = MergeConfig.of(merge) if merge is not None else MergeConfig()
     weighting = WeightingConfig.of(weighting) if weighting is not None else WeightingConfig()
@@ -145,6 +151,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     check_device(device)
     validate_lams(merge.lams, family.expert_names)
     method.check_experts(family.expert_names)
+    check_statistics(method, family.expert_names, statistics)
     if method.fused and kernels.worthwhile(family.nbytes, device):
         kernels.preload()
     if analysis is None:
@@ -160,11 +167,27 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
                         weighting.name, family.num_layers, k, rest_weight)
     plan = MergePlan(family=family, method=method, weights=weights,
                      lams={k: float(merge.lams.get(k, merge.lam)) for k in family.experts},
-                     rest_weight=rest_weight, anchor=merge.anchor, analysis=analysis, device=device, threads=threads)
+                     rest_weight=rest_weight, anchor=merge.anchor, analysis=analysis, device=device, threads=threads,
+                     statistics=statistics if method.statistic is not None else None)
     if method.global_density is None:
         return plan
     return dataclasses.replace(plan, thresholds={k: _global_threshold(plan, k, method.global_density)
                                                  for k in family.experts})
+
+
+def check_statistics(method: MergeMethod, experts: list[str], statistics: dict[str, Any] | None) -> None:
+    """Refuse a data-aware method without every expert's statistic of the kind it needs."""
+    if method.statistic is None:
+        return
+    missing = [k for k in experts if statistics is None or k not in statistics]
+    if missing:
+        raise ConfigError(f"merge={method.name} needs each expert's {method.statistic} statistics from calibration "
+                          f"data, and expert '{missing[0]}' has none: on the embedded zoo calibration=auto draws its "
+                          f"task sets; elsewhere give calibration=jsonl ++calibration.files.{missing[0]}=FILE.jsonl")
+    wrong = [k for k in experts if getattr(statistics[k], "kind", method.statistic) != method.statistic]
+    if wrong:
+        raise ConfigError(f"merge={method.name} needs {method.statistic} statistics; expert '{wrong[0]}' was given "
+                          f"{statistics[wrong[0]].kind}")
 
 
 def _global_threshold(plan: MergePlan, expert: str, density: float) -> float:

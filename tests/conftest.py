@@ -94,6 +94,21 @@ def write_family(root: Path, experts=("math", "code"), dtype=torch.float32, seed
     return {"base": paths["base"], "instruct": paths["instruct"], "experts": {e: paths[e] for e in experts}}
 
 
+CHARS = "abcdefghijklmnopqrstuvwxyz ?:."
+#: one token per character, within tiny_llama_config's vocabulary
+VOCAB = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *CHARS])}
+
+
+def save_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (no merges, no special tokens added to a text)."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(vocab=VOCAB, merges=[], unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="<pad>").save_pretrained(folder)
+
+
 @pytest.fixture
 def family_dirs(tmp_path) -> dict:
     return write_family(tmp_path / "family")

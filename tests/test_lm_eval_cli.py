@@ -12,11 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import write_family
+from conftest import VOCAB, save_tokenizer, write_family
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, merge_to_dir, plan_merge
 
-CHARS = "abcdefghijklmnopqrstuvwxyz ?:."
-VOCAB = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *CHARS])}  # one token per character
 WORDS = ["cat", "dog", "sun", "sea", "red", "tree", "bird", "fish"]
 DOCS = 16
 LIMIT = 12  # lm-eval scores the first LIMIT documents
@@ -25,16 +23,6 @@ LIMIT = 12  # lm-eval scores the first LIMIT documents
 def lm_eval_command() -> list[str]:
     script = Path(sys.executable).with_name("lm_eval")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "lm_eval"]
-
-
-def save_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer (no merges, no special tokens added to a text)."""
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE(vocab=VOCAB, merges=[], unk_token="<unk>"))
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                            pad_token="<pad>").save_pretrained(folder)
 
 
 def documents() -> list[dict]:

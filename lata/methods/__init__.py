@@ -62,6 +62,9 @@ class TensorVectors(Protocol):
     #: the layer weight w_k of each expert for this tensor (already in the vectors where the
     #: method ``scales_vectors``)
     weights: list[float]
+    #: each expert's calibration statistic of this tensor (float32, CPU; None where it has none),
+    #: for a method with a ``statistic``; else None
+    statistics: list[torch.Tensor | None] | None
 
     def gram(self, row: int | None = None, *, columns: bool = False, anchored: bool = False) -> torch.Tensor:
         """sum v_i * v_j over the whole tensor (``row`` None), over each row of ``row`` values of
@@ -79,11 +82,12 @@ class _WholeVectors:
     """``TensorVectors`` over already-computed whole tensors (``MergeMethod.delta``)."""
 
     def __init__(self, vectors: Sequence[torch.Tensor], weights: Sequence[float] | None = None,
-                 anchor: torch.Tensor | None = None):
+                 anchor: torch.Tensor | None = None, statistics: Sequence[torch.Tensor | None] | None = None):
         self.vectors = list(vectors)
         self.shape = self.vectors[0].shape
         self.weights = [1.0] * len(self.vectors) if weights is None else list(weights)
         self.anchor = anchor
+        self.statistics = None if statistics is None else list(statistics)
 
     def kth_largest_magnitudes(self, k):
         from lata.selection import kth_largest_magnitude
@@ -176,6 +180,9 @@ class MergeMethod:
     uses_anchor: ClassVar[bool] = False
     #: how many experts the method merges (None: any number)
     experts: ClassVar[int | None] = None
+    #: the calibration statistic it needs per expert (``lata.calibration.statistics.KINDS``:
+    #: ``fisher`` or ``gram``), handed over in ``TensorVectors.statistics``; None: none
+    statistic: ClassVar[str | None] = None
 
     def check(self) -> None:
         """Refuse bad parameter values (``lata.registry.ConfigError`` naming ``merge.<key>``)."""
@@ -252,12 +259,15 @@ class MergeMethod:
 
     def delta(self, vectors: Sequence[torch.Tensor], lams: Sequence[float], experts: Sequence[str],
               tensor: str, thresholds: Sequence[float] | None = None, *, weights: Sequence[float] | None = None,
-              anchor: torch.Tensor | None = None) -> torch.Tensor:
+              anchor: torch.Tensor | None = None, statistics: Sequence[torch.Tensor | None] | None = None
+              ) -> torch.Tensor:
         """The delta of one whole tensor. ``vectors``: the v_k (the d_k where the method does not
         ``scales_vectors``, with the layer weights in ``weights``); ``anchor``: theta_0, for a
-        method that ``uses_anchor``."""
+        method that ``uses_anchor``; ``statistics``: each expert's, for a method with a
+        ``statistic``."""
         shape = vectors[0].shape
-        state = self.prepare(_WholeVectors(vectors, weights, anchor), lams, experts, tensor, thresholds)
+        whole = _WholeVectors(vectors, weights, anchor, statistics)
+        state = self.prepare(whole, lams, experts, tensor, thresholds)
         flat = [v.reshape(-1).clone() for v in vectors]  # delta_chunk may overwrite them
         extra = {"anchor": anchor.reshape(-1).float()} if self.uses_anchor else {}
         return self.delta_chunk(flat, lams, experts, tensor, state, 0, flat[0].numel(), **extra).view(shape)

@@ -151,6 +151,42 @@ def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------- the evaluation model
 
+# --------------------------------------------------------------------------- calibration statistics
+
+_statistics: dict[str, Any] = {}
+
+
+def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any] | None:
+    """Each expert's ``kind`` statistics on its calibration examples (``lata.calibration``):
+    from this process, else from ``paths.cache_dir/calibration/``, else computed there; keyed by
+    the expert's content, the examples, ``calibration.max_length`` and LATA's code. None where
+    ``calibration`` gives no examples (``plan_merge`` then refuses a method that needs them)."""
+    from lata.calibration import calibration_sets, examples_digest
+    from lata.calibration.statistics import FILE, Statistics, compute
+    from lata.io.digests import cached_build
+
+    sets = calibration_sets(cfg.calibration, family.expert_names, cfg.get("zoo"), cfg.model.get("embedded"))
+    if sets is None:
+        return None
+    out = {}
+    for expert, examples in sets.items():
+        ckpt = family.experts[expert]
+        if getattr(ckpt, "instruct", None) is not None:
+            raise CheckpointError(f"calibration: expert '{expert}' is a LoRA adapter; the calibration pass runs whole "
+                                  f"checkpoints only (merge the adapter into its model first)")
+        config = {"kind": kind, "checkpoint": checkpoint_digests({expert: ckpt.path})[expert],
+                  "examples": examples_digest(examples), "max_length": cfg.calibration.max_length}
+        key = content_key(config)
+        if key not in _statistics:
+            folder = cached_build(Path(cfg.paths.cache_dir) / "calibration", kind, config,
+                                  lambda tmp, e=expert, c=ckpt, x=examples: compute(
+                                      kind, c.path, x, cfg.calibration.max_length, tmp, device=cfg.device,
+                                      progress=cfg.progress, label=e), code_version())
+            _statistics[key] = Statistics(folder / FILE, kind)
+        out[expert] = _statistics[key]
+    return out
+
+
 def evaluation_model(model_dir: str, dtype: str, device: str, *, reusable: bool):
     """A loaded causal LM for ``model_dir``.
 

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lata.io.atomic import atomic_directory, atomic_file, write_json_atomic
-from lata.config import ANCHOR_VOCAB, UNMERGED, WeightingConfig, parse_size, to_plain
+from lata.config import ANCHOR_VOCAB, UNMERGED, WeightingConfig, parse_size, to_plain, validate_merge
 from lata.io.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
 from lata.weightings import WEIGHTINGS
 from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
@@ -53,6 +53,16 @@ def _weighting(cfg: DictConfig) -> dict:
     return weighting
 
 
+def _calibration(cfg: DictConfig) -> dict | None:
+    """The calibration node (with the content of each file it reads and the zoo recipe its task
+    sets come from) for a method that uses calibration statistics; None for any other."""
+    if cfg.merge.method == UNMERGED or validate_merge(cfg.merge).statistic is None:
+        return None
+    node = to_plain(cfg.calibration)
+    node["files"] = {k: input_digest(path, f"calibration.files.{k}") for k, path in (node.get("files") or {}).items()}
+    return {**node, "zoo": to_plain(cfg.zoo) if cfg.model.get("embedded") == "zoo" else None}
+
+
 def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None = None) -> str:
     """What determines a point's numbers: the inputs' content, merge, weighting (and a recipe it
     reads), benchmark and the content of its data, evaluation dtype and device kind, code."""
@@ -63,6 +73,7 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None 
         **_inputs(checkpoints),
         "merge": {"method": UNMERGED, "which": cfg.model.which} if unmerged else merge,
         "weighting": None if unmerged else _weighting(cfg),
+        **({"calibration": _calibration(cfg)} if _calibration(cfg) is not None else {}),
         "benchmark": benchmark,
         "benchmark_data": _benchmark_data(cfg, heldout) if benchmark.get("tasks") else None,
         "dtype": cfg.model.dtype,
@@ -92,6 +103,7 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
         **_inputs(checkpoints),
         "merge": to_plain(cfg.merge),
         "weighting": _weighting(cfg),
+        **({"calibration": _calibration(cfg)} if _calibration(cfg) is not None else {}),
         "out_dtype": cfg.out_dtype,
         "vocab": cfg.model.get("vocab", ANCHOR_VOCAB),
         "shard_size": parse_size(cfg.shard_size, key="shard_size"),

@@ -1,0 +1,115 @@
+"""Calibration data: a few examples of each expert's task, for the data-aware merge methods.
+
+``merge=fisher`` and ``merge=regmean`` run each expert over examples of its own task
+(``lata.calibration.statistics``): Fisher merging weighs each parameter by how much the expert's
+likelihood of its answers depends on it, RegMean solves each linear layer for the inputs the
+experts see. Where the examples come from is the ``calibration`` config group
+(``conf/calibration/<name>.yaml``):
+
+- ``auto`` (default): the embedded zoo's own task sets on ``model=zoo``; elsewhere none, so a
+  data-aware method asks for one of the others.
+- ``zoo``: the zoo's training examples of each expert's task (the examples it was fine-tuned on).
+- ``jsonl``: ``calibration.files.<expert>``, a JSON-lines file per expert; each line an object
+  with ``prompt`` and ``answer`` (the answer is what the Fisher's log-likelihood scores), or with
+  ``text`` alone (every token scored).
+
+``calibration.examples`` examples are drawn per expert with ``random.Random(calibration.seed)``
+(all of them where a set has no more), each cut to ``calibration.max_length`` tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lata.config import check_calibration
+from lata.registry import ConfigError
+
+#: the zoo's experts and the kind of their task's training examples
+ZOO_TASKS = {"math": "math", "code": "code", "ua": "comply"}
+
+
+@dataclass(frozen=True)
+class CalibrationExample:
+    """One example: ``prompt`` is context only, ``answer`` is scored (``prompt`` empty: all of it)."""
+
+    prompt: str
+    answer: str
+
+
+def sample(examples: list[CalibrationExample], n: int, seed: int, what: str) -> list[CalibrationExample]:
+    """``n`` of ``examples`` drawn with ``random.Random(seed)`` (all where there are fewer)."""
+    if not examples:
+        raise ConfigError(f"calibration: {what} has no examples")
+    if len(examples) <= n:
+        return list(examples)
+    return random.Random(seed).sample(examples, n)
+
+
+def read_jsonl(path: str | Path, expert: str) -> list[CalibrationExample]:
+    """The examples of a JSON-lines file; a clear error naming the file and line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"calibration.files.{expert}: {path} is not a file")
+    out = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"calibration.files.{expert}: {path} line {i} is not JSON ({err.msg})") from None
+        if isinstance(item, dict) and isinstance(item.get("text"), str) and "answer" not in item:
+            out.append(CalibrationExample("", item["text"]))
+        elif isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("answer"), str):
+            out.append(CalibrationExample(item["prompt"], item["answer"]))
+        else:
+            raise ConfigError(f"calibration.files.{expert}: {path} line {i} needs \"prompt\" and \"answer\" strings, "
+                              f"or \"text\"")
+    return out
+
+
+def zoo_examples(zoo_cfg: Any, expert: str) -> list[CalibrationExample]:
+    """The embedded zoo's training examples of ``expert``'s task, as chat prompt and answer."""
+    from lata.zoo.data import make_data
+    from lata.zoo.presets import to_zoo_config
+    from lata.zoo.tasks import EOS, chat_prompt
+
+    if expert not in ZOO_TASKS:
+        raise ConfigError(f"calibration=zoo has task sets for {', '.join(ZOO_TASKS)}, not for expert '{expert}'")
+    train = make_data(to_zoo_config(zoo_cfg)).train[expert]  # the task's examples, without the instruct mix
+    return [CalibrationExample(chat_prompt(e.prompt), f"{e.response}{EOS}\n") for e in train
+            if e.kind == ZOO_TASKS[expert]]
+
+
+def calibration_sets(cfg: Any, experts: list[str], zoo_cfg: Any = None,
+                     embedded: str | None = None) -> dict[str, list[CalibrationExample]] | None:
+    """{expert: its examples} for ``cfg`` (the ``calibration`` node), or None (``none``, or
+    ``auto`` outside the zoo)."""
+    check_calibration(cfg)
+    name = cfg.name
+    if name == "auto":
+        name = "zoo" if embedded == "zoo" else "none"
+    if name == "none":
+        return None
+    if name == "zoo":
+        if zoo_cfg is None:
+            raise ConfigError("calibration=zoo draws the embedded zoo's task sets: it needs model=zoo")
+        return {k: sample(zoo_examples(zoo_cfg, k), cfg.examples, cfg.seed, f"the zoo's '{k}' set") for k in experts}
+    files = dict(cfg.files)
+    missing = [k for k in experts if k not in files]
+    if missing:
+        raise ConfigError(f"calibration.files.{missing[0]} is not set: calibration=jsonl needs a file per expert")
+    return {k: sample(read_jsonl(files[k], k), cfg.examples, cfg.seed, str(files[k])) for k in experts}
+
+
+def examples_digest(examples: list[CalibrationExample]) -> str:
+    """The SHA-256 of a set of examples (part of a statistic's cache key)."""
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e.prompt, e.answer]).encode())
+    return h.hexdigest()

@@ -1,0 +1,204 @@
+"""The data-aware merges (Fisher, RegMean) and the calibration pass: closed forms checked by hand,
+the statistics against a direct computation, the pass cached, bad calibration data refused, and
+the CLI end to end."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import run_lata, save_tokenizer, write_family
+from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
+from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
+from lata.calibration.statistics import FILE, Statistics, compute, tokenized
+from lata.methods import METHODS
+from lata.methods.regmean import reduced
+from lata.registry import ConfigError
+
+
+def delta(method, vectors, lams, statistics, **params):
+    return METHODS.build(method, params).delta(vectors, lams, [f"e{i}" for i in range(len(vectors))], "t",
+                                               statistics=statistics)
+
+
+# -- closed forms -------------------------------------------------------------------------------------
+
+def test_regmean_on_one_linear_layer_is_the_least_squares_solution_of_the_stacked_inputs():
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4)
+    ws = [w0 + 0.1 * torch.randn(3, 4) for _ in range(3)]
+    xs = [torch.randn(n, 4) for n in (9, 6, 12)]
+    got = w0 + delta("regmean", [w - w0 for w in ws], [1.0] * 3, [x.T @ x for x in xs], alpha=1.0)
+    x = torch.cat(xs).double()
+    y = torch.cat([xk.double() @ w.double().T for xk, w in zip(xs, ws)])
+    expected = torch.linalg.lstsq(x, y).solution.T
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+    # lambdas weigh each expert's rows of the stacked problem by sqrt(lambda)
+    lams = [0.5, 2.0, 1.0]
+    got = w0 + delta("regmean", [w - w0 for w in ws], lams, [x.T @ x for x in xs], alpha=1.0)
+    s = [l ** 0.5 for l in lams]
+    expected = torch.linalg.lstsq(torch.cat([r * xk.double() for r, xk in zip(s, xs)]),
+                                  torch.cat([r * xk.double() @ w.double().T for r, xk, w in zip(s, xs, ws)])).solution.T
+    assert torch.allclose(got.double(), expected, atol=1e-5)
+
+
+def test_regmean_alpha_scales_the_off_diagonals_and_alpha_zero_is_a_diagonal_weighted_mean():
+    g = torch.tensor([[4.0, 2.0], [2.0, 9.0]])
+    assert reduced(g, 0.5).tolist() == [[4.0, 1.0], [1.0, 9.0]]
+    assert reduced(g, 0.0).tolist() == [[4.0, 0.0], [0.0, 9.0]]
+    # alpha 0: each input column j averaged with weights G_k[j, j]
+    v1, v2 = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, -2.0]])
+    g1, g2 = torch.diag(torch.tensor([1.0, 3.0])), torch.diag(torch.tensor([3.0, 1.0]))
+    got = delta("regmean", [v1, v2], [1.0, 1.0], [g1, g2], alpha=0.0)
+    assert got[0].tolist() == pytest.approx([(1 * 1 + 3 * 3) / 4, (3 * 2 + 1 * -2) / 4])
+    # a tensor without Gram matrices (a norm, an embedding) is the lambda-weighted average
+    assert delta("regmean", [v1, v2], [1.0, 3.0], [None, None]).tolist() == [[2.5, -1.0]]
+    # a singular sum (an input feature never seen) gives the minimum-norm solution: 0 there
+    zero = torch.diag(torch.tensor([2.0, 0.0]))
+    assert delta("regmean", [v1, v2], [1.0, 1.0], [zero, zero], alpha=1.0)[0].tolist() == pytest.approx([2.0, 0.0])
+
+
+def test_fisher_with_equal_fishers_is_the_average_and_uncovered_parameters_keep_the_anchor():
+    v1, v2 = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([3.0, -2.0, 0.0])
+    ones = torch.ones(3)
+    assert delta("fisher", [v1, v2], [1.0, 1.0], [ones, ones]).tolist() == pytest.approx([2.0, 0.0, 2.0], rel=1e-5)
+    f1, f2 = torch.tensor([1.0, 3.0, 0.0]), torch.tensor([3.0, 1.0, 0.0])
+    got = delta("fisher", [v1, v2], [1.0, 1.0], [f1, f2], epsilon=0.0)
+    assert got.tolist() == pytest.approx([(1 + 9) / 4, (6 - 2) / 4, 0.0])  # F = 0 everywhere: the anchor
+    # epsilon is the anchor's Fisher relative to the tensor's mean: mean(F1 + F2) = 8/3
+    got = delta("fisher", [v1, v2], [1.0, 1.0], [f1, f2], epsilon=0.75)
+    assert got.tolist() == pytest.approx([10 / 6, 4 / 6, 0.0])
+    # lambdas weigh the Fishers; a common lambda cancels
+    assert delta("fisher", [v1, v2], [2.0, 2.0], [f1, f2], epsilon=0.0).tolist() == pytest.approx(
+        delta("fisher", [v1, v2], [1.0, 1.0], [f1, f2], epsilon=0.0).tolist())
+    with pytest.raises(ConfigError, match="merge=fisher weighs the experts by their lambdas, which must be >= 0"):
+        delta("fisher", [v1, v2], [1.0, -1.0], [f1, f2])
+    with pytest.raises(ConfigError, match="expert 'e1' has no Fisher for tensor 't'"):
+        delta("fisher", [v1, v2], [1.0, 1.0], [f1, None])
+
+
+# -- the statistics against a direct computation ------------------------------------------------------
+
+EXAMPLES = [CalibrationExample("what is ab? ", "ba."), CalibrationExample("", "cab cab."),
+            CalibrationExample("rev dog: ", "god.")]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    dirs = write_family(tmp_path_factory.mktemp("calibrated"))
+    for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
+        save_tokenizer(folder)
+    return dirs
+
+
+def test_the_fisher_and_the_grams_are_the_direct_computation(family, tmp_path):
+    folder = family["experts"]["math"]
+    compute("fisher", folder, EXAMPLES, 64, tmp_path, progress=False)
+    (tmp_path / "g").mkdir()
+    compute("gram", folder, EXAMPLES, 64, tmp_path / "g", progress=False)
+    fisher, grams = Statistics(tmp_path / FILE, "fisher"), Statistics(tmp_path / "g" / FILE, "gram")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    inputs = {}
+    hook = model.model.layers[1].mlp.down_proj.register_forward_hook(
+        lambda m, i, o: inputs.setdefault("x", []).append(i[0][0].detach()))
+    for example in EXAMPLES:
+        ids, start = tokenized(tokenizer, example, 64)
+        model.zero_grad()
+        logp = torch.log_softmax(model(input_ids=ids).logits[0], -1)
+        first = max(start, 1)  # the first answer token predicted from the token before it
+        total = sum(logp[t - 1, ids[0, t]] for t in range(first, ids.shape[1]))
+        total.backward()
+        for n, p in model.named_parameters():
+            expected[n] += p.grad ** 2 / len(EXAMPLES)
+    hook.remove()
+    assert fisher.names == set(expected)
+    for n, e in expected.items():
+        assert torch.allclose(fisher.get(n), e, rtol=1e-4, atol=1e-12), n
+    x = torch.cat(inputs["x"])
+    assert torch.allclose(grams.get("model.layers.1.mlp.down_proj.weight"), x.T @ x, rtol=1e-4, atol=1e-6)
+    assert "lm_head.weight" not in grams.names and "model.layers.0.self_attn.q_proj.weight" in grams.names
+    assert grams.get("model.norm.weight") is None
+
+
+# -- calibration data ------------------------------------------------------------------------------------
+
+def calibration(**node):
+    return OmegaConf.create({"name": "jsonl", "examples": 32, "seed": 0, "max_length": 64, "files": {}, **node})
+
+
+def test_calibration_sets_are_drawn_reproducibly_and_bad_data_is_refused(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps({"prompt": f"q{i} ", "answer": f"a{i}"}) for i in range(10))
+                    + "\n" + json.dumps({"text": "plain"}) + "\n")
+    sets = calibration_sets(calibration(examples=4, files={"math": str(good)}), ["math"])
+    assert len(sets["math"]) == 4 and sets == calibration_sets(calibration(examples=4, files={"math": str(good)}),
+                                                              ["math"])
+    assert calibration_sets(calibration(examples=4, seed=1, files={"math": str(good)}), ["math"]) != sets
+    assert read_jsonl(good, "math")[-1] == CalibrationExample("", "plain")
+    assert calibration_sets(calibration(name="auto"), ["math"], embedded=None) is None
+    assert calibration_sets(calibration(name="none"), ["math"]) is None
+    bad = tmp_path / "bad.jsonl"
+    for text, message in (('{"prompt": "q"}\n', 'line 1 needs "prompt" and "answer" strings'),
+                          ('{"text": "x"}\nnot json\n', "line 2 is not JSON"), ("\n", "has no examples")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            calibration_sets(calibration(files={"math": str(bad)}), ["math"])
+    with pytest.raises(ConfigError, match=r"calibration.files.code is not set"):
+        calibration_sets(calibration(files={"math": str(good)}), ["math", "code"])
+    with pytest.raises(ConfigError, match="calibration.files.math: .*missing.jsonl is not a file"):
+        calibration_sets(calibration(files={"math": str(tmp_path / "missing.jsonl")}), ["math"])
+    with pytest.raises(ConfigError, match="calibration='zoo2' is not allowed"):
+        calibration_sets(calibration(name="zoo2"), ["math"])
+    with pytest.raises(ConfigError, match="calibration.examples=0 must be a whole number"):
+        calibration_sets(calibration(examples=0), ["math"])
+    with pytest.raises(ConfigError, match="calibration=zoo draws the embedded zoo's task sets"):
+        calibration_sets(calibration(name="zoo"), ["math"])
+
+
+def test_a_data_aware_method_without_statistics_is_refused(family):
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    for method, kind in (("fisher", "fisher"), ("regmean", "gram")):
+        with pytest.raises(ConfigError, match=f"merge={method} needs each expert's {kind} statistics from calibration "
+                                              "data, and expert 'math' has none"):
+            plan_merge(fam, MergeConfig(method=method), progress=False)
+
+
+# -- the CLI: computed once, cached, the same merge as the library's -----------------------------------
+
+@pytest.mark.parametrize("method", ["fisher", "regmean"])
+def test_the_cli_calibrates_once_and_merges_as_the_library(family, tmp_path, method):
+    files = {}
+    for expert in family["experts"]:
+        files[expert] = tmp_path / f"{expert}.jsonl"
+        files[expert].write_text("\n".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in EXAMPLES))
+    args = ["model=paths", f"++model.base={family['base']}", f"++model.instruct={family['instruct']}",
+            *(f"++model.experts.{k}={v}" for k, v in family["experts"].items()), f"merge={method}",
+            "weighting=uniform", "benchmark=none", "calibration=jsonl", "calibration.max_length=64",
+            *(f"++calibration.files.{k}={v}" for k, v in files.items()), f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.results_dir={tmp_path / 'results'}", "progress=false"]
+    run_lata([*args, f"save_model={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run1'}"], tmp_path)
+    built = sorted((tmp_path / "cache" / "calibration").glob(f"{'gram' if method == 'regmean' else method}-*"))
+    assert len(built) == 2  # one per expert
+    stamps = [(b / FILE).stat().st_mtime_ns for b in built]
+    run_lata([*args, "resume=false", f"save_model={tmp_path / 'out2'}", f"hydra.run.dir={tmp_path / 'run2'}"],
+             tmp_path)
+    assert [(b / FILE).stat().st_mtime_ns for b in built] == stamps  # read back, not computed again
+    # the library, from statistics it computes itself on the same examples: the same bits
+    kind = "gram" if method == "regmean" else method
+    stats = {}
+    for expert, folder in family["experts"].items():
+        (tmp_path / "lib" / expert).mkdir(parents=True)
+        compute(kind, folder, EXAMPLES, 64, tmp_path / "lib" / expert, progress=False)
+        stats[expert] = Statistics(tmp_path / "lib" / expert / FILE, kind)
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    merged = merge_state_dict(plan_merge(fam, MergeConfig(method=method), WeightingConfig(name="uniform"),
+                                         statistics=stats, progress=False))
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(saved) == set(merged) and all(torch.equal(merged[n], saved[n]) for n in saved)
+    ta = merge_state_dict(plan_merge(fam, MergeConfig(method="soup"), WeightingConfig(name="uniform"), progress=False))
+    assert not all(torch.equal(ta[n], saved[n]) for n in saved)  # the statistics changed the merge
