@@ -202,3 +202,19 @@ def test_the_cli_calibrates_once_and_merges_as_the_library(family, tmp_path, met
     assert set(saved) == set(merged) and all(torch.equal(merged[n], saved[n]) for n in saved)
     ta = merge_state_dict(plan_merge(fam, MergeConfig(method="soup"), WeightingConfig(name="uniform"), progress=False))
     assert not all(torch.equal(ta[n], saved[n]) for n in saved)  # the statistics changed the merge
+
+
+def test_sliced_threaded_and_staged_give_the_same_bits(family, tmp_path):
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    for method, kind in (("fisher", "fisher"), ("regmean", "gram")):
+        stats = {}
+        for expert, folder in family["experts"].items():
+            (tmp_path / kind / expert).mkdir(parents=True)
+            compute(kind, folder, EXAMPLES, 64, tmp_path / kind / expert, progress=False)
+            stats[expert] = Statistics(tmp_path / kind / expert / FILE, kind)
+        plan = plan_merge(fam, MergeConfig(method=method, lams={"math": 0.5}), WeightingConfig(name="linear_rank"),
+                          statistics=stats, progress=False)
+        expected = merge_state_dict(plan)
+        for options in (dict(chunk_size=37, threads=2), dict(staged=True, chunk_size=37), dict(staged=True)):
+            got = merge_state_dict(plan.with_options(**options))
+            assert all(torch.equal(got[n], expected[n]) for n in expected), (method, options)
