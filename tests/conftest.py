@@ -143,3 +143,35 @@ def micro_zoo(micro_zoo_cache):
     from lata.zoo import build_zoo, load_preset
 
     return build_zoo(load_preset("micro"), micro_zoo_cache, progress=False)
+
+
+def assert_every_path_gives_the_same_bits(plan, statistics=None) -> int:
+    """The plan's merge sliced and threaded, staged (sliced or whole) and per whole tensor
+    (``MergeMethod.delta``) gives the same bits; returns how many compared tensors span several
+    37-value slices."""
+    from lata import merge_state_dict
+    from lata.accel.compute import pure_slice
+
+    expected = merge_state_dict(plan)
+    for options in (dict(chunk_size=37, threads=2), dict(staged=True, chunk_size=37), dict(staged=True)):
+        got = merge_state_dict(plan.with_options(**options))
+        for name in expected:
+            assert torch.equal(got[name], expected[name]), (options, name)
+    family, method, merged = plan.family, plan.method, 0
+    anchor = family.anchor(plan.anchor)
+    for name, value in expected.items():
+        active = plan.active_experts(name)
+        theta0 = anchor.get(name).float().reshape(-1)
+        if not active:
+            assert torch.equal(value.reshape(-1), theta0), name
+            continue
+        weights = [plan.weight(k, name) for k in active]
+        scale = weights if method.scales_vectors else [1.0] * len(active)
+        vectors = [pure_slice(family.experts[k].get(name).reshape(-1), theta0, w, "cpu").view(value.shape)
+                   for k, w in zip(active, scale)]
+        stats = None if plan.statistics is None else [plan.statistics[k].get(name) for k in active]
+        whole = method.delta(vectors, [plan.lams[k] for k in active], active, name, weights=weights,
+                             anchor=theta0.view(value.shape), statistics=stats).reshape(-1) + theta0
+        assert torch.equal(value.reshape(-1), whole), name
+        merged += int(value.numel() > 37)
+    return merged

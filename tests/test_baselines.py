@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import reference
-from conftest import engine_configs, write_family
+from conftest import assert_every_path_gives_the_same_bits, engine_configs, write_family
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
-from lata.accel.compute import pure_slice
 from lata.methods import METHODS
 from lata.methods.consensus import agreement_counts, consensus_sum
 from lata.methods.localize_stitch import stitched
@@ -224,21 +223,4 @@ PATHS = [(MergeConfig(method="soup", lams={"math": 0.7, "code": 1.3}), "linear_r
 def test_sliced_threaded_staged_and_whole_tensor_give_the_same_bits(wide_dirs, merge, weighting):
     family = Family.open(wide_dirs["base"], wide_dirs["instruct"], wide_dirs["experts"])
     plan = plan_merge(family, merge, WeightingConfig(name=weighting), progress=False)
-    expected = merge_state_dict(plan)
-    for options in (dict(chunk_size=37, threads=2), dict(staged=True, chunk_size=37), dict(staged=True)):
-        got = merge_state_dict(plan.with_options(**options))
-        for name in expected:
-            assert torch.equal(got[name], expected[name]), (options, name)
-    anchor, merged = family.anchor(plan.anchor), 0
-    for name, value in expected.items():
-        active = plan.active_experts(name)
-        theta0 = anchor.get(name).float().reshape(-1)
-        if not active:
-            assert torch.equal(value.reshape(-1), theta0), name
-            continue
-        vectors = [pure_slice(family.experts[k].get(name).reshape(-1), theta0, plan.weight(k, name), "cpu")
-                   for k in active]
-        whole = plan.method.delta(vectors, [plan.lams[k] for k in active], active, name) + theta0
-        assert torch.equal(value.reshape(-1), whole), name
-        merged += int(value.numel() > 37)
-    assert merged > 3  # tensors that span several slices were compared
+    assert assert_every_path_gives_the_same_bits(plan) > 3

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import run_lata, save_tokenizer, write_family
+from conftest import assert_every_path_gives_the_same_bits, run_lata, save_tokenizer, write_family
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
 from lata.calibration.statistics import FILE, Statistics, compute, tokenized
@@ -204,7 +204,7 @@ def test_the_cli_calibrates_once_and_merges_as_the_library(family, tmp_path, met
     assert not all(torch.equal(ta[n], saved[n]) for n in saved)  # the statistics changed the merge
 
 
-def test_sliced_threaded_and_staged_give_the_same_bits(family, tmp_path):
+def test_sliced_threaded_staged_and_whole_tensor_give_the_same_bits(family, tmp_path):
     fam = Family.open(family["base"], family["instruct"], family["experts"])
     for method, kind in (("fisher", "fisher"), ("regmean", "gram")):
         stats = {}
@@ -214,7 +214,4 @@ def test_sliced_threaded_and_staged_give_the_same_bits(family, tmp_path):
             stats[expert] = Statistics(tmp_path / kind / expert / FILE, kind)
         plan = plan_merge(fam, MergeConfig(method=method, lams={"math": 0.5}), WeightingConfig(name="linear_rank"),
                           statistics=stats, progress=False)
-        expected = merge_state_dict(plan)
-        for options in (dict(chunk_size=37, threads=2), dict(staged=True, chunk_size=37), dict(staged=True)):
-            got = merge_state_dict(plan.with_options(**options))
-            assert all(torch.equal(got[n], expected[n]) for n in expected), (method, options)
+        assert assert_every_path_gives_the_same_bits(plan) > 3

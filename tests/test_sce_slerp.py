@@ -8,9 +8,8 @@ import pytest
 import torch
 
 import reference
-from conftest import engine_configs, write_family
+from conftest import assert_every_path_gives_the_same_bits, engine_configs, write_family
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
-from lata.accel.compute import pure_slice
 from lata.methods import METHODS
 from lata.methods.nuslerp import nuslerp_coefficients
 from lata.methods.sce import erased_mean, sce_weights, variance
@@ -193,28 +192,7 @@ PATHS = [(MergeConfig(method="sce", select_topk=0.4, lams={"math": 0.7}), "linea
 def test_sliced_threaded_staged_and_whole_tensor_give_the_same_bits(wide_dirs, merge, weighting):
     family = Family.open(wide_dirs["base"], wide_dirs["instruct"], wide_dirs["experts"])
     plan = plan_merge(family, merge, WeightingConfig(name=weighting), progress=False)
-    expected = merge_state_dict(plan)
-    for options in (dict(chunk_size=37, threads=2), dict(staged=True, chunk_size=37), dict(staged=True)):
-        got = merge_state_dict(plan.with_options(**options))
-        for name in expected:
-            assert torch.equal(got[name], expected[name]), (options, name)
-    method, anchor, merged = plan.method, family.anchor(plan.anchor), 0
-    for name, value in expected.items():
-        active = plan.active_experts(name)
-        theta0 = anchor.get(name).float().reshape(-1)
-        if not active:
-            assert torch.equal(value.reshape(-1), theta0), name
-            continue
-        weights = [plan.weight(k, name) for k in active]
-        scale = weights if method.scales_vectors else [1.0] * len(active)
-        vectors = [pure_slice(family.experts[k].get(name).reshape(-1), theta0, w, "cpu")
-                   for k, w in zip(active, scale)]
-        shaped = [v.view(value.shape) for v in vectors]
-        whole = method.delta(shaped, [plan.lams[k] for k in active], active, name, weights=weights,
-                             anchor=theta0.view(value.shape)).reshape(-1) + theta0
-        assert torch.equal(value.reshape(-1), whole), name
-        merged += int(value.numel() > 37)
-    assert merged > 3
+    assert assert_every_path_gives_the_same_bits(plan) > 3
 
 
 # -- mergekit recipes ---------------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import torch
 
 from lata.methods import MergeMethod, merge_method
-from lata.methods.slerp import block_t
 
 
 def nuslerp_coefficients(gram: torch.Tensor, t: float) -> torch.Tensor:
