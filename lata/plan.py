@@ -137,12 +137,15 @@ class MergePlan:
 
 def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: WeightingConfig | None = None,
                *, device: str = "cpu", analysis: LayerAnalysis | None = None, progress: bool = True,
-               threads: int | None = None, statistics: dict[str, Any] | None = None) -> MergePlan:
+               threads: int | None = None, statistics: dict[str, Any] | None = None,
+               learned_weights: dict[str, list[float]] | None = None) -> MergePlan:
     """Run pass 1 (unless ``analysis`` is given), derive the layer weights and build the plan.
 
     ``threads``: CPU slice workers for both passes (None: ``lata.accel.compute.auto_threads()``).
     ``statistics``: expert -> its calibration statistics, for a method that needs them
     (``MergeMethod.statistic``; ``lata.run.caches.calibration_statistics`` computes them).
+    ``learned_weights``: expert -> its block weights, for ``weighting=learned``
+    (``lata.run.caches.learned_weights`` learns them).
     """
     merge = MergeConfig.of(merge) if merge is not None else MergeConfig()
     weighting = WeightingConfig.of(weighting) if weighting is not None else WeightingConfig()
@@ -158,7 +161,14 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
     for warning in analysis.degeneracies() + family.vocab_notes(merge.anchor):
         log.warning("%s", warning)
-    weights = {k: normalized(scheme.weights_for(analysis.similarities[k]), weighting.normalize) for k in family.experts}
+    if scheme.needs_learning:
+        if learned_weights is None:
+            raise ConfigError(f"weighting={weighting.name} needs weights learned from calibration data: a run learns "
+                              f"them (lata.run.caches.learned_weights); the library takes plan_merge(..., "
+                              f"learned_weights=...)")
+        scheme = scheme.with_weights(learned_weights)
+    weights = {k: normalized(scheme.weights_of(k, analysis.similarities[k]), weighting.normalize)
+               for k in family.experts}
     rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
     for k, w in weights.items():
         if not any(w):

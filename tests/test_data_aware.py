@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_every_path_gives_the_same_bits, run_lata, save_tokenizer, write_family
+from conftest import assert_every_path_gives_the_same_bits, family_args, run_lata, save_tokenizer, write_family
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
 from lata.calibration.statistics import FILE, Statistics, compute, tokenized
@@ -176,17 +176,15 @@ def test_the_cli_calibrates_once_and_merges_as_the_library(family, tmp_path, met
     for expert in family["experts"]:
         files[expert] = tmp_path / f"{expert}.jsonl"
         files[expert].write_text("\n".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in EXAMPLES))
-    args = ["model=paths", f"++model.base={family['base']}", f"++model.instruct={family['instruct']}",
-            *(f"++model.experts.{k}={v}" for k, v in family["experts"].items()), f"merge={method}",
-            "weighting=uniform", "benchmark=none", "calibration=jsonl", "calibration.max_length=64",
+    args = [*family_args(family), f"merge={method}",
+            "weighting=uniform", "calibration=jsonl", "calibration.max_length=64",
             *(f"++calibration.files.{k}={v}" for k, v in files.items()), f"paths.cache_dir={tmp_path / 'cache'}",
-            f"paths.results_dir={tmp_path / 'results'}", "progress=false"]
-    run_lata([*args, f"save_model={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'run1'}"], tmp_path)
+            f"paths.results_dir={tmp_path / 'results'}"]
+    run_lata([*args, f"save_model={tmp_path / 'out'}"], tmp_path, run_dir=tmp_path / "run1")
     built = sorted((tmp_path / "cache" / "calibration").glob(f"{'gram' if method == 'regmean' else method}-*"))
     assert len(built) == 2  # one per expert
     stamps = [(b / FILE).stat().st_mtime_ns for b in built]
-    run_lata([*args, "resume=false", f"save_model={tmp_path / 'out2'}", f"hydra.run.dir={tmp_path / 'run2'}"],
-             tmp_path)
+    run_lata([*args, "resume=false", f"save_model={tmp_path / 'out2'}"], tmp_path, run_dir=tmp_path / "run2")
     assert [(b / FILE).stat().st_mtime_ns for b in built] == stamps  # read back, not computed again
     # the library, from statistics it computes itself on the same examples: the same bits
     kind = "gram" if method == "regmean" else method

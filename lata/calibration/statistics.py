@@ -38,7 +38,8 @@ def tokenized(tokenizer, example: CalibrationExample, max_length: int) -> tuple[
     return torch.tensor([ids]), min(len(prompt), len(ids))
 
 
-def _load(model_dir: str | Path, device: str):
+def load_model(model_dir: str | Path, device: str):
+    """(the float32 model in eval mode on ``device``, its tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
@@ -107,7 +108,7 @@ def compute(kind: str, model_dir: str | Path, examples: list[CalibrationExample]
 
     if kind not in KINDS:
         raise ValueError(f"unknown statistic {kind!r}; one of {KINDS}")
-    model, tokenizer = _load(model_dir, device)
+    model, tokenizer = load_model(model_dir, device)
     bar = tqdm(total=len(examples), desc=f"calibration: {kind} of {label or model_dir}", disable=not progress,
                leave=False)
     try:

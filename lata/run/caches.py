@@ -153,10 +153,10 @@ def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
 
 # --------------------------------------------------------------------------- calibration statistics
 
-_statistics: dict[str, Any] = {}
+_calibrated: dict[str, Any] = {}
 
 
-def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any] | None:
+def calibration_calibrated(cfg: Any, family: Family, kind: str) -> dict[str, Any] | None:
     """Each expert's ``kind`` statistics on its calibration examples (``lata.calibration``):
     from this process, else from ``paths.cache_dir/calibration/``, else computed there; keyed by
     the expert's content, the examples, ``calibration.max_length`` and LATA's code. None where
@@ -177,14 +177,60 @@ def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any
         config = {"kind": kind, "checkpoint": checkpoint_digests({expert: ckpt.path})[expert],
                   "examples": examples_digest(examples), "max_length": cfg.calibration.max_length}
         key = content_key(config)
-        if key not in _statistics:
+        if key not in _calibrated:
             folder = cached_build(Path(cfg.paths.cache_dir) / "calibration", kind, config,
                                   lambda tmp, e=expert, c=ckpt, x=examples: compute(
                                       kind, c.path, x, cfg.calibration.max_length, tmp, device=cfg.device,
                                       progress=cfg.progress, label=e), code_version())
-            _statistics[key] = Statistics(folder / FILE, kind)
-        out[expert] = _statistics[key]
+            _calibrated[key] = Statistics(folder / FILE, kind)
+        out[expert] = _calibrated[key]
     return out
+
+
+def learned_weights(cfg: Any, family: Family) -> dict[str, list[float]]:
+    """``weighting=learned``'s block weights for this family, anchor, lambdas, rest weight,
+    calibration examples and weighting keys (``lata.calibration.learned``): from this process,
+    else from ``paths.cache_dir/learned/``, else learned there (with ``weights.json`` holding the
+    objective at each step)."""
+    import json
+
+    from lata.calibration import calibration_sets, examples_digest
+    from lata.calibration.learned import learn_weights
+    from lata.calibration.statistics import load_model
+    from lata.config import MergeConfig, validate_weighting
+    from lata.io.atomic import write_json_atomic
+    from lata.io.digests import cached_build
+    from lata.registry import ConfigError
+
+    scheme = validate_weighting(cfg.weighting)
+    sets = calibration_sets(cfg.calibration, family.expert_names, cfg.get("zoo"), cfg.model.get("embedded"))
+    if sets is None:
+        raise ConfigError("weighting=learned learns from calibration data, and calibration gives none: on the "
+                          "embedded zoo calibration=auto draws its task sets; elsewhere give calibration=jsonl "
+                          "++calibration.files.<expert>=FILE.jsonl")
+    merge = MergeConfig.of(cfg.merge)
+    lams = [float(merge.lams.get(k, merge.lam)) for k in family.expert_names]
+    rest = scheme.rest_default() if cfg.weighting.get("rest_weight") is None else float(cfg.weighting.rest_weight)
+    anchor = family.anchor(merge.anchor)
+    keys = {"objective": scheme.objective, "steps": scheme.steps, "lr": scheme.lr, "init": scheme.init,
+            "low": scheme.low, "high": scheme.high}
+    config = {"family": _family_key(family), "anchor": merge.anchor, "lams": lams, "rest_weight": rest,
+              "examples": {k: examples_digest(v) for k, v in sets.items()},
+              "max_length": cfg.calibration.max_length, "weighting": keys}
+    key = content_key(config)
+    if key not in _calibrated:
+        def build(tmp: Path) -> None:
+            model, tokenizer = load_model(anchor.path, cfg.device)
+            trace: list[float] = []
+            weights = learn_weights(model, tokenizer, family, lams, rest, sets, max_length=cfg.calibration.max_length,
+                                    progress=lambda step, loss: trace.append(loss), **keys)
+            write_json_atomic(tmp / "weights.json", {"weights": weights, "objective": trace})
+            log.info("weighting=learned: %s from %.4f to %.4f in %d steps", scheme.objective, trace[0], trace[-1],
+                     len(trace))
+
+        folder = cached_build(Path(cfg.paths.cache_dir) / "learned", "weights", config, build, code_version())
+        _calibrated[key] = json.loads((folder / "weights.json").read_text())["weights"]
+    return _calibrated[key]
 
 
 def evaluation_model(model_dir: str, dtype: str, device: str, *, reusable: bool):

@@ -22,7 +22,7 @@ from lata.run import caches, store
 from lata.io import outputs
 from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.accel.compute import check_device
-from lata.config import UNMERGED, to_plain, validate, validate_merge
+from lata.config import UNMERGED, to_plain, validate, validate_merge, validate_weighting
 from lata.io.digests import DamagedFile, use_memo_dir
 from lata.plan import MergePlan, output_bytes, plan_merge
 from lata.sinks import merge_into_model, merge_to_dir
@@ -158,8 +158,9 @@ def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, 
     caches.load_selections(family, cfg.paths.cache_dir)  # earlier processes' magnitude selections
     kind = validate_merge(cfg.merge).statistic
     statistics = caches.calibration_statistics(cfg, family, kind) if kind is not None else None
+    learned = caches.learned_weights(cfg, family) if validate_weighting(cfg.weighting).needs_learning else None
     plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
-                      progress=cfg.progress, threads=cfg.threads, statistics=statistics)
+                      progress=cfg.progress, threads=cfg.threads, statistics=statistics, learned_weights=learned)
     drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
     if cfg.export == "mergekit":
         recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))

@@ -22,7 +22,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from lata.io.atomic import atomic_directory, atomic_file, write_json_atomic
-from lata.config import ANCHOR_VOCAB, UNMERGED, WeightingConfig, parse_size, to_plain, validate_merge
+from lata.config import (ANCHOR_VOCAB, UNMERGED, WeightingConfig, parse_size, to_plain, validate_merge,
+                         validate_weighting)
 from lata.io.digests import DamagedFile, bytes_digest, content_key, read_checked_json, write_checked_json
 from lata.weightings import WEIGHTINGS
 from lata.run.fingerprints import KEY_VERSION, checkpoint_digests, code_version, input_digest
@@ -55,8 +56,10 @@ def _weighting(cfg: DictConfig) -> dict:
 
 def _calibration(cfg: DictConfig) -> dict | None:
     """The calibration node (with the content of each file it reads and the zoo recipe its task
-    sets come from) for a method that uses calibration statistics; None for any other."""
-    if cfg.merge.method == UNMERGED or validate_merge(cfg.merge).statistic is None:
+    sets come from) for a method that uses calibration statistics or a weighting learned from
+    calibration data; None for any other."""
+    if cfg.merge.method == UNMERGED or (validate_merge(cfg.merge).statistic is None
+                                        and not validate_weighting(cfg.weighting).needs_learning):
         return None
     node = to_plain(cfg.calibration)
     node["files"] = {k: input_digest(path, f"calibration.files.{k}") for k, path in (node.get("files") or {}).items()}

@@ -34,12 +34,18 @@ class Weighting:
     """Base: ``weights_for(similarities)`` gives one expert's L layer weights."""
 
     name: ClassVar[str] = "base"
+    #: its weights are learned from data by the run and handed over (``with_weights``)
+    needs_learning: ClassVar[bool] = False
 
     def check(self) -> None:
         """Refuse bad parameter values (``lata.registry.ConfigError`` naming ``weighting.<key>``)."""
 
     def weights_for(self, similarities: Sequence[float]) -> list[float]:
         raise NotImplementedError
+
+    def weights_of(self, expert: str, similarities: Sequence[float]) -> list[float]:
+        """Expert ``expert``'s L layer weights (``weights_for``, unless a weighting needs the name)."""
+        return self.weights_for(similarities)
 
     def inputs(self) -> dict[str, str]:
         """{config key: path} of the files this weighting takes its numbers from (none here)."""

@@ -1,0 +1,106 @@
+"""weighting=learned (layer-wise AdaMerging): the gradient path against the chain rule and finite
+differences, its keys checked, and the run end to end (learned once, cached, written)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import family_args, run_lata, save_tokenizer, write_family
+from lata import Family, MergeConfig, WeightingConfig, plan_merge
+from lata.calibration import CalibrationExample
+from lata.calibration.learned import MergedModel, objective_value
+from lata.calibration.statistics import tokenized
+from lata.registry import ConfigError
+
+EXAMPLES = [CalibrationExample("what is ab? ", "ba."), CalibrationExample("rev dog: ", "god."),
+            CalibrationExample("cab ", "bac.")]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    dirs = write_family(tmp_path_factory.mktemp("learned"))
+    for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
+        save_tokenizer(folder)
+    return dirs
+
+
+def objective_value_at(merged, params, batch, objective):
+    """The objective with theta given directly (a leaf per parameter), as objective_value computes it."""
+    original = merged.parameters
+    merged.parameters = lambda w: params
+    try:
+        return objective_value(merged, None, batch, objective)
+    finally:
+        merged.parameters = original
+
+
+@pytest.mark.parametrize("objective", ["entropy", "likelihood"])
+def test_the_gradient_is_the_finite_difference(family, objective):
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    model = AutoModelForCausalLM.from_pretrained(family["instruct"], dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(family["instruct"])
+    merged = MergedModel(model, fam, [0.7, 1.3], 1.0)
+    batch = [tokenized(tokenizer, e, 64) for e in EXAMPLES]
+    w = torch.tensor([[0.2, 0.9, 1.4, 0.5], [1.1, 0.3, 0.8, 1.7]], dtype=torch.float64, requires_grad=True)
+    objective_value(merged, w, batch, objective).backward()
+    # exactly the chain rule: dL/dw_{l,k} = lambda_k <dL/dtheta, d_k> over block l's tensors
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in merged.parameters(w.detach()).items()}
+    loss = objective_value_at(merged, params, batch, objective)
+    loss.backward()
+    for k, lam in enumerate([0.7, 1.3]):
+        for l in range(4):
+            chain = sum(lam * float((params[n].grad * merged.vectors[n][k]).sum()) for n in params
+                        if merged.blocks[n] == l)
+            assert float(w.grad[k, l]) == pytest.approx(chain, rel=1e-9, abs=1e-15), (k, l)
+    # and the finite difference (Llama's norms compute in float32: h = 1e-3 against that noise)
+    h = 1e-3
+    for k in range(2):
+        for l in range(4):
+            e = torch.zeros_like(w)
+            e[k, l] = h
+            with torch.no_grad():
+                fd = (objective_value(merged, w + e, batch, objective) - objective_value(merged, w - e, batch, objective)) / (2 * h)
+            assert float(w.grad[k, l]) == pytest.approx(float(fd), rel=2e-3, abs=1e-6), (k, l)
+    # theta(w) is theta_0 + sum_k lambda_k w_{l,k} d_k: at w = 0 the anchor itself
+    zero = merged.parameters(torch.zeros_like(w))
+    assert all(torch.equal(zero[n], p) for n, p in model.named_parameters() if fam.layer_of(n) is not None)
+
+
+def test_learned_needs_its_weights_and_checks_its_keys(family):
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    with pytest.raises(ConfigError, match="weighting=learned needs weights learned from calibration data"):
+        plan_merge(fam, MergeConfig(), WeightingConfig(name="learned"), progress=False)
+    plan = plan_merge(fam, MergeConfig(), WeightingConfig(name="learned"), progress=False,
+                      learned_weights={"math": [0.1, 0.2, 0.3, 0.4], "code": [1.0, 0.0, 1.0, 0.0]})
+    assert plan.weights == {"math": [0.1, 0.2, 0.3, 0.4], "code": [1.0, 0.0, 1.0, 0.0]}
+    with pytest.raises(ConfigError, match="3 learned weights for expert 'math', whose family has 4 blocks"):
+        plan_merge(fam, MergeConfig(), WeightingConfig(name="learned"), progress=False,
+                   learned_weights={"math": [0.1, 0.2, 0.3], "code": [1.0, 0.0, 1.0, 0.0]})
+    for key, value, message in (("objective", "kl", "weighting.objective='kl' is not allowed"),
+                                ("steps", 0, "weighting.steps=0 must be a whole number"),
+                                ("init", 3.0, r"weighting.init=3.0 must lie in \[weighting.low, weighting.high\]")):
+        with pytest.raises(ConfigError, match=message):
+            plan_merge(fam, MergeConfig(), WeightingConfig(name="learned", **{key: value}), progress=False)
+
+
+def test_a_run_learns_once_writes_the_weights_and_reuses_them(family, tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in EXAMPLES))
+    args = [*family_args(family), "merge=ties", "weighting=learned",
+            "weighting.steps=3", "calibration=jsonl", "calibration.max_length=64",
+            *(f"++calibration.files.{k}={data}" for k in family["experts"]), f"paths.cache_dir={tmp_path / 'cache'}",
+            f"paths.results_dir={tmp_path / 'results'}"]
+    run_lata(args, tmp_path, run_dir=tmp_path / "run1")
+    (built,) = (tmp_path / "cache" / "learned").glob("weights-*")
+    stored = json.loads((built / "weights.json").read_text())
+    assert len(stored["objective"]) == 3
+    analysis = json.loads((tmp_path / "run1" / "layer_analysis.json").read_text())
+    assert analysis["weights"] == stored["weights"] and (tmp_path / "run1" / "layer_analysis.png").is_file()
+    stamp = (built / "weights.json").stat().st_mtime_ns
+    run_lata([*args, "resume=false"], tmp_path, run_dir=tmp_path / "run2")
+    assert (built / "weights.json").stat().st_mtime_ns == stamp
+    result = run_lata([*args, "calibration=none"], tmp_path, run_dir=tmp_path / "run3", check=False)
+    assert result.returncode != 0 and "weighting=learned learns from calibration data, and calibration gives none" \
+        in result.stderr
