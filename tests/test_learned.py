@@ -13,6 +13,7 @@ from lata.calibration import CalibrationExample
 from lata.calibration.learned import MergedModel, objective_value
 from lata.calibration.statistics import tokenized
 from lata.registry import ConfigError
+from lata.weightings import WEIGHTINGS
 
 EXAMPLES = [CalibrationExample("what is ab? ", "ba."), CalibrationExample("rev dog: ", "god."),
             CalibrationExample("cab ", "bac.")]
@@ -98,6 +99,9 @@ def test_a_run_learns_once_writes_the_weights_and_reuses_them(family, tmp_path):
     assert len(stored["objective"]) == 3
     analysis = json.loads((tmp_path / "run1" / "layer_analysis.json").read_text())
     assert analysis["weights"] == stored["weights"] and (tmp_path / "run1" / "layer_analysis.png").is_file()
+    # LATA's own (linear_rank) weights beside them, for the comparison
+    assert analysis["beside"]["linear_rank (LATA)"] == {
+        k: WEIGHTINGS.build("linear_rank", {}).weights_for(s) for k, s in analysis["similarities"].items()}
     stamp = (built / "weights.json").stat().st_mtime_ns
     run_lata([*args, "resume=false"], tmp_path, run_dir=tmp_path / "run2")
     assert (built / "weights.json").stat().st_mtime_ns == stamp

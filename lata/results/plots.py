@@ -27,21 +27,25 @@ if TYPE_CHECKING:
 
 
 def layer_heatmap(similarities: dict[str, list[float]], weights: dict[str, list[float]], path: str | Path,
-                  title: str = "LATA layer analysis") -> Path:
-    """Two aligned heatmaps (experts x layers): similarity s_{l,k} above, weight w_{l,k} below.
+                  title: str = "LATA layer analysis", beside: dict[str, dict[str, list[float]]] | None = None) -> Path:
+    """Aligned heatmaps (experts x layers): similarity s_{l,k} above, weight w_{l,k} below, and
+    each of ``beside`` ({label: weights}, e.g. LATA's next to learned ones) under them.
 
     The similarity colours span the data's own range (named in the panel's title), so a ranking
     among close values (0.96 against 0.98) shows; the values are printed to three decimals."""
     experts = list(similarities)
     num_layers = len(next(iter(similarities.values())))
+    beside = beside or {}
     width = max(6.0, 0.45 * num_layers + 2.5)
-    height = 1.2 + 0.9 * len(experts) * 2
+    height = 1.2 + 0.9 * len(experts) * (2 + len(beside))
     fig = new_figure(figsize=(width, height))
-    axes = fig.subplots(2, 1, sharex=True)
+    axes = fig.subplots(2 + len(beside), 1, sharex=True)
     lo, hi = similarity_scale(similarities)
+    top = max(1.0, *(max(w) for ws in [weights, *beside.values()] for w in ws.values()))
     panels = [(f"cosine(tau_comp, tau_instr): colours span {lo:.3f} to {hi:.3f}", similarities, "cividis", (lo, hi),
                "{:.3f}"),
-              ("layer weight w", weights, "viridis", (0, max(1.0, max(max(w) for w in weights.values()))), "{:.2f}")]
+              ("layer weight w", weights, "viridis", (0, top), "{:.2f}"),
+              *((f"layer weight w of {label}", w, "viridis", (0, top), "{:.2f}") for label, w in beside.items())]
     for ax, (label, data, cmap, (vmin, vmax), shown) in zip(axes, panels):
         matrix = [data[k] for k in experts]
         image = ax.imshow(matrix, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
@@ -363,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _draw(analysis_json: str, path: str, title: str) -> None:
     data = json.loads(Path(analysis_json).read_text())
-    layer_heatmap(data["similarities"], data["weights"], path, title=title)
+    layer_heatmap(data["similarities"], data["weights"], path, title=title, beside=data.get("beside"))
 
 
 if __name__ == "__main__":

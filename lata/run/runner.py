@@ -22,7 +22,7 @@ from lata.run import caches, store
 from lata.io import outputs
 from lata.io.atomic import write_json_atomic, write_text_atomic
 from lata.accel.compute import check_device
-from lata.config import UNMERGED, to_plain, validate, validate_merge, validate_weighting
+from lata.config import UNMERGED, WeightingConfig, to_plain, validate, validate_merge, validate_weighting
 from lata.io.digests import DamagedFile, use_memo_dir
 from lata.plan import MergePlan, output_bytes, plan_merge
 from lata.sinks import merge_into_model, merge_to_dir
@@ -161,7 +161,8 @@ def _merge(cfg: DictConfig, family, run_dir: Path, summary: dict, saving: bool, 
     learned = caches.learned_weights(cfg, family) if validate_weighting(cfg.weighting).needs_learning else None
     plan = plan_merge(family, cfg.merge, cfg.weighting, device=cfg.device, analysis=analysis,
                       progress=cfg.progress, threads=cfg.threads, statistics=statistics, learned_weights=learned)
-    drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}")
+    drawing = write_layer_analysis(plan, run_dir, f"{cfg.merge.method} + {cfg.weighting.name}",
+                                   learned=learned is not None)
     if cfg.export == "mergekit":
         recipe = write_text_atomic(run_dir / RECIPE_FILE, recipe_yaml(plan))
         summary["mergekit_recipe"] = str(recipe)
@@ -237,16 +238,22 @@ def _resume(cfg: DictConfig, stored: store.StoredPoint, run_dir: Path, key: str,
     return store.restore(stored, run_dir, saved_model=str(save))
 
 
-def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str) -> HeatmapProcess:
+def write_layer_analysis(plan: MergePlan, run_dir: Path, title: str, learned: bool = False) -> HeatmapProcess:
     """layer_analysis.json / .csv and the printed table now; the .png by the drawing process
-    (``HeatmapProcess.shared()``).
+    (``HeatmapProcess.shared()``). ``learned``: the weights were learned (``weighting=learned``):
+    LATA's linear_rank weights are written and drawn beside them.
 
     Decision: the heatmap (matplotlib's import, a second or so of CPU once per process, and
     its drawing) is drawn from layer_analysis.json by ``python -m lata.results.plots``
     while this process merges and evaluates (on a thread it shared the GIL with the merge and
     gained nothing); the job waits for it before it counts as done.
     """
-    write_json_atomic(run_dir / "layer_analysis.json", plan.analysis.to_dict(plan.weights))
+    analysis = plan.analysis.to_dict(plan.weights)
+    if learned:  # LATA's own weights beside the learned ones, to compare
+        scheme = validate_weighting(WeightingConfig(name="linear_rank"))
+        analysis["beside"] = {"linear_rank (LATA)": {k: scheme.weights_for(s) for k, s in
+                                                     plan.analysis.similarities.items()}}
+    write_json_atomic(run_dir / "layer_analysis.json", analysis)
     write_text_atomic(run_dir / "layer_analysis.csv", plan.analysis.to_csv(plan.weights))
     heatmap = HeatmapProcess.shared().draw(run_dir / "layer_analysis.json", run_dir / "layer_analysis.png",
                                            f"{title}: similarity to the instruction vector")
