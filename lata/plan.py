@@ -33,8 +33,8 @@ from lata.io.prefetch import Prefetcher
 from lata.io.tensorfiles import TORCH_DTYPES
 from lata.methods import MergeMethod
 from lata.selection import global_threshold
-from lata.weightings import normalized
 from lata.registry import ConfigError
+from lata.weightings import normalized
 
 log = logging.getLogger("lata")
 
@@ -155,18 +155,18 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
     validate_lams(merge.lams, family.expert_names)
     method.check_experts(family.expert_names)
     check_statistics(method, family.expert_names, statistics)
-    if method.fused and kernels.worthwhile(family.nbytes, device):
-        kernels.preload()
-    if analysis is None:
-        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
-    for warning in analysis.degeneracies() + family.vocab_notes(merge.anchor):
-        log.warning("%s", warning)
     if scheme.needs_learning:
         if learned_weights is None:
             raise ConfigError(f"weighting={weighting.name} needs weights learned from calibration data: a run learns "
                               f"them (lata.run.caches.learned_weights); the library takes plan_merge(..., "
                               f"learned_weights=...)")
         scheme = scheme.with_weights(learned_weights)
+    if method.fused and kernels.worthwhile(family.nbytes, device):
+        kernels.preload()
+    if analysis is None:
+        analysis = layer_similarities(family, device=device, progress=progress, threads=threads)
+    for warning in analysis.degeneracies() + family.vocab_notes(merge.anchor):
+        log.warning("%s", warning)
     weights = {k: normalized(scheme.weights_of(k, analysis.similarities[k]), weighting.normalize)
                for k in family.experts}
     rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
