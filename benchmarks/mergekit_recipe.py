@@ -3,11 +3,9 @@
     python benchmarks/mergekit_recipe.py --mergekit /path/to/mergekit-yaml [--size tiny] [--work-dir DIR]
 
 On a synthetic family of benchmarks/scale.py (``--size``), each case runs ``lata ...
-save_model=...`` and ``mergekit-yaml`` (mergekit installed in its own environment) on a recipe,
-and prints how many tensors are bit-identical and the largest |difference|. The recipe is LATA's
-own (``export=mergekit``: ``mergekit.yaml`` in the run directory) for the methods it exports,
-and one written here for the baselines it does not export (uniform weights and lambda 1, where
-the two tools define the same merge).
+save_model=... export=mergekit`` and ``mergekit-yaml`` (mergekit installed in its own
+environment) on the recipe LATA wrote (``mergekit.yaml`` in the run directory), and prints how
+many tensors are bit-identical and the largest |difference|.
 
 Expected (lata.results.mergekit, docs/method.md): task arithmetic identical where lambda is 1
 and within float32 rounding otherwise; TIES differing where mergekit's int(density * n) and
@@ -25,41 +23,31 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scale  # noqa: E402
 
-#: (label, LATA's options, LATA's own recipe (None) or a recipe written here from the family's paths)
+#: (label, LATA's options)
 CASES = [
-    ("ta, linear_rank, lam 1", ["merge=ta", "weighting=linear_rank"], None),
-    ("ta, linear_rank, lam 0.7", ["merge=ta", "weighting=linear_rank", "merge.lam=0.7"], None),
-    ("ta, uniform, rest_weight 0.5", ["merge=ta", "weighting=uniform", "weighting.rest_weight=0.5"], None),
-    ("ties, uniform", ["merge=ties", "weighting=uniform"], None),
-    ("ties, linear_rank", ["merge=ties", "weighting=linear_rank"], None),
-    ("soup vs linear", ["merge=soup", "weighting=uniform", "out_dtype=float32"],
-     lambda dirs: {"merge_method": "linear", "parameters": {"normalize": True}, "dtype": "float32",
-                   "models": [{"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in scale.EXPERTS]}),
-    ("model_stock", ["merge=model_stock", "weighting=uniform", "out_dtype=float32"],
-     lambda dirs: _stock(dirs, False)),
-    ("model_stock filter_wise", ["merge=model_stock", "merge.filter_wise=true", "weighting=uniform",
-                                 "out_dtype=float32"], lambda dirs: _stock(dirs, True)),
-    ("sce", ["merge=sce", "weighting=uniform"], None),
-    ("sce, select_topk 0.3", ["merge=sce", "merge.select_topk=0.3", "weighting=uniform"], None),
-    ("slerp", ["merge=slerp", "weighting=uniform"], None),
-    ("slerp, t 0.3, lines", ["merge=slerp", "merge.t=0.3", "weighting=lines"], None),
-    ("nuslerp", ["merge=nuslerp", "weighting=uniform"], None),
-    ("nuslerp, lines, lams", ["merge=nuslerp", "weighting=lines", "++merge.lams.code=0.5"], None),
-    ("nuslerp per row", ["merge=nuslerp", "merge.nuslerp_flatten=false", "weighting=uniform"], None),
+    ("ta, linear_rank, lam 1", ["merge=ta", "weighting=linear_rank"]),
+    ("ta, linear_rank, lam 0.7", ["merge=ta", "weighting=linear_rank", "merge.lam=0.7"]),
+    ("ta, uniform, rest_weight 0.5", ["merge=ta", "weighting=uniform", "weighting.rest_weight=0.5"]),
+    ("ties, uniform", ["merge=ties", "weighting=uniform"]),
+    ("ties, linear_rank", ["merge=ties", "weighting=linear_rank"]),
+    ("soup vs linear", ["merge=soup", "weighting=uniform"]),
+    ("soup vs linear, lams", ["merge=soup", "weighting=uniform", "++merge.lams.code=0.5"]),
+    ("model_stock", ["merge=model_stock", "weighting=uniform"]),
+    ("model_stock filter_wise", ["merge=model_stock", "merge.filter_wise=true", "weighting=uniform"]),
+    ("sce", ["merge=sce", "weighting=uniform"]),
+    ("sce, select_topk 0.3", ["merge=sce", "merge.select_topk=0.3", "weighting=uniform"]),
+    ("slerp", ["merge=slerp", "weighting=uniform"]),
+    ("slerp, t 0.3, lines", ["merge=slerp", "merge.t=0.3", "weighting=lines"]),
+    ("nuslerp", ["merge=nuslerp", "weighting=uniform"]),
+    ("nuslerp, lines, lams", ["merge=nuslerp", "weighting=lines", "++merge.lams.code=0.5"]),
+    ("nuslerp per row", ["merge=nuslerp", "merge.nuslerp_flatten=false", "weighting=uniform"]),
     ("nuslerp per column", ["merge=nuslerp", "merge.nuslerp_flatten=false", "merge.nuslerp_row_wise=true",
-                            "weighting=uniform"], None),
+                            "weighting=uniform"]),
 ]
-
-
-def _stock(dirs: dict[str, Path], filter_wise: bool) -> dict:
-    return {"merge_method": "model_stock", "base_model": str(dirs["instruct"]), "dtype": "float32",
-            "models": [{"model": str(dirs[k])} for k in scale.EXPERTS], "parameters": {"filter_wise": filter_wise}}
 
 
 def main() -> int:
@@ -75,16 +63,13 @@ def main() -> int:
               *(f"++model.experts.{k}={dirs[k]}" for k in scale.EXPERTS), "benchmark=none", "progress=false",
               "overwrite=true", "resume=false"]
     print(f"{'case':<32} {'tensors':>8} {'identical':>10} {'max |lata - mergekit|':>22} {'values differing':>17}")
-    for i, (label, options, recipe) in enumerate(CASES):
+    for i, (label, options) in enumerate(CASES):
         if args.only and args.only not in label:
             continue
         run, lata_out, mk_out = out / f"run{i}", out / f"lata{i}", out / f"mergekit{i}"
-        export = ["export=mergekit"] if recipe is None else []
-        subprocess.run([sys.executable, "-m", "lata", *family, *options, *export, f"save_model={lata_out}",
+        subprocess.run([sys.executable, "-m", "lata", *family, *options, "export=mergekit", f"save_model={lata_out}",
                         f"hydra.run.dir={run}"], check=True, capture_output=True)
         recipe_file = run / "mergekit.yaml"
-        if recipe is not None:
-            recipe_file.write_text(yaml.safe_dump(recipe(dirs), sort_keys=False))
         subprocess.run([args.mergekit, str(recipe_file), str(mk_out), "--no-copy-tokenizer",
                         "--no-write-model-card", "--quiet", "--allow-crimes"], check=True, capture_output=True)
         c = scale.compare_outputs(lata_out, mk_out)

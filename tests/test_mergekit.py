@@ -126,3 +126,23 @@ def test_the_cli_writes_the_recipe_beside_the_layer_analysis(dirs, tmp_path):
     assert not (tmp_path / "bad" / "layer_analysis.json").exists()  # refused before pass 1
     odd = run_lata(family_args(dirs) + ["export=safetensors"], tmp_path, check=False, run_dir=tmp_path / "odd")
     assert odd.returncode != 0 and "export='safetensors' is not allowed" in odd.stderr.replace('"', "'")
+
+
+def test_soup_and_model_stock_are_exported_where_mergekit_merges_the_same(dirs):
+    """Soup: mergekit's normalized linear, each weight lambda_k, no base model, only with every
+    layer weight 1; Model Stock: no per-model weight at all, only with every lambda_k w_(l,k) 1."""
+    family = Family.open(dirs["base"], dirs["instruct"], dirs["experts"])
+    uniform = WeightingConfig(name="uniform")
+    recipe = mergekit_recipe(plan_merge(family, MergeConfig(method="soup", lams={"math": 2.0}), uniform, progress=False))
+    assert recipe["merge_method"] == "linear" and "base_model" not in recipe
+    assert recipe["parameters"] == {"normalize": True}
+    assert [m["parameters"] for m in recipe["models"]] == [{"weight": 2.0}, {"weight": 1.0}, {"weight": 1.0}]
+    with pytest.raises(ConfigError, match="mergekit's linear divides by the per-block weights' sum"):
+        mergekit_recipe(plan_merge(family, MergeConfig(method="soup"), WeightingConfig(name="linear_rank"),
+                                   progress=False))
+    recipe = mergekit_recipe(plan_merge(family, MergeConfig(method="model_stock", filter_wise=True), uniform,
+                                        progress=False))
+    assert recipe["merge_method"] == "model_stock" and recipe["base_model"] == str(dirs["instruct"])
+    assert recipe["parameters"] == {"filter_wise": True} and all("parameters" not in m for m in recipe["models"])
+    with pytest.raises(ConfigError, match="mergekit's model_stock takes no per-model weights"):
+        mergekit_recipe(plan_merge(family, MergeConfig(method="model_stock", lam=0.5), uniform, progress=False))

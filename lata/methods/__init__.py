@@ -170,8 +170,9 @@ class MergeMethod:
     mergekit_normalize: ClassVar[bool] = False
     #: where the recipe puts lambda_k * w_{l,k}: ``weight`` (each model's per-block weight),
     #: ``t`` (two experts: the recipe's per-block t, ``mergekit_t``, with the first expert as
-    #: mergekit's base model) or ``none`` (mergekit's method takes no weights: exported only where
-    #: every lambda_k * w_{l,k} is 1)
+    #: mergekit's base model), ``lambda`` (each model's weight lambda_k and no base model:
+    #: exported only where every w_{l,k} is 1) or ``none`` (mergekit's method takes no weights:
+    #: exported only where every lambda_k * w_{l,k} is 1)
     mergekit_weights: ClassVar[str] = "weight"
     #: False: the engine hands over d_k = theta_k - theta_0 unscaled and the layer weights w_k
     #: in ``TensorVectors.weights`` (a method whose weights set an interpolation, not a scale)

@@ -11,6 +11,8 @@ Decisions:
 - N counts the experts active in the tensor (lambda_k * w_{l,k} != 0: a layer a weighting drops
   for an expert leaves it out of that layer's statistics); with one active expert t = 1 (its
   vector added whole: no pair to measure).
+- ``export=mergekit`` writes mergekit's ``model_stock`` (with ``filter_wise``), which takes no
+  per-model weight: only where every lambda_k w_{l,k} is 1.
 - The cosines come from the layer-weighted pure vectors v_k (a weight of the same sign for both
   experts leaves them as the task vectors' cosines) and are computed in float64 over fixed
   blocks (``lata.selection.block_gram``); the merge itself is float32 like every method.
@@ -42,6 +44,11 @@ class ModelStock(MergeMethod):
     (per tensor, or per row with ``filter_wise``)."""
 
     filter_wise: bool = False
+    mergekit = "model_stock"
+    mergekit_weights = "none"
+
+    def mergekit_shared(self):
+        return {"filter_wise": self.filter_wise}
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         """(row length, t / N per row as float64)."""

@@ -15,8 +15,9 @@ Decisions:
 - No parameters of its own: the weights are ``merge.lam`` / ``merge.lams``. mergekit's
   ``normalize: false`` (sum_k w_k theta_k, no base model) is no function of the pure vectors and
   has no counterpart here.
-- Not exported (``export=mergekit``): mergekit's normalized ``linear`` with per-block weights
-  lambda_k w_{l,k} divides by their sum, which is this average only where every w_{l,k} is 1.
+- ``export=mergekit`` writes mergekit's ``linear`` (``normalize: true``, no base model) with each
+  expert's ``weight`` lambda_k, only where every layer weight (and ``rest_weight``) is 1: with
+  per-block weights lambda_k w_{l,k} mergekit divides by their sum, another average.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class Soup(MergeMethod):
     """Model Soup: delta = sum_k lambda_k v_k / sum_k lambda_k, the sum in expert order, then one
     division (none where the lambdas sum to exactly 1)."""
 
+    mergekit = "linear"
+    mergekit_normalize = True
+    mergekit_weights = "lambda"
 
     def prepare(self, vectors, lams, experts, tensor, thresholds=None):
         lambda_total(lams, tensor)  # refused before any slice is computed

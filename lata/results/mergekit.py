@@ -12,8 +12,9 @@ otherwise give them a value from the list's end). The method's own parameters fo
 (``MergeMethod.mergekit_parameters``) and shared (``mergekit_shared``); arithmetic in float32,
 output in the anchor's dtype. Where the weights are not a per-model weight in mergekit
 (``MergeMethod.mergekit_weights``): SLERP's per-block t takes the same per-layer form, with the
-first expert as mergekit's base model; a method that takes no weights (SCE) is exported only
-where every lambda_k * w_{l,k} is 1.
+first expert as mergekit's base model; a method that takes no weights (SCE, Model Stock) is
+exported only where every lambda_k * w_{l,k} is 1, and Model Soup (mergekit's normalized
+``linear``, no base model, each weight lambda_k) only where every layer weight is 1.
 
 What mergekit then computes, against LATA: docs/method.md, "mergekit recipes".
 """
@@ -61,14 +62,23 @@ def mergekit_recipe(plan) -> dict[str, Any]:
             raise ConfigError(f"export=mergekit: mergekit's {method.mergekit} takes no per-model weights, so only a merge "
                               f"whose every lambda_k * w_(l,k) is 1 has a recipe; expert '{uneven[0]}' has others "
                               f"(use weighting=uniform and lambda 1)")
+    elif method.mergekit_weights == "lambda":
+        uneven = [k for k in family.expert_names if plan.rest_weight != 1.0 or any(w != 1.0 for w in plan.weights[k])]
+        if uneven:
+            raise ConfigError(f"export=mergekit: mergekit's {method.mergekit} divides by the per-block weights' sum, the "
+                              f"same merge only where every layer weight is 1; expert '{uneven[0]}' has others "
+                              f"(use weighting=uniform)")
+        base = None
     for k in family.expert_names:
         parameters = dict(per_model)
         if method.mergekit_weights == "weight":
             parameters = {"weight": _per_block(outside, *scales[k]), **per_model}
+        elif method.mergekit_weights == "lambda":
+            parameters = {"weight": float(plan.lams[k]), **per_model}
         models.append({"model": _reference(family.experts[k]), **({"parameters": parameters} if parameters else {})})
     dtype = next((anchor.torch_dtype(n) for n in family.tensor_names if anchor.is_float(n)), None)
-    recipe = {"merge_method": method.mergekit, "base_model": base, "models": models, "parameters": shared,
-              "dtype": "float32"}
+    recipe = {"merge_method": method.mergekit, **({"base_model": base} if base is not None else {}), "models": models,
+              "parameters": shared, "dtype": "float32"}
     if dtype is not None:
         recipe["out_dtype"] = str(dtype).removeprefix("torch.")
     return recipe
