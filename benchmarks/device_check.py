@@ -39,11 +39,12 @@ def cases(num_layers: int) -> list[tuple[str, dict, dict]]:
     from lata.weightings import WEIGHTINGS
 
     weightings = []
-    for w in WEIGHTINGS.names():
+    for w in (w for w in WEIGHTINGS.names() if not WEIGHTINGS.get(w).needs_learning):  # learned: learned by a run
         params = {"weights": [round(0.2 + 0.8 * l / max(1, num_layers - 1), 3) for l in range(num_layers)]} \
             if w == "explicit" else {}
         weightings.append((w, {"name": w, **params}))
-    out = [(f"{m} + {w}", {"method": m}, wp) for m in METHODS.names() for w, wp in weightings]
+    data_free = [m for m in METHODS.names() if METHODS.get(m).statistic is None]  # fisher, regmean need calibration
+    out = [(f"{m} + {w}", {"method": m}, wp) for m in data_free for w, wp in weightings]
     out += [("ties global + linear_rank", {"method": "ties", "topk_scope": "global"}, {"name": "linear_rank"}),
             ("forget: ta lam -1 + threshold 0.9", {"method": "ta", "lam": -1.0}, {"name": "threshold", "threshold": 0.9}),
             ("dare_ties lams + anchor base", {"method": "dare_ties", "lams": {"math": 0.8, "code": -0.3},

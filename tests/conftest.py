@@ -94,6 +94,22 @@ def write_family(root: Path, experts=("math", "code"), dtype=torch.float32, seed
     return {"base": paths["base"], "instruct": paths["instruct"], "experts": {e: paths[e] for e in experts}}
 
 
+def data_free_methods() -> list[str]:
+    """The registered methods that need no calibration statistics (the data-aware ones, fisher
+    and regmean, have their own tests: tests/test_data_aware.py)."""
+    from lata.methods import METHODS
+
+    return [m for m in METHODS.names() if METHODS.get(m).statistic is None]
+
+
+def similarity_weightings() -> list[str]:
+    """The registered weightings computed from the similarities alone (weighting=learned is
+    learned by a run: tests/test_learned.py)."""
+    from lata.weightings import WEIGHTINGS
+
+    return [w for w in WEIGHTINGS.names() if not WEIGHTINGS.get(w).needs_learning]
+
+
 CHARS = "abcdefghijklmnopqrstuvwxyz ?:."
 #: one token per character, within tiny_llama_config's vocabulary
 VOCAB = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *CHARS])}

@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError
 
+from conftest import similarity_weightings
 from lata.cli import config_dir
 from lata.config import ConfigError, register_configs, validate
 from lata.config import WeightingConfig
@@ -70,7 +71,7 @@ EXPECTED_WEIGHTS = {"uniform": [1, 1, 1, 1], "threshold": [0, 1, 1, 1], "linear_
                     "shuffled": [0.5, 0, 1, 0]}  # linear_rank's [0, 1, 0.5, 0] taken in block order [2, 0, 1, 3]
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
+@pytest.mark.parametrize("weighting", similarity_weightings())
 def test_every_weighting_config_computes_weights(weighting):
     overrides = [f"weighting={weighting}"] + (["weighting.weights=[0,0,0.5,1]"] if weighting == "explicit" else [])
     cfg = compose(config_name="config", overrides=overrides)

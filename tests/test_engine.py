@@ -5,15 +5,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import reference
-from conftest import engine_configs, write_family
+from conftest import data_free_methods, engine_configs, similarity_weightings, write_family
 import lata.plan as planning
 from lata import (Family, MergeConfig, WeightingConfig, engine, merge_into_model, merge_state_dict, merge_to_dir,
                   plan_merge)
 from lata.accel import kernels
 from lata.accel.compute import pure_slice
 
-from lata.methods import METHODS
-from lata.weightings import WEIGHTINGS
 
 EXPLICIT = [0.0, 0.25, 0.5, 1.0]
 
@@ -52,8 +50,8 @@ def test_similarities_match_concatenated_layer_vectors(family, family_dirs):
     assert sims[0] > sims[3]
 
 
-@pytest.mark.parametrize("weighting", WEIGHTINGS.names())
-@pytest.mark.parametrize("method", METHODS.names())
+@pytest.mark.parametrize("weighting", similarity_weightings())
+@pytest.mark.parametrize("method", data_free_methods())
 def test_every_method_with_every_weighting(family, family_dirs, method, weighting):
     """Every registered method x weighting against the independent reference."""
     options = dict(method=method, weighting=weighting, density=0.3, p=0.4, seed=5, threshold=0.8, explicit=EXPLICIT,

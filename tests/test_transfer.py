@@ -12,13 +12,12 @@ import pytest
 import torch
 
 import reference
-from conftest import write_family
+from conftest import data_free_methods, write_family
 from lata import (CheckpointError, Family, MergeConfig, WeightingConfig, iter_merged, merge_into_model,
                   merge_state_dict, merge_to_dir, plan_merge)
 from lata import selection
 from lata.analysis import layer_similarities
 from lata.io.checkpoints import Checkpoint
-from lata.methods import METHODS
 from lata.accel.transfer import DeviceLoader, HostCopies
 
 
@@ -39,7 +38,7 @@ def assert_identical(got, expected):
         assert torch.equal(got[name], expected[name]), name
 
 
-CASES = [(MergeConfig(method=m), WeightingConfig(name=w)) for m in METHODS.names()
+CASES = [(MergeConfig(method=m), WeightingConfig(name=w)) for m in data_free_methods()
          for w in ("linear_rank", "threshold")] + [
     (MergeConfig(method="ties", topk_scope="global", density=0.3), WeightingConfig(name="log_rank")),
     (MergeConfig(method="dare_ties", lams={"math": 0.8, "code": -0.4}, anchor="base"), WeightingConfig(name="lines")),
