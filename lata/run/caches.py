@@ -156,7 +156,7 @@ def save_selections(family: Family, cache_dir: str | os.PathLike) -> None:
 _calibrated: dict[str, Any] = {}
 
 
-def calibration_calibrated(cfg: Any, family: Family, kind: str) -> dict[str, Any] | None:
+def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any] | None:
     """Each expert's ``kind`` statistics on its calibration examples (``lata.calibration``):
     from this process, else from ``paths.cache_dir/calibration/``, else computed there; keyed by
     the expert's content, the examples, ``calibration.max_length`` and LATA's code. None where
