@@ -125,6 +125,15 @@ def save_tokenizer(folder: Path) -> None:
                             pad_token="<pad>").save_pretrained(folder)
 
 
+def write_family_with_tokenizer(root: Path) -> dict:
+    """``write_family`` with the character-level tokenizer saved beside every checkpoint (for
+    the passes that run the models: calibration, learned weights)."""
+    dirs = write_family(root)
+    for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
+        save_tokenizer(folder)
+    return dirs
+
+
 @pytest.fixture
 def family_dirs(tmp_path) -> dict:
     return write_family(tmp_path / "family")

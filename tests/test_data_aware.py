@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_every_path_gives_the_same_bits, family_args, run_lata, save_tokenizer, write_family
+from conftest import assert_every_path_gives_the_same_bits, family_args, run_lata, write_family_with_tokenizer
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
 from lata.calibration.statistics import FILE, Statistics, compute, tokenized
@@ -88,10 +88,7 @@ EXAMPLES = [CalibrationExample("what is ab? ", "ba."), CalibrationExample("", "c
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    dirs = write_family(tmp_path_factory.mktemp("calibrated"))
-    for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
-        save_tokenizer(folder)
-    return dirs
+    return write_family_with_tokenizer(tmp_path_factory.mktemp("calibrated"))
 
 
 def test_the_fisher_and_the_grams_are_the_direct_computation(family, tmp_path):

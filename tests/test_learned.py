@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import family_args, run_lata, save_tokenizer, write_family
+from conftest import family_args, run_lata, write_family_with_tokenizer
 from lata import Family, MergeConfig, WeightingConfig, plan_merge
 from lata.calibration import CalibrationExample
 from lata.calibration.learned import MergedModel, objective_value
@@ -21,10 +21,7 @@ EXAMPLES = [CalibrationExample("what is ab? ", "ba."), CalibrationExample("rev d
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    dirs = write_family(tmp_path_factory.mktemp("learned"))
-    for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:
-        save_tokenizer(folder)
-    return dirs
+    return write_family_with_tokenizer(tmp_path_factory.mktemp("learned"))
 
 
 def objective_value_at(merged, params, batch, objective):

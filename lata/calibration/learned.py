@@ -27,11 +27,10 @@ import torch
 from lata.calibration import CalibrationExample
 from lata.calibration.statistics import tokenized
 from lata.registry import ConfigError
+from lata.weightings.learned import OBJECTIVES
 
 log = logging.getLogger("lata")
 
-#: what ``weighting=learned`` minimises
-OBJECTIVES = ("entropy", "likelihood")
 
 
 class MergedModel:

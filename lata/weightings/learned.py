@@ -17,6 +17,7 @@ from typing import Any, Optional
 from lata.registry import ConfigError, in_range, one_of
 from lata.weightings import Weighting, weighting
 
+#: what ``weighting=learned`` minimises (``lata.calibration.learned``)
 OBJECTIVES = ("entropy", "likelihood")
 
 
