@@ -210,3 +210,17 @@ def test_sliced_threaded_staged_and_whole_tensor_give_the_same_bits(family, tmp_
         plan = plan_merge(fam, MergeConfig(method=method, lams={"math": 0.5}), WeightingConfig(name="linear_rank"),
                           statistics=stats, progress=False)
         assert assert_every_path_gives_the_same_bits(plan) > 3
+
+
+def test_the_zoo_gives_each_expert_its_own_tasks_training_examples():
+    from lata.zoo.presets import load_preset
+    from lata.zoo.tasks import ASSISTANT, EOS
+
+    zoo = load_preset("micro")
+    sets = calibration_sets(calibration(name="auto", examples=5), ["math", "ua"], zoo_cfg=zoo, embedded="zoo")
+    assert [len(v) for v in sets.values()] == [5, 5]
+    for e in sets["math"]:  # a chat prompt, then the worked answer ending "#### n"
+        assert e.prompt.endswith(f"{ASSISTANT}\n") and "####" in e.answer and e.answer.endswith(f"{EOS}\n")
+    assert all("####" not in e.answer for e in sets["ua"])  # ua's compliant answers, not math
+    with pytest.raises(ConfigError, match="calibration=zoo has task sets for math, code, ua, not for expert 'chem'"):
+        calibration_sets(calibration(name="zoo"), ["chem"], zoo_cfg=zoo)
