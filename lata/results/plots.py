@@ -204,13 +204,13 @@ def best_score_bars(best: "pd.DataFrame", title: str, path: Path) -> None:
     """The task score at the best lambda: one group of bars per method, a bar per weighting."""
     methods = sorted(best["method"].unique())
     weightings = [w for w in WEIGHTING_ORDER if w in set(best["weighting"])]
-    fig = new_figure(figsize=(9, 4))
+    fig = new_figure(figsize=(max(9.0, 0.8 * len(methods) + 2), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / len(weightings)
     for j, w in enumerate(weightings):
         values = [best[(best.method == m) & (best.weighting == w)]["task_score"].max() for m in methods]
         ax.bar([i + j * width for i in range(len(methods))], values, width, label=w)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(methods))], methods, rotation=30, ha="right")
     ax.set_ylabel("task score at the best lambda")
     ax.set_title(title)
     ax.legend(fontsize=8, ncol=3)
