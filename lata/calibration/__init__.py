@@ -73,17 +73,19 @@ def read_jsonl(path: str | Path, expert: str) -> list[CalibrationExample]:
     return out
 
 
-def zoo_examples(zoo_cfg: Any, expert: str) -> list[CalibrationExample]:
-    """The embedded zoo's training examples of ``expert``'s task, as chat prompt and answer."""
+def zoo_examples(zoo_cfg: Any, experts: list[str]) -> dict[str, list[CalibrationExample]]:
+    """The embedded zoo's training examples of each expert's task, as chat prompt and answer
+    (the zoo's data made once for all of them)."""
     from lata.zoo.data import make_data
     from lata.zoo.presets import to_zoo_config
     from lata.zoo.tasks import EOS, chat_prompt
 
-    if expert not in ZOO_TASKS:
-        raise ConfigError(f"calibration=zoo has task sets for {', '.join(ZOO_TASKS)}, not for expert '{expert}'")
-    train = make_data(to_zoo_config(zoo_cfg)).train[expert]  # the task's examples, without the instruct mix
-    return [CalibrationExample(chat_prompt(e.prompt), f"{e.response}{EOS}\n") for e in train
-            if e.kind == ZOO_TASKS[expert]]
+    unknown = [k for k in experts if k not in ZOO_TASKS]
+    if unknown:
+        raise ConfigError(f"calibration=zoo has task sets for {', '.join(ZOO_TASKS)}, not for expert '{unknown[0]}'")
+    train = make_data(to_zoo_config(zoo_cfg)).train  # each task's examples, without the instruct mix
+    return {k: [CalibrationExample(chat_prompt(e.prompt), f"{e.response}{EOS}\n") for e in train[k]
+                if e.kind == ZOO_TASKS[k]] for k in experts}
 
 
 def calibration_sets(cfg: Any, experts: list[str], zoo_cfg: Any = None,
@@ -99,7 +101,8 @@ def calibration_sets(cfg: Any, experts: list[str], zoo_cfg: Any = None,
     if name == "zoo":
         if zoo_cfg is None:
             raise ConfigError("calibration=zoo draws the embedded zoo's task sets: it needs model=zoo")
-        return {k: sample(zoo_examples(zoo_cfg, k), cfg.examples, cfg.seed, f"the zoo's '{k}' set") for k in experts}
+        sets = zoo_examples(zoo_cfg, experts)
+        return {k: sample(sets[k], cfg.examples, cfg.seed, f"the zoo's '{k}' set") for k in experts}
     files = dict(cfg.files)
     missing = [k for k in experts if k not in files]
     if missing:

@@ -32,12 +32,11 @@ from lata.weightings.learned import OBJECTIVES
 log = logging.getLogger("lata")
 
 
-
 class MergedModel:
     """theta(w) over a loaded anchor module: per parameter theta_0, the d_k and its block."""
 
     def __init__(self, model, family, lams: Sequence[float], rest_weight: float):
-        self.model, self.family = model, family
+        self.model = model
         self.lams, self.rest = [float(x) for x in lams], float(rest_weight)
         device = next(model.parameters()).device
         names = set(family.tensor_names)

@@ -66,6 +66,13 @@ def _calibration(cfg: DictConfig) -> dict | None:
     return {**node, "zoo": to_plain(cfg.zoo) if cfg.model.get("embedded") == "zoo" else None}
 
 
+def _calibrated(cfg: DictConfig) -> dict:
+    """``{"calibration": ...}`` for a key where the point uses calibration data, else nothing
+    (the keys of other points stay as they were)."""
+    node = _calibration(cfg)
+    return {} if node is None else {"calibration": node}
+
+
 def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None = None) -> str:
     """What determines a point's numbers: the inputs' content, merge, weighting (and a recipe it
     reads), benchmark and the content of its data, evaluation dtype and device kind, code."""
@@ -76,7 +83,7 @@ def point_key(cfg: DictConfig, checkpoints: dict[str, str], heldout: str | None 
         **_inputs(checkpoints),
         "merge": {"method": UNMERGED, "which": cfg.model.which} if unmerged else merge,
         "weighting": None if unmerged else _weighting(cfg),
-        **({"calibration": _calibration(cfg)} if _calibration(cfg) is not None else {}),
+        **_calibrated(cfg),
         "benchmark": benchmark,
         "benchmark_data": _benchmark_data(cfg, heldout) if benchmark.get("tasks") else None,
         "dtype": cfg.model.dtype,
@@ -106,7 +113,7 @@ def model_key(cfg: DictConfig, checkpoints: dict[str, str]) -> str:
         **_inputs(checkpoints),
         "merge": to_plain(cfg.merge),
         "weighting": _weighting(cfg),
-        **({"calibration": _calibration(cfg)} if _calibration(cfg) is not None else {}),
+        **_calibrated(cfg),
         "out_dtype": cfg.out_dtype,
         "vocab": cfg.model.get("vocab", ANCHOR_VOCAB),
         "shard_size": parse_size(cfg.shard_size, key="shard_size"),
