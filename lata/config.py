@@ -36,7 +36,9 @@ UNMERGED = "none"  # merge=none evaluates one model of the family unmerged (mode
 #: ``model.vocab``: the output has the vocabulary of the checkpoint the delta is added to
 ANCHOR_VOCAB = "anchor"
 #: where ``calibration`` examples come from (``lata.calibration``)
-CALIBRATION_SOURCES = ("auto", "zoo", "jsonl", "none")
+CALIBRATION_SOURCES = ("auto", "zoo", "jsonl", "lm_eval", "none")
+#: which documents of an lm-eval task calibration=lm_eval reads (auto: training, else validation)
+CALIBRATION_SPLITS = ("auto", "train", "validation", "test")
 #: the family's reserved roles; every other role is an expert's name
 ROLES = ("base", "instruct")
 ANCHORS = ("instruct", "base")
@@ -150,11 +152,14 @@ class BenchmarkConfig:
 class CalibrationConfig:
     """Examples of each expert's task for the data-aware merge methods (``lata.calibration``)."""
 
-    name: str = "auto"  # auto (the zoo's task sets on model=zoo, else none) | zoo | jsonl | none
+    name: str = "auto"  # auto (the zoo's task sets on model=zoo, else none) | zoo | jsonl | lm_eval | none
     examples: int = 32  # drawn per expert
     seed: int = 0  # of the draw
     max_length: int = 256  # tokens per example
     files: Dict[str, str] = field(default_factory=dict)  # jsonl: expert -> file
+    tasks: Dict[str, str] = field(default_factory=dict)  # lm_eval: expert -> lm-eval task name
+    include_path: Optional[str] = None  # lm_eval: a directory of the user's task YAMLs
+    split: str = "auto"  # lm_eval: auto (training docs, else validation) | train | validation | test
 
 
 @dataclass
@@ -224,6 +229,12 @@ def check_calibration(cfg: Any) -> None:
             raise ConfigError(f"calibration.{key}={value!r} must be a whole number, at least 1")
     if cfg.name == "jsonl" and not cfg.get("files"):
         raise ConfigError("calibration=jsonl needs calibration.files.<expert>=FILE.jsonl for every expert")
+    if cfg.name == "lm_eval":
+        if not cfg.get("tasks"):
+            raise ConfigError("calibration=lm_eval needs calibration.tasks.<expert>=<lm-eval task> for every expert")
+        if cfg.get("split", "auto") not in CALIBRATION_SPLITS:
+            raise ConfigError(f"calibration.split={cfg.split!r} is not allowed; choose one of: "
+                              f"{', '.join(CALIBRATION_SPLITS)}")
 
 
 def check_vocab(vocab: str, experts: List[str], has_target: bool) -> None:

@@ -224,3 +224,51 @@ def test_the_zoo_gives_each_expert_its_own_tasks_training_examples():
     assert all("####" not in e.answer for e in sets["ua"])  # ua's compliant answers, not math
     with pytest.raises(ConfigError, match="calibration=zoo has task sets for math, code, ua, not for expert 'chem'"):
         calibration_sets(calibration(name="zoo"), ["chem"], zoo_cfg=zoo)
+
+
+def write_lm_eval_tasks(folder, splits=("train", "test")):
+    """Two local lm-eval tasks: a generation task (question -> answer) and a multiple-choice one,
+    their documents in JSON files of the given splits."""
+    folder.mkdir()
+    for split in splits:
+        rows = [{"q": f"{split} {i} plus {i}", "a": f"{2 * i}", "choices": ["red", "green", "blue"], "gold": i % 3}
+                for i in range(6)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    files = ", ".join(f"{s}: {json.dumps(str(folder / f'{s}.jsonl'))}" for s in splits)
+    keys = "".join(f"{'training' if s == 'train' else s}_split: {s}\n" for s in splits)
+    common = f"dataset_path: json\ndataset_kwargs:\n  data_files: {{{files}}}\n{keys}metadata:\n  version: 1.0\n"
+    (folder / "tiny_gen.yaml").write_text("task: tiny_gen\noutput_type: generate_until\n"
+                                          "doc_to_text: \"Q: {{q}}\\nA:\"\ndoc_to_target: \"{{a}}\"\n" + common)
+    (folder / "tiny_mc.yaml").write_text("task: tiny_mc\noutput_type: multiple_choice\ndoc_to_text: \"{{q}} is\"\n"
+                                         "doc_to_choice: choices\ndoc_to_target: gold\n" + common)
+
+
+def test_an_lm_eval_task_gives_its_training_documents_as_prompt_and_answer(tmp_path):
+    write_lm_eval_tasks(tmp_path / "tasks")
+    node = calibration(name="lm_eval", examples=6, tasks={"math": "tiny_gen", "code": "tiny_mc"},
+                       include_path=str(tmp_path / "tasks"), split="auto")
+    sets = calibration_sets(node, ["math", "code"])
+    # training documents (not the test ones), in file order; the answer after lm-eval's target delimiter
+    assert sets["math"] == [CalibrationExample(f"Q: train {i} plus {i}\nA:", f" {2 * i}") for i in range(6)]
+    assert sets["code"] == [CalibrationExample(f"train {i} plus {i} is", " " + ["red", "green", "blue"][i % 3])
+                            for i in range(6)]
+    tests = calibration_sets(OmegaConf.merge(node, {"split": "test", "examples": 2}), ["math"])["math"]
+    assert len(tests) == 2 and all(e.prompt.startswith("Q: test ") for e in tests)
+    with pytest.raises(ConfigError, match="calibration.tasks.code is not set"):
+        calibration_sets(calibration(name="lm_eval", tasks={"math": "tiny_gen"}, include_path=str(tmp_path / "tasks")),
+                         ["math", "code"])
+    with pytest.raises(ConfigError, match="calibration.tasks.math='no_such_task' is not an lm-eval task"):
+        calibration_sets(calibration(name="lm_eval", tasks={"math": "no_such_task"},
+                                     include_path=str(tmp_path / "tasks")), ["math"])
+    with pytest.raises(ConfigError, match="calibration.split='dev' is not allowed"):
+        calibration_sets(OmegaConf.merge(node, {"split": "dev"}), ["math"])
+
+
+def test_an_lm_eval_task_with_only_test_documents_is_refused_unless_asked_for(tmp_path):
+    write_lm_eval_tasks(tmp_path / "tasks", splits=("test",))
+    node = calibration(name="lm_eval", examples=3, tasks={"math": "tiny_gen"}, include_path=str(tmp_path / "tasks"),
+                       split="auto")
+    with pytest.raises(ConfigError, match=r"'tiny_gen' has no train or validation documents \(only test documents: "
+                                          r"set calibration.split=test"):
+        calibration_sets(node, ["math"])
+    assert len(calibration_sets(OmegaConf.merge(node, {"split": "test"}), ["math"])["math"]) == 3

@@ -12,6 +12,12 @@ experts see. Where the examples come from is the ``calibration`` config group
 - ``jsonl``: ``calibration.files.<expert>``, a JSON-lines file per expert; each line an object
   with ``prompt`` and ``answer`` (the answer is what the Fisher's log-likelihood scores), or with
   ``text`` alone (every token scored).
+- ``lm_eval``: ``calibration.tasks.<expert>``, an lm-eval task (its registry, or
+  ``calibration.include_path``'s YAMLs) per expert; each document gives the prompt
+  ``doc_to_text`` and the answer (the target delimiter and ``doc_to_target``, a multiple-choice
+  task's gold choice; a perplexity task's text alone). ``calibration.split``: ``auto`` reads the
+  training documents, else the validation documents, and refuses a task that has only test
+  documents (calibrating on what a benchmark then scores); ``test`` reads them on request.
 
 ``calibration.examples`` examples are drawn per expert with ``random.Random(calibration.seed)``
 (all of them where a set has no more), each cut to ``calibration.max_length`` tokens.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,11 +110,60 @@ def calibration_sets(cfg: Any, experts: list[str], zoo_cfg: Any = None,
             raise ConfigError("calibration=zoo draws the embedded zoo's task sets: it needs model=zoo")
         sets = zoo_examples(zoo_cfg, experts)
         return {k: sample(sets[k], cfg.examples, cfg.seed, f"the zoo's '{k}' set") for k in experts}
+    if name == "lm_eval":
+        tasks = dict(cfg.tasks)
+        missing = [k for k in experts if k not in tasks]
+        if missing:
+            raise ConfigError(f"calibration.tasks.{missing[0]} is not set: calibration=lm_eval needs a task per expert")
+        return {k: sample(lm_eval_examples(tasks[k], cfg.get("split", "auto"), cfg.get("include_path"), k),
+                          cfg.examples, cfg.seed, f"lm-eval task '{tasks[k]}'") for k in experts}
     files = dict(cfg.files)
     missing = [k for k in experts if k not in files]
     if missing:
         raise ConfigError(f"calibration.files.{missing[0]} is not set: calibration=jsonl needs a file per expert")
     return {k: sample(read_jsonl(files[k], k), cfg.examples, cfg.seed, str(files[k])) for k in experts}
+
+
+def lm_eval_examples(task: str, split: str = "auto", include_path: str | None = None,
+                     expert: str = "") -> list[CalibrationExample]:
+    """The documents of an lm-eval task as examples (the module's docstring: which split, which
+    prompt and answer)."""
+    from lm_eval.tasks import TaskManager
+
+    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    include = [str(Path(include_path).expanduser())] if include_path else None
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or task not in manager.all_tasks:
+        manager = TaskManager(include_path=include)
+    if task not in manager.all_tasks:
+        raise ConfigError(f"calibration.tasks.{expert}={task!r} is not an lm-eval task (its registry"
+                          f"{' or ' + include_path if include_path else ''})")
+    found = manager.load(task)
+    if found["groups"] or len(found["tasks"]) != 1:
+        raise ConfigError(f"calibration.tasks.{expert}={task!r} is a group of tasks: name one task")
+    t = next(iter(found["tasks"].values()))
+    splits = {"train": (t.has_training_docs, t.training_docs), "validation": (t.has_validation_docs,
+              t.validation_docs), "test": (t.has_test_docs, t.test_docs)}
+    order = ["train", "validation"] if split == "auto" else [split]
+    chosen = next((s for s in order if splits[s][0]()), None)
+    if chosen is None:
+        raise ConfigError(f"calibration.tasks.{expert}={task!r} has no {' or '.join(order)} documents"
+                          + (" (only test documents: set calibration.split=test to calibrate on them)"
+                             if split == "auto" and t.has_test_docs() else ""))
+    delimiter = t.config.target_delimiter if t.config.target_delimiter is not None else " "
+    out = []
+    for doc in splits[chosen][1]():
+        if t.OUTPUT_TYPE == "loglikelihood_rolling":
+            out.append(CalibrationExample("", str(t.doc_to_target(doc))))
+            continue
+        target = t.doc_to_target(doc)
+        if t.OUTPUT_TYPE == "multiple_choice":
+            choices = t.doc_to_choice(doc)
+            target = choices[target] if isinstance(target, int) else target
+        elif isinstance(target, list):
+            target = target[0]
+        out.append(CalibrationExample(str(t.doc_to_text(doc)), f"{delimiter}{target}"))
+    return out
 
 
 def examples_digest(examples: list[CalibrationExample]) -> str:
