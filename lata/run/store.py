@@ -54,15 +54,22 @@ def _weighting(cfg: DictConfig) -> dict:
     return weighting
 
 
+def uses_calibration(cfg: DictConfig) -> bool:
+    """Whether the point's method uses calibration statistics or its weighting learns from
+    calibration data."""
+    return cfg.merge.method != UNMERGED and (validate_merge(cfg.merge).statistic is not None
+                                             or validate_weighting(cfg.weighting).needs_learning)
+
+
 def _calibration(cfg: DictConfig) -> dict | None:
     """The calibration node (with the content of each file it reads and the zoo recipe its task
-    sets come from) for a method that uses calibration statistics or a weighting learned from
-    calibration data; None for any other."""
-    if cfg.merge.method == UNMERGED or (validate_merge(cfg.merge).statistic is None
-                                        and not validate_weighting(cfg.weighting).needs_learning):
+    sets come from) for a point that uses calibration data (``uses_calibration``); None for any other."""
+    if not uses_calibration(cfg):
         return None
     node = to_plain(cfg.calibration)
     node["files"] = {k: input_digest(path, f"calibration.files.{k}") for k, path in (node.get("files") or {}).items()}
+    if node.get("include_path"):
+        node["include_path"] = input_digest(node["include_path"], "calibration.include_path")
     return {**node, "zoo": to_plain(cfg.zoo) if cfg.model.get("embedded") == "zoo" else None}
 
 
