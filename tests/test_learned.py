@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import family_args, run_lata, write_family_with_tokenizer
 from lata import Family, MergeConfig, WeightingConfig, plan_merge
 from lata.calibration import CalibrationExample
-from lata.calibration.learned import MergedModel, objective_value
+from lata.calibration.learned import MergedModel, micro_batches, objective_sum, objective_value, scored_positions
 from lata.calibration.statistics import tokenized
 from lata.registry import ConfigError
 from lata.weightings import WEIGHTINGS
@@ -64,6 +64,25 @@ def test_the_gradient_is_the_finite_difference(family, objective):
     # theta(w) is theta_0 + sum_k lambda_k w_{l,k} d_k: at w = 0 the anchor itself
     zero = merged.parameters(torch.zeros_like(w))
     assert all(torch.equal(zero[n], p) for n, p in model.named_parameters() if fam.layer_of(n) is not None)
+
+
+@pytest.mark.parametrize("objective", ["entropy", "likelihood"])
+def test_padded_micro_batches_give_each_example_its_own_objective(family, objective):
+    fam = Family.open(family["base"], family["instruct"], family["experts"])
+    model = AutoModelForCausalLM.from_pretrained(family["instruct"], dtype=torch.float64).eval()
+    tokenizer = AutoTokenizer.from_pretrained(family["instruct"])
+    merged = MergedModel(model, fam, [1.0, 1.0], 1.0)
+    batch = [tokenized(tokenizer, e, 64) for e in EXAMPLES]
+    assert len({ids.shape[1] for ids, _ in batch}) > 1  # padding is exercised
+    params = merged.parameters(torch.ones(2, 4, dtype=torch.float64))
+    whole, count = objective_sum(merged, params, batch, objective)
+    alone = [objective_sum(merged, params, [b], objective) for b in batch]
+    assert count == sum(n for _, n in alone) == sum(scored_positions(ids.shape[1], s, objective) for ids, s in batch)
+    assert float(whole) == pytest.approx(sum(float(t) for t, _ in alone), rel=1e-12)
+    # micro-batches keep the order and stay within the budget (one example at least)
+    longest = max(ids.shape[1] for ids, _ in batch)
+    assert micro_batches(batch, budget=1) == [[b] for b in batch]
+    assert micro_batches(batch, budget=longest * 2) == [batch[:2], batch[2:]]
 
 
 def test_learned_needs_its_weights_and_checks_its_keys(family):

@@ -66,25 +66,71 @@ class MergedModel:
         return out
 
 
-def objective_value(merged: MergedModel, w: torch.Tensor, batch: list[tuple[torch.Tensor, int]],
-                    objective: str) -> torch.Tensor:
-    """The objective at w over tokenized examples [(ids [1, T], prompt tokens)]."""
+#: padded tokens per forward pass: examples run in micro-batches of about this many tokens
+BATCH_TOKENS = 4096
+
+
+def micro_batches(batch: list[tuple[torch.Tensor, int]], budget: int = BATCH_TOKENS) -> list[list[tuple[torch.Tensor, int]]]:
+    """``batch`` in order, cut into runs whose padded size (count x longest) stays within
+    ``budget`` tokens (one example at least)."""
+    out: list[list[tuple[torch.Tensor, int]]] = []
+    current: list[tuple[torch.Tensor, int]] = []
+    longest = 0
+    for item in batch:
+        longest_next = max(longest, item[0].shape[1])
+        if current and longest_next * (len(current) + 1) > budget:
+            out.append(current)
+            current, longest_next = [], item[0].shape[1]
+        current.append(item)
+        longest = longest_next
+    if current:
+        out.append(current)
+    return out
+
+
+def objective_sum(merged: MergedModel, params: dict[str, torch.Tensor], chunk: list[tuple[torch.Tensor, int]],
+                  objective: str) -> tuple[torch.Tensor, int]:
+    """(the objective summed over ``chunk``'s scored positions, their count): one forward pass of
+    the examples right-padded to the longest (causal attention: a position never sees the pads
+    after it, so no mask is needed and each example's logits are its own)."""
     from torch.func import functional_call
 
-    params = merged.parameters(w)
+    width = max(ids.shape[1] for ids, _ in chunk)
+    padded = torch.zeros((len(chunk), width), dtype=chunk[0][0].dtype, device=chunk[0][0].device)
+    for i, (ids, _) in enumerate(chunk):
+        padded[i, : ids.shape[1]] = ids[0]
+    logits = functional_call(merged.model, params, (), {"input_ids": padded}).logits
     total, count = 0.0, 0
-    for ids, start in batch:
-        logits = functional_call(merged.model, params, (), {"input_ids": ids}).logits[0, :-1]
-        logp = torch.log_softmax(logits, dim=-1)
+    for i, (ids, start) in enumerate(chunk):
+        logp = torch.log_softmax(logits[i, : ids.shape[1] - 1], dim=-1)
         if objective == "entropy":
             span = logp[: max(start, 1)]  # predictions at the prompt's positions (no answer seen)
             total = total - (span.exp() * span).sum()
-            count += span.shape[0]
         else:
             first = max(start, 1) - 1
             targets = ids[0, first + 1:]
             total = total - logp[first:].gather(1, targets[:, None]).sum()
-            count += targets.numel()
+        count += scored_positions(ids.shape[1], start, objective)
+    return total, count
+
+
+def scored_positions(length: int, start: int, objective: str) -> int:
+    """How many positions of an example of ``length`` tokens, ``start`` of them the prompt's,
+    the objective scores: entropy the prompt's predictions, likelihood the answer's tokens."""
+    if objective == "entropy":
+        return min(max(start, 1), length - 1)
+    return max(length - max(start, 1), 0)
+
+
+def objective_value(merged: MergedModel, w: torch.Tensor, batch: list[tuple[torch.Tensor, int]],
+                    objective: str) -> torch.Tensor:
+    """The objective at w over tokenized examples [(ids [1, T], prompt tokens)]: the mean over
+    every scored position of every example."""
+    params = merged.parameters(w)
+    total, count = 0.0, 0
+    for chunk in micro_batches(batch):
+        part, n = objective_sum(merged, params, chunk, objective)
+        total, count = total + part, count + n
     return total / max(count, 1)
 
 
@@ -106,14 +152,21 @@ def learn_weights(model, tokenizer, family, lams: Sequence[float], rest_weight: 
                 batch.append((ids.to(device), start))
     if not batch:
         raise ConfigError("weighting=learned: no calibration example has two tokens or more")
+    scored = max(sum(scored_positions(ids.shape[1], start, objective) for ids, start in batch), 1)
     w = torch.full((len(family.expert_names), family.num_layers), float(init), device=device, requires_grad=True)
     optimizer = torch.optim.Adam([w], lr=lr)
+    chunks = micro_batches(batch)
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss = objective_value(merged, w, batch, objective)
-        loss.backward()
+        # the mean's gradient accumulated micro-batch by micro-batch: one micro-batch's activations
+        # in memory at a time (theta(w) rebuilt for each, its graph freed by its backward pass)
+        loss = 0.0
+        for chunk in chunks:
+            part, _ = objective_sum(merged, merged.parameters(w), chunk, objective)
+            (part / scored).backward()
+            loss += float(part.detach()) / scored
         optimizer.step()
         with torch.no_grad():
             w.clamp_(low, high)
-        progress(step, float(loss.detach()))
+        progress(step, loss)
     return {k: [float(x) for x in w[i].detach().cpu()] for i, k in enumerate(family.expert_names)}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from lata.analysis import LayerAnalysis, layer_similarities
-from lata.config import ANCHOR_VOCAB, role_map
+from lata.config import ANCHOR_VOCAB, parse_size, role_map
 from lata.io.atomic import file_lock
 from lata.io.files import CheckpointError
 from lata.io.digests import DamagedFile, content_key, read_checked_json, write_checked_json
@@ -168,6 +168,8 @@ def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any
     sets = calibration_sets(cfg.calibration, family.expert_names, cfg.get("zoo"), cfg.model.get("embedded"))
     if sets is None:
         return None
+    max_memory = cfg.calibration.get("max_memory")
+    max_memory = None if max_memory is None else parse_size(max_memory, key="calibration.max_memory")
     out = {}
     for expert, examples in sets.items():
         ckpt = family.experts[expert]
@@ -181,7 +183,7 @@ def calibration_statistics(cfg: Any, family: Family, kind: str) -> dict[str, Any
             folder = cached_build(Path(cfg.paths.cache_dir) / "calibration", kind, config,
                                   lambda tmp, e=expert, c=ckpt, x=examples: compute(
                                       kind, c.path, x, cfg.calibration.max_length, tmp, device=cfg.device,
-                                      progress=cfg.progress, label=e), code_version())
+                                      progress=cfg.progress, label=e, max_memory=max_memory), code_version())
             _calibrated[key] = Statistics(folder / FILE, kind)
         out[expert] = _calibrated[key]
     return out
@@ -220,10 +222,23 @@ def learned_weights(cfg: Any, family: Family) -> dict[str, list[float]]:
     key = content_key(config)
     if key not in _calibrated:
         def build(tmp: Path) -> None:
+            from tqdm.auto import tqdm
+
             model, tokenizer = load_model(anchor.path, cfg.device)
             trace: list[float] = []
-            weights = learn_weights(model, tokenizer, family, lams, rest, sets, max_length=cfg.calibration.max_length,
-                                    progress=lambda step, loss: trace.append(loss), **keys)
+            bar = tqdm(total=scheme.steps, desc=f"weighting=learned ({scheme.objective})", disable=not cfg.progress,
+                       leave=False)
+
+            def step(_: int, loss: float) -> None:
+                trace.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                bar.update()
+
+            try:
+                weights = learn_weights(model, tokenizer, family, lams, rest, sets,
+                                        max_length=cfg.calibration.max_length, progress=step, **keys)
+            finally:
+                bar.close()
             write_json_atomic(tmp / "weights.json", {"weights": weights, "objective": trace})
             log.info("weighting=learned: %s from %.4f to %.4f in %d steps", scheme.objective, trace[0], trace[-1],
                      len(trace))
