@@ -160,6 +160,7 @@ class CalibrationConfig:
     tasks: Dict[str, str] = field(default_factory=dict)  # lm_eval: expert -> lm-eval task name
     include_path: Optional[str] = None  # lm_eval: a directory of the user's task YAMLs
     split: str = "auto"  # lm_eval: auto (training docs, else validation) | train | validation | test
+    max_memory: Optional[str] = None  # bytes the model may take on the device; null: 90% of what is free
 
 
 @dataclass
@@ -229,6 +230,8 @@ def check_calibration(cfg: Any) -> None:
             raise ConfigError(f"calibration.{key}={value!r} must be a whole number, at least 1")
     if cfg.name == "jsonl" and not cfg.get("files"):
         raise ConfigError("calibration=jsonl needs calibration.files.<expert>=FILE.jsonl for every expert")
+    if cfg.get("max_memory") is not None:
+        parse_size(cfg.max_memory, key="calibration.max_memory")
     if cfg.name == "lm_eval":
         if not cfg.get("tasks"):
             raise ConfigError("calibration=lm_eval needs calibration.tasks.<expert>=<lm-eval task> for every expert")

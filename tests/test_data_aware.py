@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import assert_every_path_gives_the_same_bits, family_args, run_lata, write_family_with_tokenizer
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
-from lata.calibration.statistics import FILE, Statistics, compute, tokenized
+from lata.calibration.statistics import FILE, Statistics, compute, tokenized, weight_bytes
 from lata.methods import METHODS
 from lata.methods.regmean import reduced
 from lata.registry import ConfigError
+from lata.results.tables import result_row
 
 
 def delta(method, vectors, lams, statistics, **params):
@@ -122,6 +123,25 @@ def test_the_fisher_and_the_grams_are_the_direct_computation(family, tmp_path):
     assert grams.get("model.norm.weight") is None
 
 
+def test_a_model_over_its_memory_is_streamed_for_the_grams_and_refused_for_the_fisher(family, tmp_path, caplog):
+    folder = family["experts"]["math"]
+    for name in ("whole", "streamed", "fisher"):
+        (tmp_path / name).mkdir()
+    compute("gram", folder, EXAMPLES, 64, tmp_path / "whole", progress=False)
+    need = weight_bytes(folder)
+    with caplog.at_level("INFO", logger="lata"):
+        compute("gram", folder, EXAMPLES, 64, tmp_path / "streamed", progress=False, max_memory=need // 4)
+    assert "does not fit the" in caplog.text and "streamed module by module" in caplog.text
+    whole, streamed = load_file(str(tmp_path / "whole" / FILE)), load_file(str(tmp_path / "streamed" / FILE))
+    assert set(whole) == set(streamed) and all(torch.equal(whole[n], streamed[n]) for n in whole)
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == [FILE]  # the offload folder removed
+    with pytest.raises(ConfigError, match=r"the Fisher pass of .* holds the float32 model and its gradients on cpu: "
+                                          r".* GiB, more than the .* GiB it may use \(calibration.max_memory\); it "
+                                          r"cannot stream them"):
+        compute("fisher", folder, EXAMPLES, 64, tmp_path / "fisher", progress=False, max_memory=need)
+    assert not any((tmp_path / "fisher").iterdir())
+
+
 # -- calibration data ------------------------------------------------------------------------------------
 
 def calibration(**node):
@@ -180,6 +200,10 @@ def test_the_cli_calibrates_once_and_merges_as_the_library(family, tmp_path, met
     run_lata([*args, f"save_model={tmp_path / 'out'}"], tmp_path, run_dir=tmp_path / "run1")
     built = sorted((tmp_path / "cache" / "calibration").glob(f"{'gram' if method == 'regmean' else method}-*"))
     assert len(built) == 2  # one per expert
+    summary = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert summary["calibration"]["name"] == "jsonl" and summary["calibration"]["max_length"] == 64
+    row = result_row(summary)  # the results table names the calibration source and seed of the point
+    assert (row["calibration"], row["calibration_seed"]) == ("jsonl", 0)
     stamps = [(b / FILE).stat().st_mtime_ns for b in built]
     run_lata([*args, "resume=false", f"save_model={tmp_path / 'out2'}"], tmp_path, run_dir=tmp_path / "run2")
     assert [(b / FILE).stat().st_mtime_ns for b in built] == stamps  # read back, not computed again

@@ -10,11 +10,21 @@
 
 The model runs in float32, in eval mode (no dropout), one example at a time, so no padding enters
 a statistic. ``lata.run.caches.calibration_statistics`` keys and caches the files.
+
+Memory: the float32 model must fit ``calibration.max_memory`` (default: 90% of what is free on
+the device: a CUDA device's free memory, else the free RAM). The Gram pass streams a model that
+does not: accelerate's dispatch keeps what fits on the device and brings the other blocks in,
+one module at a time, from the CPU or from a folder on disk, during each forward pass (the
+same operations in the same order: the same statistics). The Fisher pass needs the model and
+its gradients (twice the weights) on the device and cannot stream them: a model that does not
+fit is refused before any work, naming the bytes needed and free.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -38,12 +48,50 @@ def tokenized(tokenizer, example: CalibrationExample, max_length: int) -> tuple[
     return torch.tensor([ids]), min(len(prompt), len(ids))
 
 
-def load_model(model_dir: str | Path, device: str):
-    """(the float32 model in eval mode on ``device``, its tokenizer)."""
+def load_model(model_dir: str | Path, device: str, stream_dir: Path | None = None, budget: int | None = None):
+    """(the float32 model in eval mode on ``device``, its tokenizer). With ``stream_dir`` and
+    ``budget``: dispatched by accelerate, ``budget`` bytes of it on the device and the rest
+    offloaded (the CPU's RAM beside a CUDA device, else ``stream_dir`` on disk), each module
+    brought to the device for its forward pass."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    if stream_dir is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    else:
+        target = torch.device(device)
+        key = (target.index or 0) if target.type == "cuda" else "cpu"
+        memory = {key: budget} if target.type == "cpu" else {key: budget, "cpu": memory_budget("cpu")}
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="auto",
+                                                     max_memory=memory, offload_folder=str(stream_dir)).eval()
     return model, AutoTokenizer.from_pretrained(model_dir)
+
+
+def input_device(model) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or for a dispatched model (``load_model``
+    streaming) the CPU, from where accelerate's hooks move them to each module's device."""
+    if getattr(model, "hf_device_map", None):
+        return torch.device("cpu")
+    return next(model.parameters()).device
+
+
+def memory_budget(device: str) -> int:
+    """90% of the bytes free on ``device``: a CUDA device's free memory, else the free RAM."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        return int(0.9 * torch.cuda.mem_get_info(target)[0])
+    try:
+        return int(0.9 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError):
+        return 1 << 62
+
+
+def weight_bytes(model_dir: str | Path) -> int:
+    """The bytes of the checkpoint's parameters in float32 (counted on the meta device: nothing loaded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def fisher(model, tokenizer, examples: list[CalibrationExample], max_length: int,
@@ -54,7 +102,7 @@ def fisher(model, tokenizer, examples: list[CalibrationExample], max_length: int
     scored = 0
     for example in examples:
         ids, start = tokenized(tokenizer, example, max_length)
-        ids = ids.to(next(model.parameters()).device)
+        ids = ids.to(input_device(model))
         if ids.shape[1] - max(start, 1) < 1:
             progress()
             continue  # no answer token left after the cut: nothing to score
@@ -92,7 +140,7 @@ def grams(model, tokenizer, examples: list[CalibrationExample], max_length: int,
         with torch.no_grad():
             for example in examples:
                 ids, _ = tokenized(tokenizer, example, max_length)
-                model(input_ids=ids.to(next(model.parameters()).device))
+                model(input_ids=ids.to(input_device(model)))
                 progress()
     finally:
         for handle in handles:
@@ -101,14 +149,28 @@ def grams(model, tokenizer, examples: list[CalibrationExample], max_length: int,
 
 
 def compute(kind: str, model_dir: str | Path, examples: list[CalibrationExample], max_length: int,
-            out: Path, device: str = "cpu", progress: bool = True, label: str = "") -> None:
-    """Write ``kind``'s statistics of the checkpoint at ``model_dir`` to ``out/FILE``."""
+            out: Path, device: str = "cpu", progress: bool = True, label: str = "",
+            max_memory: int | None = None) -> None:
+    """Write ``kind``'s statistics of the checkpoint at ``model_dir`` to ``out/FILE``.
+    ``max_memory``: the bytes the model may take on the device (None: ``memory_budget``)."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if kind not in KINDS:
         raise ValueError(f"unknown statistic {kind!r}; one of {KINDS}")
-    model, tokenizer = load_model(model_dir, device)
+    budget = memory_budget(device) if max_memory is None else int(max_memory)
+    weights = weight_bytes(model_dir)
+    stream = None
+    if kind == "fisher" and 2 * weights > budget:
+        raise ConfigError(f"calibration: the Fisher pass of {label or model_dir} holds the float32 model and its "
+                          f"gradients on {device}: {2 * weights / 2**30:.2f} GiB, more than the "
+                          f"{budget / 2**30:.2f} GiB it may use (calibration.max_memory); it cannot stream them: "
+                          f"use a device with more memory")
+    if weights > budget:
+        stream = out / "offload"
+        log.info("calibration: %s (%.2f GiB in float32) does not fit the %.2f GiB it may use on %s: streamed "
+                 "module by module", label or model_dir, weights / 2**30, budget / 2**30, device)
+    model, tokenizer = load_model(model_dir, device, stream, budget)
     bar = tqdm(total=len(examples), desc=f"calibration: {kind} of {label or model_dir}", disable=not progress,
                leave=False)
     try:
@@ -116,6 +178,9 @@ def compute(kind: str, model_dir: str | Path, examples: list[CalibrationExample]
     finally:
         bar.close()
     save_file({k: v.contiguous() for k, v in stats.items()}, str(out / FILE))
+    if stream is not None:
+        del model
+        shutil.rmtree(stream, ignore_errors=True)
 
 
 class Statistics:
