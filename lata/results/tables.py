@@ -37,7 +37,9 @@ from lata.weightings import WEIGHTINGS
 log = logging.getLogger("lata")
 
 #: what a point merged besides its method and weighting; a column only where a sweep varies it
-CONTEXT_COLUMNS = ["experts", "target", "anchor", "normalize", "rest_weight"]
+#: columns shown where they vary among the merged rows; ``calibration`` and ``calibration_seed`` only on
+#: points that use calibration data (the source and the seed its examples were drawn with)
+CONTEXT_COLUMNS = ["experts", "target", "anchor", "normalize", "rest_weight", "calibration", "calibration_seed"]
 
 
 def parameter_columns() -> list[str]:
@@ -73,6 +75,9 @@ def effective_point(summary: dict) -> dict:
     point["weighting"] = name
     point.update({k: weighting.get(k) for k in WeightingConfig.COMMON if k != "name"})
     point.update({k: weighting.get(k) for k in _own_keys(WEIGHTINGS, name, weighting, WeightingConfig.COMMON)})
+    calibration = summary.get("calibration")
+    if calibration:
+        point.update(calibration=calibration.get("name"), calibration_seed=calibration.get("seed"))
     return point
 
 

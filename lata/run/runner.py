@@ -93,6 +93,8 @@ def _run(cfg: DictConfig, run_dir: Path, paths: FamilyPaths, merging: bool, savi
                      "point": None}
     if slurm:
         summary["slurm"] = slurm
+    if merging and store.uses_calibration(cfg):
+        summary["calibration"] = to_plain(cfg.calibration)
     family = _open_family(cfg, paths, summary, saving, protected) if merging else None
     if family is not None and cfg.dry_run:
         log.info("dry run: family of %s checked (%d layers, %d tensors); nothing merged",
