@@ -62,7 +62,7 @@ demo: install
 
 ## every experiment of experiments/README.md on the small zoo (built first if missing; finished points are
 ## resumed from outputs/results), then the tables, plots and claims of experiments/README.md
-EXPERIMENTS ?= references multitask multitask_seeds forgetting ablation_weighting ablation_threshold lambda_sweep lata_vs_lines shuffle_control
+EXPERIMENTS ?= references multitask multitask_data_aware multitask_seeds forgetting ablation_weighting ablation_threshold lambda_sweep lata_vs_lines shuffle_control lata_vs_learned
 reproduce: install
 	@for e in $(EXPERIMENTS); do echo "== experiment=$$e"; start=$$(date +%s); \
 	  $(BIN)/lata experiment=$$e progress=false || exit 1; \

@@ -16,6 +16,29 @@ a line's best lambda is ``lata.results.tables.best_by_score`` (the report's rule
   and LATA-TIES (each with its best LATA weighting, at its best lambda) against Model Stock and
   Consensus TA with uniform weights (at their best lambda); the difference of task scores against
   two standard errors of the baseline's score: "LATA ahead", "LATA behind" or "cannot tell".
+- Fisher merging and RegMean (multitask_data_aware) appear in multitask's tables as two more
+  methods (uniform weights, lambda 1).
+- lata_vs_learned (rules fixed before the runs):
+  1. Does any layer weighting beat uniform? Per expert set and method (TA, TIES), each weighting at
+     its best lambda minus uniform at its best lambda, against two standard errors of uniform's
+     score: "ahead", "behind" or "cannot tell". The weightings: multitask's (uniform, linear_rank,
+     log_rank, lines at lambda 0.7 and 1), shuffle_control's on math+code (mean over its seeds),
+     and the learned ones (lambda 1 only; per objective, the mean over the calibration seeds, their
+     sd shown).
+  2. How close are LATA's weights to the learned ones? Per expert set, objective and expert, at
+     lambda 1 (TA's runs: the weights are learned once for TA and TIES), Spearman's rho between the
+     learned block weights and LATA's ranking (the negated similarity to the instruction vector:
+     the less instruction-like a block, the higher LATA weighs it), averaged over the seeds. The
+     seeds' own agreement is the mean rho between the learned weights of every two seeds. A mean
+     rho at or beyond the two-sided 5% critical value of one rho over the family's blocks (exact,
+     from every permutation; conservative for a mean of seeds) is "same ranking" or "opposite
+     ranking"; else "no rank agreement".
+  3. What it says about the paper's claim, per expert set: where a learned weighting is "ahead" of
+     uniform for a method, the family has layer structure that data can find, and LATA's
+     similarities find it only if their ranking agrees (rule 2) with that objective's weights; where
+     no learned weighting is ahead, the family shows no layer structure that a weighting learned
+     from these examples exploits, and LATA's loss to uniform does not show that the similarities
+     pick the wrong blocks.
 """
 
 from __future__ import annotations
@@ -41,6 +64,7 @@ LATA = ("threshold", "linear_rank", "log_rank")
 COMMANDS = {
     "references": "lata experiment=references",
     "multitask": "lata experiment=multitask",
+    "multitask_data_aware": "lata experiment=multitask_data_aware",
     "multitask_seeds": "lata experiment=multitask_seeds",
     "forgetting": "lata experiment=forgetting",
     "ablation_weighting": "lata experiment=ablation_weighting",
@@ -48,7 +72,12 @@ COMMANDS = {
     "lambda_sweep": "lata experiment=lambda_sweep",
     "lata_vs_lines": "lata experiment=lata_vs_lines",
     "shuffle_control": "lata experiment=shuffle_control",
+    "lata_vs_learned": "lata experiment=lata_vs_learned",
 }
+#: the data-aware methods (their rows join multitask's tables)
+DATA_AWARE = ("fisher", "regmean")
+#: the learned weighting's rows in lata_vs_learned, one label per objective
+LEARNED = {"entropy": "learned (entropy)", "likelihood": "learned (likelihood)"}
 
 
 def pct(x: float) -> str:
@@ -102,7 +131,9 @@ def main(root: Path, out: Path) -> None:
         parts += ["## References (unmerged)", "", f"`{COMMANDS['references']}`", "",
                   md_table(metrics_view(refs, ["evaluated"])), ""]
     if tables.get("multitask") is not None:
-        parts += _multitask(merged_rows(tables["multitask"]), figures, claims)
+        data_aware = tables.get("multitask_data_aware")
+        mt = tables["multitask"] if data_aware is None else pd.concat([tables["multitask"], data_aware])
+        parts += _multitask(merged_rows(mt), figures, claims)
     if tables.get("multitask_seeds") is not None:
         parts += _multitask_seeds(merged_rows(tables["multitask_seeds"]))
     if tables.get("forgetting") is not None and refs is not None:
@@ -110,6 +141,9 @@ def main(root: Path, out: Path) -> None:
     parts += _ablations(tables, figures, claims)
     if tables.get("lata_vs_lines") is not None:
         parts += _lata_vs_lines(merged_rows(tables["lata_vs_lines"]), tables.get("shuffle_control"), claims)
+    if tables.get("lata_vs_learned") is not None and tables.get("multitask") is not None:
+        parts += _lata_vs_learned(merged_rows(tables["lata_vs_learned"]), merged_rows(tables["multitask"]),
+                                  tables.get("shuffle_control"), root / "lata_vs_learned", claims)
     parts += _layer_similarities(root / "multitask", figures, claims)
     parts += ["## The paper's claims against the embedded family", ""]
     for claim, lines in claims:
@@ -138,11 +172,17 @@ def merged_rows(table: pd.DataFrame) -> pd.DataFrame:
 def _multitask(mt: pd.DataFrame, figures: Path, claims: list) -> list[str]:
     """Per expert set, the best lambda of every method x weighting; for math + code, the figures
     and the claims of LATA against uniform weights."""
-    lams = ", ".join(f"{x:g}" for x in sorted(mt.lam.unique()))
-    parts = ["## multitask", "", f"`{COMMANDS['multitask']}`: {len(mt)} points ({mt.experts.nunique()} expert sets "
-             f"x {mt.method.nunique()} methods x {mt.weighting.nunique()} weightings x lambda {lams}), DARE's and "
+    free, aware = mt[~mt.method.isin(DATA_AWARE)], mt[mt.method.isin(DATA_AWARE)]
+    lams = ", ".join(f"{x:g}" for x in sorted(free.lam.unique()))
+    intro = (f"`{COMMANDS['multitask']}`: {len(free)} points ({free.experts.nunique()} expert sets x "
+             f"{free.method.nunique()} methods x {free.weighting.nunique()} weightings x lambda {lams}), DARE's and "
              "DELLA's with mask seed 0 (their spread over seeds: multitask_seeds); each row is the best lambda of "
-             "its line.", ""]
+             "its line.")
+    if not aware.empty:
+        intro += (f" With them, `{COMMANDS['multitask_data_aware']}`: {len(aware)} points, "
+                  f"{' and '.join(sorted(aware.method.unique()))} with uniform weights at lambda 1 from 32 "
+                  "calibration examples per expert (the zoo's training examples of its task).")
+    parts = ["## multitask", "", intro, ""]
     against = []
     for experts, group in mt.groupby("experts"):
         best = best_by_score(group, ["method", "weighting"])
@@ -309,6 +349,132 @@ def _lata_vs_lines(lines_tab: pd.DataFrame, shuffle: pd.DataFrame | None, claims
     return parts
 
 
+def _lata_vs_learned(learned: pd.DataFrame, mt: pd.DataFrame, shuffle: pd.DataFrame | None, sweep: Path,
+                     claims: list) -> list[str]:
+    """Rules 1-3 of lata_vs_learned (the module's docstring): every weighting against uniform, the
+    rank agreement of LATA's weights with the learned ones, and what the two say together."""
+    sets, methods = set(learned.experts), set(learned.method)
+    others = [mt[mt.experts.isin(sets) & mt.method.isin(methods)
+                 & mt.weighting.isin(["uniform", *LATA, "lines"])].assign(label=lambda f: f.weighting)]
+    if shuffle is not None:
+        shuffled = merged_rows(shuffle)
+        others.append(shuffled[shuffled.method.isin(methods)].assign(label="shuffled"))
+    lv = pd.concat([*others, learned.assign(label=[LEARNED[o] for o in learned.objective])], ignore_index=True)
+    agg = lv.groupby(["experts", "method", "label", "lam"]).agg(
+        n=("task_score", "size"), score=("task_score", "mean"), score_sd=("task_score", "std"),
+        **{c: (c, "mean") for c in (MATH, CODE, UA, PPL)}).reset_index()
+    best = best_by_score(agg, ["experts", "method", "label"], score="score")
+    order = {w: i for i, w in enumerate(["uniform", *LATA, "lines", "shuffled", *LEARNED.values()])}
+    best = best.sort_values(["experts", "method", "label"], key=lambda c: c.map(order) if c.name == "label" else c)
+    view = best[["experts", "method", "label", "lam", "n"]].rename(columns={"label": "weighting"})
+    view["math %"], view["code %"] = best[MATH].map(pct), best[CODE].map(pct)
+    view["ua %"], view["ppl"] = best[UA].map(pct), best[PPL].map(lambda x: f"{x:.1f}")
+    view["score %"] = [pct(m) if n == 1 else f"{pct(m)} ± {pct(sd)}" for m, sd, n in
+                       zip(best.score, best.score_sd, best.n)]
+    parts = ["## lata_vs_learned", "", f"`{COMMANDS['lata_vs_learned']}`: {len(learned)} points of learned weights "
+             f"(lambda 1), beside multitask's points of the same expert sets and methods and shuffle_control's "
+             "(math+code). Each row the lambda with the best (mean) task score; rows over seeds (n > 1) give the "
+             "mean ± sd over them (calibration samples for the learned weights, permutations for shuffled).", "",
+             md_table(view), ""]
+    beats, ahead = [], {}
+    for (experts, method), group in best.groupby(["experts", "method"]):
+        uniform = group[group.label == "uniform"]
+        if uniform.empty:
+            continue
+        u = uniform.iloc[0]
+        se = score_se(u)
+        for _, row in group[group.label != "uniform"].iterrows():
+            d = row.score - u.score
+            word = "cannot tell" if abs(d) < 2 * se else "ahead" if d > 0 else "behind"
+            if word == "ahead" and row.label in LEARNED.values():
+                ahead.setdefault(experts, []).append((method, row.label))
+            beats.append(f"{experts}, {method}: {row.label} {pct(row.score)}% vs uniform {pct(u.score)}% "
+                         f"(diff {100 * d:+.1f}, 2 SE = {200 * se:.1f}): {word}")
+    claims.append(("Does any layer weighting beat uniform on this family? (lata_vs_learned, rule 1)", beats))
+    ranks = _learned_ranks(learned, sweep)
+    if ranks.empty:
+        return parts
+    parts += ["Rank agreement at lambda 1 (TA's runs): Spearman's rho of the learned block weights with LATA's "
+              f"ranking (the negated similarity) and between seeds; critical value {ranks.crit.iloc[0]:.3f} "
+              f"({ranks.blocks.iloc[0]} blocks, two-sided 5%).", "",
+              md_table(ranks[["experts", "objective", "expert", "seeds", "rho_lata", "rho_seeds", "agreement"]]), ""]
+    claims.append(("LATA's weights against the learned ones (rule 2)", [
+        f"{r.experts}, {r.objective}, expert {r.expert}: rho with LATA {r.rho_lata} over {r.seeds} seeds; between "
+        f"seeds {r.rho_seeds}: {r.agreement}" for r in ranks.itertuples()]))
+    says = []
+    for experts in sorted(lv.experts.unique()):
+        found = ahead.get(experts, [])
+        if not found:
+            says.append(f"{experts}: no learned weighting is ahead of uniform (TA or TIES): this family shows no "
+                        "layer structure that weights learned from these examples exploit, and LATA's loss to "
+                        "uniform does not show that the similarities pick the wrong blocks")
+            continue
+        for method, label in found:
+            objective = next(o for o, name in LEARNED.items() if name == label)
+            agree = ranks[(ranks.experts == experts) & (ranks.objective == objective)].agreement
+            match = "finds it" if (agree == "same ranking").all() and len(agree) else "miss it"
+            says.append(f"{experts}: {label} is ahead of uniform with {method}: the family has layer structure that "
+                        f"data can find; LATA's similarities {match} (rule 2: "
+                        f"{', '.join(agree) or 'no weights read'})")
+    claims.append(("What this says about the paper's claim that the similarities pick the layers to keep "
+                   "(rule 3)", says))
+    return parts
+
+
+def _learned_ranks(lv: pd.DataFrame, sweep: Path) -> pd.DataFrame:
+    """Per expert set, objective and expert: the mean rho (over seeds) of the learned weights with
+    LATA's ranking and between seeds, and the verdict of rule 2."""
+    rows = lv[(lv.weighting == "learned") & (lv.method == "ta") & (lv.lam == 1.0)]
+    found = {}
+    for _, row in rows.iterrows():
+        file = sweep / row.run / "layer_analysis.json"
+        if file.is_file():
+            data = json.loads(file.read_text())
+            found.setdefault((row.experts, row.objective), []).append(data)
+    out = []
+    for (experts, objective), analyses in sorted(found.items()):
+        for expert in sorted(analyses[0]["weights"]):
+            learned = [pd.Series(a["weights"][expert]) for a in analyses]
+            lata = -pd.Series(analyses[0]["similarities"][expert])
+            rho = [spearman(w, lata) for w in learned]
+            pairs = [spearman(a, b) for i, a in enumerate(learned) for b in learned[i + 1:]]
+            crit = spearman_critical(len(lata))
+            mean = sum(rho) / len(rho)
+            word = "same ranking" if mean >= crit else "opposite ranking" if mean <= -crit else "no rank agreement"
+            spread = f" ± {pd.Series(rho).std():.2f}" if len(rho) > 1 else ""
+            out.append({"experts": experts, "objective": objective, "expert": expert, "seeds": len(rho),
+                        "rho_lata": f"{mean:+.2f}{spread}",
+                        "rho_seeds": f"{sum(pairs) / len(pairs):+.2f}" if pairs else "",
+                        "agreement": word, "crit": crit, "blocks": len(lata)})
+    return pd.DataFrame(out)
+
+
+def spearman(a: pd.Series, b: pd.Series) -> float:
+    """Spearman's rho (average ranks for ties); 0 where either side is constant."""
+    ra, rb = a.rank(), b.rank()
+    if ra.std() == 0 or rb.std() == 0:
+        return 0.0
+    return float(ra.corr(rb))
+
+
+def spearman_critical(n: int, level: float = 0.05) -> float:
+    """The smallest |rho| whose two-sided p under independence is at most ``level``: exact, from
+    every permutation of n ranks (n <= 9), else the normal approximation z / sqrt(n - 1)."""
+    if n > 9:
+        from statistics import NormalDist
+        return NormalDist().inv_cdf(1 - level / 2) / math.sqrt(n - 1)
+    from bisect import bisect_left
+    from itertools import permutations
+
+    base = n * (n * n - 1)
+    values = sorted(round(abs(1 - 6 * sum((i - p) ** 2 for i, p in enumerate(perm)) / base), 12)
+                    for perm in permutations(range(n)))
+    for v in sorted(set(values)):
+        if (len(values) - bisect_left(values, v)) / len(values) <= level:
+            return v
+    return 1.0
+
+
 def _layer_similarities(sweep: Path, figures: Path, claims: list) -> list[str]:
     """The widest layer analysis of the sweep: its heatmap, and the claim on late layers (second
     among the claims)."""
@@ -358,7 +524,8 @@ Written by `python experiments/summarize.py outputs/experiments experiments` (th
   experiments' time (1,093 s on the 2 cores: docs/zoo.md); {build}.
 - Held-out sets: 200 math, 100 code, 100 forbidden requests (ua), held-out Shakespeare for
   perplexity. Scores in %, perplexity as token perplexity. Greedy decoding: the only randomness
-  is in DARE's and DELLA's masks (multitask_seeds) and in the shuffled control (shuffle_control).
+  is in DARE's and DELLA's masks (multitask_seeds), in the shuffled control (shuffle_control) and
+  in the calibration examples drawn for the learned weights (lata_vs_learned).
 - Machine: 2 CPU cores; the {timed} experiments took {total:.0f} minutes of wall time in all
   (each one's `wall_s` beside its sweep).
 - Every table row is one run; `outputs/experiments/<name>/results.csv` has every metric.
