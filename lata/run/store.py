@@ -67,6 +67,7 @@ def _calibration(cfg: DictConfig) -> dict | None:
     if not uses_calibration(cfg):
         return None
     node = to_plain(cfg.calibration)
+    node.pop("max_memory", None)  # where the pass runs, not what it computes
     node["files"] = {k: input_digest(path, f"calibration.files.{k}") for k, path in (node.get("files") or {}).items()}
     if node.get("include_path"):
         node["include_path"] = input_digest(node["include_path"], "calibration.include_path")
