@@ -160,9 +160,9 @@ def _build_line(refs: pd.DataFrame | None) -> str:
     if len(own) < 2:
         return "the experts' own scores: see References"
     return (f"this build's math expert scores {pct(own['math'][MATH])}% on math and its code expert "
-            f"{pct(own['code'][CODE])}% on code, where docs/zoo.md's build of the same config scored 99.5% and "
-            "71%; two builds on one machine are bit-identical, so the difference comes from what changed "
-            "since (library versions, machine or code), and numbers compare within one run of make reproduce only")
+            f"{pct(own['code'][CODE])}% on code; docs/zoo.md lists builds of the same config in other environments "
+            "that scored otherwise (the build is deterministic within an environment, not across them), so "
+            "numbers compare within one run of make reproduce only")
 
 
 def merged_rows(table: pd.DataFrame) -> pd.DataFrame:
