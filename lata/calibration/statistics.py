@@ -145,7 +145,7 @@ def grams(model, tokenizer, examples: list[CalibrationExample], max_length: int,
     finally:
         for handle in handles:
             handle.remove()
-    return {name: g.float() for name, g in sums.items()}
+    return {name: sums.pop(name).float() for name in list(sums)}  # each float64 sum freed as it is converted
 
 
 def compute(kind: str, model_dir: str | Path, examples: list[CalibrationExample], max_length: int,
