@@ -36,13 +36,17 @@ def objective_value_at(merged, params, batch, objective):
         merged.parameters = original
 
 
-@pytest.mark.parametrize("objective", ["entropy", "likelihood"])
-def test_the_gradient_is_the_finite_difference(family, objective):
+def float64_merged(family, lams):
+    """(the family, the instruct model in float64, theta(w) over it with ``lams``, EXAMPLES tokenized)."""
     fam = Family.open(family["base"], family["instruct"], family["experts"])
     model = AutoModelForCausalLM.from_pretrained(family["instruct"], dtype=torch.float64).eval()
     tokenizer = AutoTokenizer.from_pretrained(family["instruct"])
-    merged = MergedModel(model, fam, [0.7, 1.3], 1.0)
-    batch = [tokenized(tokenizer, e, 64) for e in EXAMPLES]
+    return fam, model, MergedModel(model, fam, lams, 1.0), [tokenized(tokenizer, e, 64) for e in EXAMPLES]
+
+
+@pytest.mark.parametrize("objective", ["entropy", "likelihood"])
+def test_the_gradient_is_the_finite_difference(family, objective):
+    fam, model, merged, batch = float64_merged(family, [0.7, 1.3])
     w = torch.tensor([[0.2, 0.9, 1.4, 0.5], [1.1, 0.3, 0.8, 1.7]], dtype=torch.float64, requires_grad=True)
     objective_value(merged, w, batch, objective).backward()
     # exactly the chain rule: dL/dw_{l,k} = lambda_k <dL/dtheta, d_k> over block l's tensors
@@ -70,11 +74,7 @@ def test_the_gradient_is_the_finite_difference(family, objective):
 
 @pytest.mark.parametrize("objective", ["entropy", "likelihood"])
 def test_padded_micro_batches_give_each_example_its_own_objective(family, objective):
-    fam = Family.open(family["base"], family["instruct"], family["experts"])
-    model = AutoModelForCausalLM.from_pretrained(family["instruct"], dtype=torch.float64).eval()
-    tokenizer = AutoTokenizer.from_pretrained(family["instruct"])
-    merged = MergedModel(model, fam, [1.0, 1.0], 1.0)
-    batch = [tokenized(tokenizer, e, 64) for e in EXAMPLES]
+    _, _, merged, batch = float64_merged(family, [1.0, 1.0])
     assert len({ids.shape[1] for ids, _ in batch}) > 1  # padding is exercised
     params = merged.parameters(torch.ones(2, 4, dtype=torch.float64))
     whole, count = objective_sum(merged, params, batch, objective)
