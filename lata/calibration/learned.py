@@ -14,7 +14,8 @@ After each step w is clamped to [low, high]. The model runs in its loaded dtype 
 run) on ``device``.
 
 Memory: theta_0 and K task vectors in float32 (K + 1 copies of the model) and the activations
-of one example: meant for models that fit that many times on the device.
+of one micro-batch (``BATCH_TOKENS`` padded tokens): meant for models that fit that many times on
+the device.
 """
 
 from __future__ import annotations
