@@ -143,7 +143,7 @@ def main(root: Path, out: Path) -> None:
         parts += _lata_vs_lines(merged_rows(tables["lata_vs_lines"]), tables.get("shuffle_control"), claims)
     if tables.get("lata_vs_learned") is not None and tables.get("multitask") is not None:
         parts += _lata_vs_learned(merged_rows(tables["lata_vs_learned"]), merged_rows(tables["multitask"]),
-                                  tables.get("shuffle_control"), root / "lata_vs_learned", claims)
+                                  tables.get("shuffle_control"), root / "lata_vs_learned", figures, claims)
     parts += _layer_similarities(root / "multitask", figures, claims)
     parts += ["## The paper's claims against the embedded family", ""]
     for claim, lines in claims:
@@ -350,7 +350,7 @@ def _lata_vs_lines(lines_tab: pd.DataFrame, shuffle: pd.DataFrame | None, claims
 
 
 def _lata_vs_learned(learned: pd.DataFrame, mt: pd.DataFrame, shuffle: pd.DataFrame | None, sweep: Path,
-                     claims: list) -> list[str]:
+                     figures: Path, claims: list) -> list[str]:
     """Rules 1-3 of lata_vs_learned (the module's docstring): every weighting against uniform, the
     rank agreement of LATA's weights with the learned ones, and what the two say together."""
     sets, methods = set(learned.experts), set(learned.method)
@@ -398,6 +398,12 @@ def _lata_vs_learned(learned: pd.DataFrame, mt: pd.DataFrame, shuffle: pd.DataFr
               f"ranking (the negated similarity) and between seeds; critical value {ranks.crit.iloc[0]:.3f} "
               f"({ranks.blocks.iloc[0]} blocks, two-sided 5%).", "",
               md_table(ranks[["experts", "objective", "expert", "seeds", "rho_lata", "rho_seeds", "agreement"]]), ""]
+    shown = learned[(learned.method == "ta") & (learned.objective == "likelihood") & (learned.calibration_seed == 0)]
+    picture = sweep / shown.run.iloc[0] / "layer_analysis.png" if not shown.empty else None
+    if picture is not None and picture.is_file():
+        shutil.copyfile(picture, figures / "learned_vs_lata.png")
+        parts += [f"![learned (likelihood, calibration seed 0) and LATA's weights, {shown.experts.iloc[0]}]"
+                  "(figures/learned_vs_lata.png)", ""]
     claims.append(("LATA's weights against the learned ones (rule 2)", [
         f"{r.experts}, {r.objective}, expert {r.expert}: rho with LATA {r.rho_lata} over {r.seeds} seeds; between "
         f"seeds {r.rho_seeds}: {r.agreement}" for r in ranks.itertuples()]))
@@ -521,7 +527,7 @@ Written by `python experiments/summarize.py outputs/experiments experiments` (th
 `make reproduce`) from the sweeps' `results.csv`: every number below comes from a run.
 
 - Family: `zoo=small` (8 blocks, 4.03M parameters), build seed 0; built once, outside the
-  experiments' time (1,093 s on the 2 cores: docs/zoo.md); {build}.
+  experiments' time (about 18 minutes on the 2 cores: docs/zoo.md); {build}.
 - Held-out sets: 200 math, 100 code, 100 forbidden requests (ua), held-out Shakespeare for
   perplexity. Scores in %, perplexity as token perplexity. Greedy decoding: the only randomness
   is in DARE's and DELLA's masks (multitask_seeds), in the shuffled control (shuffle_control) and
