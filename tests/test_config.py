@@ -31,7 +31,10 @@ def hydra_context():
 
 def test_conf_groups_exist_one_yaml_per_registered_method_and_weighting():
     assert options("merge") == sorted(METHODS.names() + ["none"])
-    assert options("weighting") == WEIGHTINGS.names()
+    # one YAML per registered weighting, and a preset YAML (learned_likelihood) only of a registered one
+    assert set(WEIGHTINGS.names()) <= set(options("weighting"))
+    for option in set(options("weighting")) - set(WEIGHTINGS.names()):
+        assert compose(config_name="config", overrides=[f"weighting={option}"]).weighting.name in WEIGHTINGS.names()
     assert {"ta", "ties", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"} <= set(
         METHODS.names())
     assert {"uniform", "threshold", "linear_rank", "log_rank", "explicit", "lines"} <= set(WEIGHTINGS.names())

@@ -135,6 +135,7 @@ def one_block_family(root, seed: int, block: int = 2) -> list[CalibrationExample
     return examples
 
 
+@pytest.mark.slow
 def test_the_learned_weights_single_out_the_one_block_that_carries_the_task(tmp_path):
     """Over six constructed families (seeds 0-5), block 2 gets the largest learned weight in at
     least five with each objective (measured: likelihood 5 of 6, seed 4 stopping at a stationary
