@@ -222,8 +222,7 @@ class LataConfig:
 
 def check_calibration(cfg: Any) -> None:
     """Refuse a bad ``calibration`` node (naming the key)."""
-    if cfg.name not in CALIBRATION_SOURCES:
-        raise ConfigError(f"calibration={cfg.name!r} is not allowed; choose one of: {', '.join(CALIBRATION_SOURCES)}")
+    one_of("calibration", cfg.name, CALIBRATION_SOURCES)
     for key in ("examples", "max_length"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -235,9 +234,7 @@ def check_calibration(cfg: Any) -> None:
     if cfg.name == "lm_eval":
         if not cfg.get("tasks"):
             raise ConfigError("calibration=lm_eval needs calibration.tasks.<expert>=<lm-eval task> for every expert")
-        if cfg.get("split", "auto") not in CALIBRATION_SPLITS:
-            raise ConfigError(f"calibration.split={cfg.split!r} is not allowed; choose one of: "
-                              f"{', '.join(CALIBRATION_SPLITS)}")
+        one_of("calibration.split", cfg.get("split", "auto"), CALIBRATION_SPLITS)
 
 
 def check_vocab(vocab: str, experts: List[str], has_target: bool) -> None:
