@@ -48,6 +48,18 @@ def torch_threads(n: int, device: str = "cpu"):
 MAX_AUTO_THREADS = 8
 
 
+def free_memory(device: str = "cpu") -> int:
+    """The bytes free on ``device``: a CUDA device's free memory, else the free RAM (a huge number
+    where the system does not say)."""
+    target = torch.device(device)
+    if target.type == "cuda":
+        return int(torch.cuda.mem_get_info(target)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 1 << 62
+
+
 def check_device(device: str) -> None:
     """Refuse a device this torch cannot compute on, naming it, before anything is read."""
     kind = torch.device(device)

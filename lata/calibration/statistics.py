@@ -23,7 +23,6 @@ fit is refused before any work, naming the bytes needed and free.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -75,14 +74,10 @@ def input_device(model) -> torch.device:
 
 
 def memory_budget(device: str) -> int:
-    """90% of the bytes free on ``device``: a CUDA device's free memory, else the free RAM."""
-    target = torch.device(device)
-    if target.type == "cuda":
-        return int(0.9 * torch.cuda.mem_get_info(target)[0])
-    try:
-        return int(0.9 * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):
-        return 1 << 62
+    """90% of the bytes free on ``device`` (``lata.accel.compute.free_memory``)."""
+    from lata.accel.compute import free_memory
+
+    return int(0.9 * free_memory(device))
 
 
 def weight_bytes(model_dir: str | Path) -> int:

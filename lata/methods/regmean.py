@@ -26,11 +26,11 @@ Decisions:
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
+from lata.accel.compute import free_memory
 from lata.methods import MergeMethod, merge_method, summed
 from lata.methods.soup import lambda_total
 from lata.registry import ConfigError, in_range
@@ -54,13 +54,6 @@ def regmean_solution(grams, vectors, lams, alpha: float) -> torch.Tensor:
         return torch.linalg.solve(lhs, rhs).T
     except RuntimeError:  # singular: the minimum-norm least-squares solution
         return torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution.T
-
-
-def _free_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return 1 << 62
 
 
 @merge_method("regmean")
@@ -87,9 +80,10 @@ class RegMean(MergeMethod):
                 raise ConfigError(f"merge=regmean: expert '{expert}'s Gram matrix for '{tensor}' is "
                                   f"{list(g.shape)}, not [{in_dim}, {in_dim}]")
         need = 4 * len(experts) * in_dim * (in_dim + out_dim) + 8 * in_dim * in_dim + 16 * in_dim * out_dim
-        if need > _free_bytes():
+        free = free_memory("cpu")
+        if need > free:
             raise ConfigError(f"merge=regmean: layer '{tensor}' ([{out_dim}, {in_dim}], {len(experts)} experts) needs "
-                              f"{need / 2**30:.1f} GiB for its solve, more than the {_free_bytes() / 2**30:.1f} GiB free")
+                              f"{need / 2**30:.1f} GiB for its solve, more than the {free / 2**30:.1f} GiB free")
         flat = torch.cat(vectors.blocks(lambda vs: torch.stack([v.cpu() for v in vs])), dim=1)
         whole = [flat[i].view(out_dim, in_dim) for i in range(len(experts))]
         return "solved", regmean_solution(grams, whole, lams, self.alpha).float().contiguous().view(-1)
