@@ -111,30 +111,31 @@ def calibration_sets(cfg: Any, experts: list[str], zoo_cfg: Any = None,
         sets = zoo_examples(zoo_cfg, experts)
         return {k: sample(sets[k], cfg.examples, cfg.seed, f"the zoo's '{k}' set") for k in experts}
     if name == "lm_eval":
-        tasks = dict(cfg.tasks)
-        missing = [k for k in experts if k not in tasks]
-        if missing:
-            raise ConfigError(f"calibration.tasks.{missing[0]} is not set: calibration=lm_eval needs a task per expert")
+        tasks = per_expert(cfg.tasks, experts, "tasks", "lm_eval", "task")
         return {k: sample(lm_eval_examples(tasks[k], cfg.get("split", "auto"), cfg.get("include_path"), k),
                           cfg.examples, cfg.seed, f"lm-eval task '{tasks[k]}'") for k in experts}
-    files = dict(cfg.files)
-    missing = [k for k in experts if k not in files]
-    if missing:
-        raise ConfigError(f"calibration.files.{missing[0]} is not set: calibration=jsonl needs a file per expert")
+    files = per_expert(cfg.files, experts, "files", "jsonl", "file")
     return {k: sample(read_jsonl(files[k], k), cfg.examples, cfg.seed, str(files[k])) for k in experts}
+
+
+def per_expert(mapping: Any, experts: list[str], key: str, source: str, what: str) -> dict[str, str]:
+    """``calibration.<key>`` as a dict, refused (naming the first expert without one) unless it
+    gives every expert its ``what``."""
+    given = dict(mapping)
+    missing = [k for k in experts if k not in given]
+    if missing:
+        raise ConfigError(f"calibration.{key}.{missing[0]} is not set: calibration={source} needs a {what} per expert")
+    return given
 
 
 def lm_eval_examples(task: str, split: str = "auto", include_path: str | None = None,
                      expert: str = "") -> list[CalibrationExample]:
     """The documents of an lm-eval task as examples (the module's docstring: which split, which
     prompt and answer)."""
-    from lm_eval.tasks import TaskManager
+    from lata.evaluation.harness import task_manager
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
-    include = [str(Path(include_path).expanduser())] if include_path else None
-    manager = TaskManager(include_path=include, include_defaults=False) if include else None
-    if manager is None or task not in manager.all_tasks:
-        manager = TaskManager(include_path=include)
+    manager = task_manager([task], [str(Path(include_path).expanduser())] if include_path else [])
     if task not in manager.all_tasks:
         raise ConfigError(f"calibration.tasks.{expert}={task!r} is not an lm-eval task (its registry"
                           f"{' or ' + include_path if include_path else ''})")

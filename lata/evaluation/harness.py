@@ -86,15 +86,21 @@ def evaluate(model: Any, tokenizer: Any, bench: Any, work_dir: Path, data_dir: P
     return metrics
 
 
-def _task_manager(others: list[str], rendered: Path, user_dir: str | None) -> Any:
-    """lm-eval's TaskManager over LATA's rendered YAMLs and ``user_dir``, with lm-eval's own
-    registry indexed only where ``others`` names a task outside them; an unknown name is refused."""
+def task_manager(names: list[str], include: list[str]) -> Any:
+    """lm-eval's TaskManager over the task YAML directories ``include``, with lm-eval's own
+    registry indexed (seconds) only where ``names`` names a task outside them."""
     from lm_eval.tasks import TaskManager
 
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or any(n not in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include or None, include_defaults=True)
+    return manager
+
+
+def _task_manager(others: list[str], rendered: Path, user_dir: str | None) -> Any:
+    """``task_manager`` over LATA's rendered YAMLs and ``user_dir``; an unknown name is refused."""
     include = [str(rendered)] + ([str(Path(user_dir).expanduser())] if user_dir else [])
-    manager = TaskManager(include_path=include, include_defaults=False)
-    if any(n not in manager.all_tasks for n in others):  # lm-eval's whole registry: only where a name needs it
-        manager = TaskManager(include_path=include, include_defaults=True)
+    manager = task_manager(others, include)
     unknown = [n for n in others if n not in manager.all_tasks]
     if unknown:
         raise ValueError(f"unknown benchmark task '{unknown[0]}': not one of LATA's ({', '.join(TASKS)}), nor in "
