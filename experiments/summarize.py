@@ -47,6 +47,7 @@ import json
 import math
 import shutil
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import pandas as pd
@@ -463,6 +464,7 @@ def spearman(a: pd.Series, b: pd.Series) -> float:
     return float(ra.corr(rb))
 
 
+@lru_cache(maxsize=None)
 def spearman_critical(n: int, level: float = 0.05) -> float:
     """The smallest |rho| whose two-sided p under independence is at most ``level``: exact, from
     every permutation of n ranks (n <= 9), else the normal approximation z / sqrt(n - 1)."""
