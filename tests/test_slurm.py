@@ -79,18 +79,23 @@ def test_a_cancelled_job_is_the_only_one_run_again(micro_zoo_cache, tmp_path):
     stored = lambda: sorted(p for p in results.glob("*/summary.json")  # noqa: E731
                             if not p.parent.name.startswith(".")) if results.is_dir() else []  # not one being written
     proc = lata_multirun(args, micro_zoo_cache, results, tmp_path / "first", start_new_session=True)
-    deadline, cancelled = time.time() + 400, None
+    deadline, cancelled, early = time.time() + 400, None, None
     while time.time() < deadline and cancelled is None:
-        # a running job whose point is under way (its log says so), once another point is stored
+        # a running job whose point started after another point was stored: one that started
+        # beside the stored point's job would be about to finish too (it had the same work)
         # (job id, its name in the array: what squeue shows and scancel takes)
         running = [line.split() for line in subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%A %i"],
                                                            capture_output=True, text=True).stdout.splitlines()]
         logs = "\n".join(p.read_text() for p in (tmp_path / "first").rglob("*_log.out"))
-        finished = {s["slurm"]["job_id"] for s in summaries(tmp_path / "first")}
-        working = [name for job, name in running if f"running as SLURM job {job} " in logs and job not in finished]
-        if stored() and working:
+        started = {job for job, _ in running if f"running as SLURM job {job} " in logs}
+        if early is None and stored():
+            early = started
+        working = [name for job, name in running if early is not None and job in started - early]
+        if working:
             cancelled = working[0]
-            subprocess.run(["scancel", cancelled], check=True)
+            # SIGKILL at once: a plain scancel sends SIGTERM, which submitit's job ignores, and a
+            # point with less than KillWait seconds left would then finish as if never cancelled
+            subprocess.run(["scancel", "--signal=KILL", "--full", cancelled], check=True)
         time.sleep(0.1)
     assert cancelled is not None, "no point was under way after another one finished"
     output, _ = proc.communicate(timeout=400)
