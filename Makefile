@@ -33,13 +33,16 @@ data: $(SHAKESPEARE)
 
 install: $(STAMP) data
 
-## fast tests (CI): everything but the tests marked slow
+## fast tests (CI): everything but the tests marked slow, on TEST_WORKERS processes (pytest-xdist) of one
+## thread each (several torch processes of several threads each slow each other down on a few cores)
+TEST_WORKERS ?= auto
+PYTEST := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 test: install
-	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+	$(PYTEST) -m "not slow and not slurm"
 
 ## every test
 test-full: install
-	$(BIN)/python -m pytest -q -m "not slurm"
+	$(PYTEST) -m "not slurm"
 
 ## the sweeps on a real SLURM cluster: as root with apt, starts a one-node cluster (tests/slurm/cluster.sh),
 ## runs the tests marked slurm, stops every daemon it started

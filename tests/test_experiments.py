@@ -97,7 +97,7 @@ def test_every_sweep_has_points_and_no_value_twice(name):
         assert len(list(itertools.product(*grid))) > 1  # a sweep, not one run
 
 
-@pytest.mark.parametrize("name", REAL)
+@pytest.mark.parametrize("name", [REAL[0]] + [pytest.param(e, marks=pytest.mark.slow) for e in REAL[1:]])  # one in the fast suite
 def test_real_family_with_the_hub_unreachable_fails_clearly(name, tmp_path):
     result = run_lata([f"experiment={name}", *EXPERTS, "device=cpu", "dry_run=true", "benchmark=none"], tmp_path,
                       env_extra={"HF_HUB_OFFLINE": "1"}, check=False)

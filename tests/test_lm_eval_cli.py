@@ -74,6 +74,7 @@ def model_of(state: dict, folder: Path) -> LlamaForCausalLM:
     return model.eval()
 
 
+@pytest.mark.slow
 def test_lm_eval_s_command_scores_a_merged_checkpoint_as_the_merge_predicts(tmp_path):
     dirs = write_family(tmp_path / "family", max_position_embeddings=64)
     for folder in [dirs["base"], dirs["instruct"], *dirs["experts"].values()]:

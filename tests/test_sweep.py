@@ -83,7 +83,7 @@ def test_in_place_points_match_a_fresh_process(basic_sweep, micro_zoo_cache, tmp
     assert fresh == {"merge.lam=1.0 weighting=linear_rank": job_metrics(root / "sweep")["merge.lam=1.0 weighting=linear_rank"]}
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["joblib", pytest.param("submitit_local", marks=pytest.mark.slow)])  # submitit: also SLURM
 def test_parallel_launchers_give_the_basic_launchers_numbers(launcher, basic_sweep, micro_zoo_cache, tmp_path):
     root, _ = basic_sweep
     lata_multirun(POINT + [f"hydra/launcher={launcher}", "merge.lam=0.5,1.0", "weighting=uniform"],

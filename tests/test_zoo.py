@@ -293,6 +293,7 @@ def test_report_helpers():
     assert best_retention_lambda(grid, models) == 0.7  # the best of the smaller retention; ties: the smaller lambda
 
 
+@pytest.mark.slow
 def test_report_scores_through_the_harness_like_the_app(micro_zoo, micro_zoo_cache, tmp_path):  # noqa: F811
     """One evaluator: the report's numbers for a role are the app's ``merge=none`` numbers, and its
     merges are the engine's (TA math+code at lambda 1.0 = the app's merge=ta weighting=uniform)."""
