@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import assert_every_path_gives_the_same_bits, family_args, run_lata, write_family_with_tokenizer
 from lata import Family, MergeConfig, WeightingConfig, merge_state_dict, plan_merge
 from lata.calibration import CalibrationExample, calibration_sets, read_jsonl
-from lata.calibration.statistics import FILE, Statistics, compute, tokenized, weight_bytes
+from lata.calibration.statistics import FILE, Statistics, block_bytes, compute, tokenized, weight_bytes
 from lata.methods import METHODS
 from lata.methods.regmean import reduced
 from lata.registry import ConfigError
@@ -123,9 +123,10 @@ def test_the_fisher_and_the_grams_are_the_direct_computation(family, tmp_path):
     assert grams.get("model.norm.weight") is None
 
 
-def test_a_model_over_its_memory_is_streamed_for_the_grams_and_refused_for_the_fisher(family, tmp_path, caplog):
+def test_a_model_over_its_memory_is_streamed_for_the_grams_and_computed_block_by_block_for_the_fisher(
+        family, tmp_path, caplog):
     folder = family["experts"]["math"]
-    for name in ("whole", "streamed", "fisher"):
+    for name in ("whole", "streamed", "fisher", "fisher-block", "refused"):
         (tmp_path / name).mkdir()
     compute("gram", folder, EXAMPLES, 64, tmp_path / "whole", progress=False)
     need = weight_bytes(folder)
@@ -135,11 +136,58 @@ def test_a_model_over_its_memory_is_streamed_for_the_grams_and_refused_for_the_f
     whole, streamed = load_file(str(tmp_path / "whole" / FILE)), load_file(str(tmp_path / "streamed" / FILE))
     assert set(whole) == set(streamed) and all(torch.equal(whole[n], streamed[n]) for n in whole)
     assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == [FILE]  # the offload folder removed
-    with pytest.raises(ConfigError, match=r"the Fisher pass of .* holds the float32 model and its gradients on cpu: "
-                                          r".* GiB, more than the .* GiB it may use \(calibration.max_memory\); it "
-                                          r"cannot stream them"):
-        compute("fisher", folder, EXAMPLES, 64, tmp_path / "fisher", progress=False, max_memory=need)
-    assert not any((tmp_path / "fisher").iterdir())
+    # the Fisher: the model and its gradients (2x) do not fit; the model and one layer's worth do
+    compute("fisher", folder, EXAMPLES, 64, tmp_path / "fisher", progress=False)
+    block = need + block_bytes(folder)
+    assert block < 2 * need
+    with caplog.at_level("INFO", logger="lata"):
+        compute("fisher", folder, EXAMPLES, 64, tmp_path / "fisher-block", progress=False, max_memory=block)
+    assert "computed block by block" in caplog.text
+    whole, by_block = load_file(str(tmp_path / "fisher" / FILE)), load_file(str(tmp_path / "fisher-block" / FILE))
+    assert set(whole) == set(by_block) and all(torch.allclose(whole[n], by_block[n], rtol=1e-5, atol=0) for n in whole)
+    with pytest.raises(ConfigError, match=r"the Fisher pass of .* needs, block by block, .* GiB on cpu \(the parts "
+                                          r"outside the decoder layers and the largest layer, with their gradients, "
+                                          r"and the float32 model\), .* cpu may use .* GiB \(calibration.max_memory\)"):
+        compute("fisher", folder, EXAMPLES, 64, tmp_path / "refused", progress=False, max_memory=block - 1)
+    assert not any((tmp_path / "refused").iterdir())
+
+
+class CharTokens:
+    """A tokenizer's call: one id per character."""
+
+    def __init__(self, vocab: int):
+        self.vocab = vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [ord(c) % self.vocab for c in text]}
+
+
+@pytest.mark.parametrize("kind,extra", [("llama", {}), ("gemma2", {"final_logit_softcapping": 5.0}), ("gpt2", {}),
+                                        ("qwen3", {}), ("phi3", {}), ("olmo2", {})])
+def test_the_fisher_block_by_block_is_the_fisher_of_the_whole_model(kind, extra):
+    """Per family: scaled and position embeddings (gemma2, gpt2), tied heads and a softcapped head
+    (gemma2), per-layer masks (gemma2's sliding layers), layers called positionally (gpt2)."""
+    from transformers import AutoConfig
+
+    from lata.calibration.statistics import fisher, fisher_by_block
+
+    torch.manual_seed(0)
+    shape = (dict(n_embd=32, n_layer=3, n_head=4) if kind == "gpt2" else
+             dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, pad_token_id=0, **extra))
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, vocab_size=97, **shape)).float().eval()
+    ids = torch.tensor([[1, 2, 3]])
+    before = model(input_ids=ids).logits.detach()
+    whole = fisher(model, CharTokens(97), EXAMPLES, 64)
+    model.zero_grad(set_to_none=True)
+    ticks = []
+    by_block = fisher_by_block(model, CharTokens(97), EXAMPLES, 64, "cpu", progress=lambda: ticks.append(1))
+    assert len(ticks) == len(EXAMPLES) + 2 * 3  # per example, and per layer twice
+    assert set(by_block) == set(whole) == {n for n, _ in model.named_parameters()}
+    for name, expected in whole.items():
+        assert expected.abs().max() > 0, name
+        assert torch.allclose(by_block[name], expected, rtol=1e-5, atol=0), name
+    assert torch.equal(model(input_ids=ids).logits.detach(), before)  # the layers' own forward again
 
 
 # -- calibration data ------------------------------------------------------------------------------------
