@@ -6,6 +6,8 @@ On the ``tiny`` family of benchmarks/scale.py (written once under ``--work-dir``
 tokenizer saved beside each checkpoint) with a few examples per expert:
 1. Statistics: each expert's Fisher and Gram matrices computed on the CPU and on ``--device``;
    the largest relative difference of each kind (different kernels: close, not the same bits).
+   The Fisher block by block (``fisher_by_block``: the model in RAM, one layer at a time on
+   ``--device``) against the whole pass on the CPU: the largest relative difference.
 2. Merges from the same statistics (the CPU's): Fisher and RegMean planned on the CPU and on
    ``--device``, every merged tensor compared bit for bit.
 3. Learned weights: ``learn_weights`` (likelihood, 10 steps) on both; the largest difference.
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     from lata.accel.compute import check_device
     from lata.calibration import CalibrationExample
     from lata.calibration.learned import learn_weights
-    from lata.calibration.statistics import FILE, Statistics, load_model
+    from lata.calibration.statistics import FILE, Statistics, fisher, fisher_by_block, load_model
     from lata.run.fingerprints import checkpoint_digests
 
     check_device(args.device)
@@ -115,6 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         failures += differ
         print(f"{kind}: largest relative difference CPU vs {args.device} {report[f'{kind}_max_rel_diff']:.3g}; "
               f"{method} from the same statistics: {'identical' if not differ else f'{differ} tensors differ'}")
+
+    model, tokenizer = load_model(dirs["instruct"], "cpu")
+    whole = fisher(model, tokenizer, examples, 64)
+    model, tokenizer = load_model(dirs["instruct"], "cpu")
+    by_block = fisher_by_block(model, tokenizer, examples, 64, args.device)
+    report["fisher_by_block_max_rel_diff"] = max(float((by_block[n] - w).abs().max() / w.abs().max().clamp_min(1e-30))
+                                                 for n, w in whole.items())
+    print(f"fisher block by block on {args.device} vs whole on the CPU: largest relative difference "
+          f"{report['fisher_by_block_max_rel_diff']:.3g}")
 
     weights = {}
     for device in ("cpu", args.device):
