@@ -169,7 +169,7 @@ def plan_merge(family: Family, merge: MergeConfig | None = None, weighting: Weig
         log.warning("%s", warning)
     weights = {k: normalized(scheme.weights_of(k, analysis.similarities[k]), weighting.normalize)
                for k in family.experts}
-    rest_weight = scheme.rest_default() if weighting.rest_weight is None else float(weighting.rest_weight)
+    rest_weight = scheme.rest_weight(weighting.rest_weight)
     for k, w in weights.items():
         if not any(w):
             log.warning("weighting=%s gives every one of the %d layers of expert '%s' weight 0: of its task vector "

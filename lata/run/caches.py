@@ -212,7 +212,7 @@ def learned_weights(cfg: Any, family: Family) -> dict[str, list[float]]:
                           "++calibration.files.<expert>=FILE.jsonl")
     merge = MergeConfig.of(cfg.merge)
     lams = [float(merge.lams.get(k, merge.lam)) for k in family.expert_names]
-    rest = scheme.rest_default() if cfg.weighting.get("rest_weight") is None else float(cfg.weighting.rest_weight)
+    rest = scheme.rest_weight(cfg.weighting.get("rest_weight"))
     anchor = family.anchor(merge.anchor)
     keys = {"objective": scheme.objective, "steps": scheme.steps, "lr": scheme.lr, "init": scheme.init,
             "low": scheme.low, "high": scheme.high}

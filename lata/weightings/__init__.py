@@ -60,6 +60,10 @@ class Weighting:
         """The weight of tensors outside the blocks when ``weighting.rest_weight`` is null."""
         return 1.0
 
+    def rest_weight(self, configured: float | None) -> float:
+        """The weight of tensors outside the blocks: ``weighting.rest_weight``, or ``rest_default``."""
+        return self.rest_default() if configured is None else float(configured)
+
 
 def build_weighting(name: str, **params: Any) -> Weighting:
     """The checked weighting object for ``weighting.name`` and its own keys."""
