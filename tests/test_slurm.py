@@ -74,7 +74,8 @@ def test_two_jobs_share_one_layer_analysis_in_the_disk_cache(tmp_path):
 
 
 def test_a_cancelled_job_is_the_only_one_run_again(micro_zoo_cache, tmp_path):
-    args = [*POINT, "benchmark.limit=8", "merge.lam=0.2,0.4,0.6,0.8"] + SLURM  # points of a few seconds
+    # points of a few seconds, two at a time whatever the node's cores: two start after a point is stored
+    args = [*POINT, "benchmark.limit=8", "merge.lam=0.2,0.4,0.6,0.8", "hydra.launcher.array_parallelism=2"] + SLURM
     results = tmp_path / "results"
     stored = lambda: sorted(p for p in results.glob("*/summary.json")  # noqa: E731
                             if not p.parent.name.startswith(".")) if results.is_dir() else []  # not one being written
