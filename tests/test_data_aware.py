@@ -344,3 +344,23 @@ def test_an_lm_eval_task_with_only_test_documents_is_refused_unless_asked_for(tm
                                           r"set calibration.split=test"):
         calibration_sets(node, ["math"])
     assert len(calibration_sets(OmegaConf.merge(node, {"split": "test"}), ["math"])["math"]) == 3
+
+
+def test_examples_without_an_answer_token_after_the_cut_are_left_out_and_none_is_refused():
+    from transformers import AutoConfig
+
+    from lata.calibration.statistics import fisher, fisher_by_block
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1)).float().eval()
+    cut = CalibrationExample("a prompt longer than the cut: ", "x")
+    for pass_, per_layer in ((fisher, 0), (lambda *a, **k: fisher_by_block(*a, "cpu", **k), 2)):
+        ticks = []
+        with_cut = pass_(model, CharTokens(97), [cut, *EXAMPLES], 8, progress=lambda: ticks.append(1))
+        assert len(ticks) == 1 + len(EXAMPLES) + per_layer * 2  # the examples left out are counted too
+        alone = pass_(model, CharTokens(97), EXAMPLES, 8)
+        assert all(torch.equal(with_cut[n], alone[n]) for n in alone)
+        with pytest.raises(ConfigError, match="no example has an answer token within calibration.max_length"):
+            pass_(model, CharTokens(97), [cut], 8)

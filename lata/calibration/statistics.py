@@ -111,23 +111,16 @@ def fisher(model, tokenizer, examples: list[CalibrationExample], max_length: int
     """The diagonal empirical Fisher of ``model`` on ``examples`` (float32, CPU)."""
     params = dict(model.named_parameters())
     total = {name: torch.zeros_like(p, device="cpu") for name, p in params.items()}
-    scored = 0
-    for example in examples:
-        ids, start = tokenized(tokenizer, example, max_length)
+    kept = _scorable(tokenizer, examples, max_length, progress)
+    for ids, start in kept:
         ids = ids.to(input_device(model))
-        if ids.shape[1] - max(start, 1) < 1:
-            progress()
-            continue  # no answer token left after the cut: nothing to score
         model.zero_grad(set_to_none=True)
         _answer_logp(model(input_ids=ids).logits, ids, start).backward()
         for name, p in params.items():
             if p.grad is not None:
                 total[name].add_(p.grad.detach().float().cpu().square())
-        scored += 1
         progress()
-    if scored == 0:
-        raise ConfigError("calibration: no example has an answer token within calibration.max_length")
-    return {name: t.div_(scored) for name, t in total.items()}
+    return {name: t.div_(len(kept)) for name, t in total.items()}
 
 
 def _answer_logp(logits: torch.Tensor, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -136,12 +129,16 @@ def _answer_logp(logits: torch.Tensor, ids: torch.Tensor, start: int) -> torch.T
     return logp[max(start, 1) - 1:].sum()
 
 
-def _scorable(tokenizer, examples: list[CalibrationExample], max_length: int) -> list[tuple[torch.Tensor, int]]:
-    """(ids, prompt length) of the examples with an answer token within ``max_length``."""
+def _scorable(tokenizer, examples: list[CalibrationExample], max_length: int,
+              progress: Callable[[], None]) -> list[tuple[torch.Tensor, int]]:
+    """(ids, prompt length) of the examples with an answer token within ``max_length``;
+    ``progress`` is called once per example left out (nothing to score after the cut)."""
     kept = [tokenized(tokenizer, e, max_length) for e in examples]
     kept = [(ids, start) for ids, start in kept if ids.shape[1] - max(start, 1) >= 1]
     if not kept:
         raise ConfigError("calibration: no example has an answer token within calibration.max_length")
+    for _ in range(len(examples) - len(kept)):
+        progress()
     return kept
 
 
@@ -207,9 +204,7 @@ def fisher_by_block(model, tokenizer, examples: list[CalibrationExample], max_le
     end for their own parameters' gradient, both paths of a tied embedding summed before squaring.
     The same quantity as ``fisher``; the sums differ in order only.
     """
-    examples_ids = _scorable(tokenizer, examples, max_length)
-    for _ in range(len(examples) - len(examples_ids)):
-        progress()
+    examples_ids = _scorable(tokenizer, examples, max_length, progress)
     target = torch.device(device)
     parent, attr = decoder_layers(model)
     layers = getattr(parent, attr)
