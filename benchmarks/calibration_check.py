@@ -57,13 +57,16 @@ def statistics(kind: str, dirs: dict, examples, root: Path, device: str) -> dict
     return out
 
 
+def relative_difference(x: dict, y: dict) -> float:
+    """The largest |x - y| of a tensor over the largest |y| of that tensor, over the tensors of ``y``."""
+    return max(float((x[n].double() - y[n].double()).abs().max() / y[n].double().abs().max().clamp_min(1e-30))
+               for n in y)
+
+
 def largest_relative(a: dict, b: dict) -> float:
-    worst = 0.0
-    for expert in a:
-        for name in a[expert].names:
-            x, y = a[expert].get(name).double(), b[expert].get(name).double()
-            worst = max(worst, float((x - y).abs().max() / y.abs().max().clamp_min(1e-30)))
-    return worst
+    """``relative_difference`` of two experts' statistics (``Statistics``), the largest over the experts."""
+    return max(relative_difference({n: a[e].get(n) for n in a[e].names}, {n: b[e].get(n) for n in a[e].names})
+               for e in a)
 
 
 def merged(family, method: str, stats: dict, device: str) -> dict:
@@ -122,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     whole = fisher(model, tokenizer, examples, 64)
     model, tokenizer = load_model(dirs["instruct"], "cpu")
     by_block = fisher_by_block(model, tokenizer, examples, 64, args.device)
-    report["fisher_by_block_max_rel_diff"] = max(float((by_block[n] - w).abs().max() / w.abs().max().clamp_min(1e-30))
-                                                 for n, w in whole.items())
+    report["fisher_by_block_max_rel_diff"] = relative_difference(by_block, whole)
     print(f"fisher block by block on {args.device} vs whole on the CPU: largest relative difference "
           f"{report['fisher_by_block_max_rel_diff']:.3g}")
 
